@@ -1,0 +1,1 @@
+"""vsteer: per-request activation steering inside vLLM."""

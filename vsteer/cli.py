@@ -1,0 +1,157 @@
+"""The ``vsteer`` command line: a thin adapter over the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from vsteer._errors import SpecError, VsteerError
+
+
+def _quiet_defaults() -> None:
+    # vsteer never talks to a model hub or a usage-stats server.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+
+
+@click.group()
+def cli() -> None:
+    """vsteer: per-request activation steering inside vLLM."""
+    _quiet_defaults()
+
+
+@cli.command()
+@click.option("--layer", default=10, show_default=True, help="Decoder layer to read and steer.")
+@click.option("--scale", default=8.0, show_default=True, help="Scale of the unit-norm vector.")
+@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--eager/--compile", default=True, show_default=True, help="enforce_eager or torch.compile.")
+def demo(layer: int, scale: float, max_tokens: int, eager: bool) -> None:
+    """Steer the embedded SmolLM2 with a love-minus-hate vector computed inside vLLM."""
+    from vsteer.demo import run_demo
+
+    run_demo(layer=layer, scale=scale, max_tokens=max_tokens, eager=eager)
+
+
+@cli.group()
+def models() -> None:
+    """Local models."""
+
+
+@models.command("path")
+@click.argument("name", default="smollm2")
+def models_path(name: str) -> None:
+    """Print the local HF folder of NAME (preparing the default model if needed)."""
+    from vsteer.models import resolve_model
+
+    click.echo(resolve_model(name))
+
+
+def _engine(model: str, max_slots: int | None, eager: bool, dtype: str, max_model_len: int):
+    from vsteer.engine.llm import LLM
+
+    return LLM(model, max_slots=max_slots, enforce_eager=eager, dtype=dtype, max_model_len=max_model_len)
+
+
+@cli.command()
+@click.option("--model", default="smollm2", show_default=True, help="Alias or local HF folder.")
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='JSONL: {"prompt", "steering", "max_tokens", "temperature", "seed"} per line.')
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help='JSONL: {"prompt", "text", "token_ids"} per line, in input order.')
+@click.option("--max-slots", type=int, default=None, help="Steering slots (default: max_num_seqs).")
+@click.option("--eager", is_flag=True, help="enforce_eager (no torch.compile).")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--max-model-len", default=2048, show_default=True)
+def generate(model: str, input_path: Path, output_path: Path, max_slots: int | None, eager: bool, dtype: str, max_model_len: int) -> None:
+    """Generate for every line of a JSONL file, each line with its own steering."""
+    from vllm import SamplingParams
+
+    rows = []
+    for lineno, line in enumerate(input_path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"malformed JSON: {exc.msg}", field=f"line {lineno}") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise SpecError("each line needs a string 'prompt'", field=f"line {lineno}.prompt")
+        rows.append((lineno, row))
+    llm = _engine(model, max_slots, eager, dtype, max_model_len)
+    params, specs = [], []
+    for lineno, row in rows:
+        try:
+            params.append(SamplingParams(max_tokens=int(row.get("max_tokens", 64)), temperature=float(row.get("temperature", 0.0)), seed=row.get("seed")))
+            specs.append(row.get("steering"))
+            llm.resolve(specs[-1])
+        except SpecError as exc:
+            raise SpecError(exc.reason, field=f"line {lineno}.steering.{exc.field}" if exc.field else f"line {lineno}.steering") from exc
+        except (TypeError, ValueError) as exc:
+            raise SpecError(str(exc), field=f"line {lineno}") from exc
+    outs = llm.generate([row["prompt"] for _, row in rows], params, steering=specs)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_path.open("w") as fh:
+        for (_, row), out in zip(rows, outs):
+            comp = out.outputs[0]
+            fh.write(json.dumps({"prompt": row["prompt"], "text": comp.text, "token_ids": list(comp.token_ids)}) + "\n")
+    click.echo(f"wrote {len(outs)} rows to {output_path}", err=True)
+
+
+@cli.group()
+def extract() -> None:
+    """Compute steering vectors from activations captured inside vLLM."""
+
+
+@extract.command("caa")
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--positive", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="One text per line.")
+@click.option("--negative", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="One text per line.")
+@click.option("--layers", required=True, help="Comma-separated decoder layers, e.g. 10 or 8,10,12.")
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True)
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".safetensors or .gguf")
+@click.option("--eager/--compile", default=True, show_default=True)
+def extract_caa(model: str, positive: Path, negative: Path, layers: str, pooling: str, output: Path, eager: bool) -> None:
+    """Mean of POSITIVE texts minus mean of NEGATIVE texts at each layer's output."""
+    from vsteer.engine.llm import LLM
+    from vsteer.methods import mean_difference
+    from vsteer.models import model_info
+    from vsteer.vectors import save_vector
+
+    try:
+        layer_ids = [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError as exc:
+        raise SpecError(f"expected comma-separated integers, got {layers!r}", field="--layers") from exc
+    pos = [t for t in positive.read_text().splitlines() if t.strip()]
+    neg = [t for t in negative.read_text().splitlines() if t.strip()]
+    llm = LLM(model, enforce_eager=eager, capture_layers=layer_ids, max_model_len=2048)
+    for layer in layer_ids:
+        if not 0 <= layer < llm.model_shape.num_layers:
+            raise SpecError(f"layer {layer} is out of range 0..{llm.model_shape.num_layers - 1}", field="--layers")
+    vector = mean_difference(llm, pos, neg, layer_ids, pooling=pooling, model=llm.model_shape.name)
+    save_vector(vector, output, model_hint=model_info(llm.model_path).model_type)
+    click.echo(f"wrote {output} (layers {layer_ids}, sha256 {vector.sha256[:12]})", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, print ``ErrorName: message`` for vsteer errors and exit 1."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except VsteerError as exc:
+        click.echo(f"{type(exc).__name__}: {exc}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""``vsteer.LLM``: vLLM's offline ``LLM`` with per-request steering and activation capture."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from vsteer._errors import EngineError, SpecError
+from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
+from vsteer.engine.plan import EXTRA_ARGS_KEY, ModelShape, SteeringPlan, resolve_spec
+from vsteer.engine.runner import CAPTURE_ARGS_KEY
+from vsteer.models import model_info, resolve_model, default_cache_dir
+from vsteer.spec import DEFAULT_MAX_ABS_SCALE
+from vsteer.vectors import SteeringVector, VectorStore, load_vector
+
+_SCHEDULER = "vsteer.engine.scheduler.SteeringScheduler"
+_WORKERS = {"cpu": "vsteer.engine.worker.SteeredCPUWorker", "cuda": "vsteer.engine.worker.SteeredGPUWorker"}
+
+
+def _pin_v1_runner() -> None:
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if value is not None and value.strip().lower() not in ("0", "false"):
+        raise EngineError(
+            f"VLLM_USE_V2_MODEL_RUNNER={value} is set, but vsteer runs on vLLM's V1 model runner "
+            "(the same per-step code on CPU and GPU); unset it or set it to 0"
+        )
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+class LLM:
+    """A vLLM engine whose requests each carry their own steering.
+
+    Args:
+        model: "smollm2" (the embedded default model) or a local HF model folder.
+        max_slots: distinct steering transforms resident at once (default: ``max_num_seqs``).
+            Requests that need more wait until slots free.
+        max_ablation_rank: ablations per layer one request may compose.
+        steerable_layers: decoder layers to wrap (default all).
+        capture_layers: layers ``capture`` can read (default all steerable layers).
+        store: vector-store folder (default ``<cache>/vectors``).
+        max_abs_scale: reject specs with a larger |scale|.
+        **engine_kwargs: passed to ``vllm.LLM`` (``dtype``, ``enforce_eager``, ``max_model_len``...).
+
+    Example:
+        >>> llm = vsteer.LLM("smollm2", enforce_eager=True)
+        >>> llm.generate(["I think"], SamplingParams(max_tokens=20),
+        ...              steering={"interventions": [{"op": "add", "vector": "love.safetensors",
+        ...                                            "layers": [10], "scale": 4.0}]})
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        *,
+        max_slots: int | None = None,
+        max_ablation_rank: int = 1,
+        steerable_layers: Sequence[int] | None = None,
+        capture_layers: Sequence[int] | None = None,
+        store: str | os.PathLike | None = None,
+        max_abs_scale: float = DEFAULT_MAX_ABS_SCALE,
+        **engine_kwargs: Any,
+    ) -> None:
+        _pin_v1_runner()
+        import vllm
+        from vllm.platforms import current_platform
+
+        path = resolve_model(model)
+        info = model_info(path)
+        self.model_shape = ModelShape(info.name, info.num_layers, info.hidden_size)
+        self.store = VectorStore(Path(store) if store else default_cache_dir() / "vectors")
+        self.config = SteeringEngineConfig(
+            max_slots=max_slots or int(engine_kwargs.get("max_num_seqs") or 256),
+            max_ablation_rank=max_ablation_rank,
+            steerable_layers=list(steerable_layers) if steerable_layers is not None else None,
+            capture_layers=list(capture_layers) if capture_layers is not None else None,
+            store=str(self.store.root),
+        )
+        self.max_abs_scale = max_abs_scale
+        self._names: dict[str, str] = {}
+        device = current_platform.device_type
+        if device not in _WORKERS:
+            raise EngineError(f"vsteer supports CPU and CUDA devices, not {device!r}")
+        additional = dict(engine_kwargs.pop("additional_config", None) or {})
+        additional[ADDITIONAL_CONFIG_KEY] = self.config.model_dump()
+        self.engine = vllm.LLM(
+            model=path,
+            worker_cls=_WORKERS[device],
+            scheduler_cls=_SCHEDULER,
+            additional_config=additional,
+            **engine_kwargs,
+        )
+        self.model_path = path
+
+    # --- vectors --------------------------------------------------------------------------------
+    def register_vector(self, name: str, vector: SteeringVector | str | os.PathLike) -> str:
+        """Store a vector and make it referable by ``name`` in specs; returns its sha256."""
+        if not isinstance(vector, SteeringVector):
+            vector = load_vector(Path(vector))
+        sha = self.store.put(vector)
+        self._names[name] = sha
+        return sha
+
+    def resolve(self, steering: object) -> SteeringPlan | None:
+        """Validate one steering spec against this engine (raises SpecError naming the field)."""
+        return resolve_spec(
+            steering,
+            store=self.store,
+            model=self.model_shape,
+            names=self._names,
+            steerable_layers=self.config.steerable_layers,
+            max_ablation_rank=self.config.max_ablation_rank,
+            max_slots=self.config.max_slots,
+            max_abs_scale=self.max_abs_scale,
+        )
+
+    # --- generation -----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: Any = None,
+        steering: object | Sequence[object] = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[Any]:
+        """Generate with per-prompt steering.
+
+        Args:
+            prompts: text prompts, or token-id lists.
+            sampling_params: one ``vllm.SamplingParams`` or one per prompt.
+            steering: None (unsteered), one spec for every prompt, or a list with one spec
+                (or None) per prompt. Every spec is validated before anything reaches the engine.
+
+        Returns:
+            vLLM ``RequestOutput`` objects, in prompt order.
+
+        Raises:
+            SpecError: a spec is invalid; nothing was submitted.
+        """
+        from vllm import SamplingParams
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        specs, per_prompt = self._per_prompt(steering, len(prompts))
+        plans = []
+        for i, spec in enumerate(specs):
+            try:
+                plans.append(self.resolve(spec))
+            except SpecError as exc:
+                if not per_prompt:
+                    raise
+                raise SpecError(exc.reason, field=f"steering.{i}.{exc.field or ''}".rstrip(".")) from exc
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        inputs, per_params = [], []
+        for prompt, plan, sp in zip(prompts, plans, params):
+            item = _prompt_input(prompt)
+            sp = sp.clone()
+            if plan is not None:
+                sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: plan.to_extra_args()}
+                item["cache_salt"] = f"vsteer-{plan.hash}"
+            inputs.append(item)
+            per_params.append(sp)
+        return self.engine.generate(inputs, per_params, use_tqdm=use_tqdm)
+
+    def capture(
+        self, prompts: str | Sequence[str] | Sequence[Sequence[int]], layers: Sequence[int]
+    ) -> list[dict[int, torch.Tensor]]:
+        """Read the residual stream at the output of ``layers`` for every prompt token.
+
+        The activations are read inside the engine during the prompt's forward pass (before any
+        steering at that layer), i.e. HF ``hidden_states[L + 1]`` of the unsteered model.
+
+        Returns:
+            One dict per prompt: layer -> float32 tensor ``[num_prompt_tokens, hidden]``.
+        """
+        from vllm import SamplingParams
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        layers = [int(x) for x in layers]
+        allowed = self.capture_layers
+        for layer in layers:
+            if layer not in allowed:
+                raise SpecError(
+                    f"layer {layer} has no capture buffer (capture layers: {allowed})", field="layers"
+                )
+        with tempfile.TemporaryDirectory(prefix="vsteer-capture-") as tmp:
+            inputs, params, paths = [], [], []
+            for i, prompt in enumerate(prompts):
+                path = str(Path(tmp) / f"{i}.safetensors")
+                item = _prompt_input(prompt)
+                item["cache_salt"] = f"vsteer-capture-{uuid.uuid4().hex}"  # read every token, no cache
+                inputs.append(item)
+                params.append(SamplingParams(max_tokens=1, extra_args={CAPTURE_ARGS_KEY: {"layers": layers, "path": path}}))
+                paths.append(path)
+            self.engine.generate(inputs, params, use_tqdm=False)
+            out = []
+            for path in paths:
+                if not os.path.exists(path):
+                    raise EngineError(f"the engine wrote no capture for {path}")
+                tensors = load_file(path)
+                out.append({layer: tensors[f"layer.{layer}"] for layer in layers})
+        return out
+
+    @property
+    def capture_layers(self) -> list[int]:
+        steerable = self.config.steerable_layers or list(range(self.model_shape.num_layers))
+        chosen = self.config.capture_layers
+        return sorted(steerable if chosen is None else set(chosen) & set(steerable))
+
+    def stats(self) -> dict:
+        """Steering slot statistics from the (first) worker."""
+        return self.engine.collective_rpc("vsteer_stats")[0]
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.get_tokenizer()
+
+    def _per_prompt(self, steering: object, n: int) -> tuple[list[object], bool]:
+        if isinstance(steering, (list, tuple)) and not _is_intervention_list(steering):
+            if len(steering) != n:
+                raise SpecError(f"got {len(steering)} steering specs for {n} prompts", field="steering")
+            return list(steering), True
+        return [steering] * n, False
+
+
+def _is_intervention_list(value: Sequence[object]) -> bool:
+    """A bare list of interventions (one spec) rather than one spec per prompt."""
+    return len(value) > 0 and all(isinstance(v, Mapping) and "op" in v for v in value)
+
+
+def _prompt_input(prompt: str | Sequence[int]) -> dict:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {"prompt_token_ids": [int(t) for t in prompt]}

@@ -1,0 +1,332 @@
+"""Steering plans: a validated spec with its vectors resolved to store hashes.
+
+The plan is what travels to the engine in ``SamplingParams.extra_args["vsteer"]``: a few hundred
+bytes of JSON, the vectors themselves are read by hash from the vector store. This module is
+pure torch (no vLLM) so the scheduler, the worker and the tests share one definition of
+
+- which interventions are active at which token position (``segments``), and
+- how the active interventions at one layer fold into one slot-bank row (``fold_layer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import torch
+
+from vsteer._errors import SpecError, VectorFileError
+from vsteer.kernels import BankLayout
+from vsteer.spec import DEFAULT_MAX_ABS_SCALE, AblateOp, AddOp, SteeringSpec, parse_spec
+from vsteer.vectors import SteeringVector, VectorStore, load_vector
+
+EXTRA_ARGS_KEY = "vsteer"
+PLAN_VERSION = 1
+_INF = 1 << 62  # "until the end of the sequence"
+
+
+@dataclass(frozen=True)
+class ResolvedIntervention:
+    """One intervention with its vector named by sha256 and its layers made explicit."""
+
+    op: str
+    vector: str
+    layers: tuple[int, ...]
+    scale: float = 1.0
+    positions: str | tuple[int, int] = "all"
+    normalize: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "op": self.op,
+            "vector": self.vector,
+            "layers": list(self.layers),
+            "scale": self.scale,
+            "positions": list(self.positions) if isinstance(self.positions, tuple) else self.positions,
+            "normalize": self.normalize,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "ResolvedIntervention":
+        pos = data["positions"]
+        return cls(
+            op=data["op"],
+            vector=data["vector"],
+            layers=tuple(int(x) for x in data["layers"]),
+            scale=float(data["scale"]),
+            positions=tuple(pos) if isinstance(pos, list) else pos,
+            normalize=bool(data["normalize"]),
+        )
+
+    def active_at(self, start: int, prompt_len: int) -> bool:
+        """Whether this intervention acts on the token at absolute position ``start``."""
+        if self.positions == "all":
+            return True
+        if self.positions == "prompt":
+            return start < prompt_len
+        if self.positions == "generated":
+            return start >= prompt_len
+        lo, hi = self.positions
+        return lo <= start < hi
+
+
+class Segment(NamedTuple):
+    """Token positions [start, end) on which the same interventions are active."""
+
+    start: int
+    end: int
+    key: str | None  # slot key of the folded transform; None = identity (slot 0)
+    active: tuple[int, ...]
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """A resolved steering request, ready for the engine."""
+
+    interventions: tuple[ResolvedIntervention, ...]
+
+    @property
+    def hash(self) -> str:
+        """Content hash of the whole request (used as the prefix-cache salt)."""
+        return _digest([i.to_json() for i in self.interventions])
+
+    def to_extra_args(self) -> dict:
+        return {"v": PLAN_VERSION, "interventions": [i.to_json() for i in self.interventions]}
+
+    @classmethod
+    def from_extra_args(cls, data: Mapping) -> "SteeringPlan":
+        if data.get("v") != PLAN_VERSION:
+            raise SpecError(f"unsupported steering plan version {data.get('v')!r}", field="vsteer.v")
+        return cls(tuple(ResolvedIntervention.from_json(d) for d in data["interventions"]))
+
+    def segment_key(self, active: Sequence[int]) -> str | None:
+        """Slot key of the transform made by the ``active`` interventions (order kept).
+
+        The key ignores ``positions`` so two requests whose active interventions coincide share
+        a slot, whatever else they do elsewhere in the sequence.
+        """
+        if not active:
+            return None
+        items = []
+        for i in active:
+            d = self.interventions[i].to_json()
+            del d["positions"]
+            items.append(d)
+        return _digest(items)
+
+    def segments(self, prompt_len: int) -> list[Segment]:
+        """Split [0, inf) into maximal runs of positions with the same active interventions."""
+        cuts = {0, prompt_len}
+        for item in self.interventions:
+            if isinstance(item.positions, tuple):
+                cuts.update(item.positions)
+        bounds = sorted(c for c in cuts if c >= 0) + [_INF]
+        out: list[Segment] = []
+        for start, end in zip(bounds, bounds[1:]):
+            if start >= end:
+                continue
+            active = tuple(i for i, it in enumerate(self.interventions) if it.active_at(start, prompt_len))
+            if out and out[-1].active == active:
+                out[-1] = out[-1]._replace(end=end)
+            else:
+                out.append(Segment(start, end, self.segment_key(active), active))
+        return out
+
+    def slot_keys(self, prompt_len: int) -> frozenset[str]:
+        """The distinct non-identity slot keys this request needs."""
+        return frozenset(s.key for s in self.segments(prompt_len) if s.key is not None)
+
+    def max_slots_needed(self) -> int:
+        """An upper bound on ``len(slot_keys(n))`` over all prompt lengths."""
+        worst = 0
+        for n in {1, 1 << 20} | {c for it in self.interventions if isinstance(it.positions, tuple) for c in it.positions}:
+            worst = max(worst, len(self.slot_keys(max(n, 1))))
+            worst = max(worst, len(self.slot_keys(max(n - 1, 1))))
+            worst = max(worst, len(self.slot_keys(n + 1)))
+        return worst
+
+
+def _direction(vector: SteeringVector, layer: int) -> torch.Tensor:
+    if layer in vector.layers:
+        return vector.layers[layer]
+    if len(vector.layers) == 1:  # one direction, applied wherever the request says
+        return next(iter(vector.layers.values()))
+    raise SpecError(f"vector has no tensor for layer {layer} (it has {sorted(vector.layers)})")
+
+
+def fold_layer(
+    interventions: Sequence[ResolvedIntervention],
+    layer: int,
+    vectors: Callable[[str], SteeringVector],
+    layout: BankLayout,
+) -> torch.Tensor:
+    """Fold the interventions acting at ``layer`` (in order) into one bank row.
+
+    The row encodes ``h' = h*m - sum_k (h . L_k) R_k + a`` (then optionally rescaled to ||h||).
+    Composition stays in that form: adding b sets ``a += b``; ablating a unit u maps
+    ``g -> g - (g.u) u`` which sets ``R_k -= (R_k.u) u``, appends ``(L, R) = (m*u, u)`` and
+    sets ``a -= (a.u) u``. Computed in float64, stored as float32.
+    """
+    d = layout.hidden_size
+    m = torch.ones(d, dtype=torch.float64)
+    a = torch.zeros(d, dtype=torch.float64)
+    left: list[torch.Tensor] = []
+    right: list[torch.Tensor] = []
+    normalize = False
+    for item in interventions:
+        if layer not in item.layers:
+            continue
+        v = _direction(vectors(item.vector), layer).to(torch.float64)
+        if item.op == "add":
+            a = a + item.scale * v
+            normalize = normalize or item.normalize
+        elif item.op == "ablate":
+            u = v / v.norm()
+            right = [r - (r @ u) * u for r in right]
+            left.append(m * u)
+            right.append(u)
+            a = a - (a @ u) * u
+        else:
+            raise SpecError(f"op {item.op!r} cannot be folded into an affine slot")
+    if len(left) > layout.rank:
+        raise SpecError(
+            f"{len(left)} ablations at layer {layer} exceed the engine's max_ablation_rank="
+            f"{layout.rank}",
+            field="interventions",
+        )
+    zeros = torch.zeros(d, dtype=torch.float64)
+    left += [zeros] * (layout.rank - len(left))
+    right += [zeros] * (layout.rank - len(right))
+    stack = (lambda xs: torch.stack(xs)) if layout.rank else (lambda xs: torch.zeros(0, d))
+    return layout.pack_row(m.float(), a.float(), stack(left).float(), stack(right).float(), normalize)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What validation needs to know about the model."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+
+
+def resolve_spec(
+    spec: object,
+    *,
+    store: VectorStore,
+    model: ModelShape,
+    names: Mapping[str, str] | None = None,
+    steerable_layers: Sequence[int] | None = None,
+    max_ablation_rank: int = 1,
+    max_slots: int | None = None,
+    max_abs_scale: float = DEFAULT_MAX_ABS_SCALE,
+) -> SteeringPlan | None:
+    """Validate a steering request and resolve its vectors into the store.
+
+    Args:
+        spec: anything ``parse_spec`` accepts (None means unsteered).
+        store: where resolved vectors are put, by content hash.
+        model: layer count and hidden size to check against.
+        names: registered vector names -> sha256.
+        steerable_layers: the layers the engine wrapped (default: all).
+        max_ablation_rank: the engine's bank rank.
+        max_slots: the engine's slot capacity (a request needing more is refused).
+        max_abs_scale: bound on |scale|.
+
+    Raises:
+        SpecError: naming the bad field.
+    """
+    parsed: SteeringSpec | None = parse_spec(spec)
+    if parsed is None:
+        return None
+    parsed.check_scales(max_abs_scale)
+    allowed = set(range(model.num_layers)) if steerable_layers is None else set(steerable_layers)
+    names = names or {}
+    out = []
+    for i, item in enumerate(parsed.interventions):
+        field = f"interventions.{i}"
+        vector = _load_ref(item.vector, item.layers, store=store, names=names, field=f"{field}.vector")
+        if vector.hidden_size != model.hidden_size:
+            raise SpecError(
+                f"vector has hidden size {vector.hidden_size} but {model.name} has {model.hidden_size}",
+                field=f"{field}.vector",
+            )
+        layers = tuple(item.layers) if item.layers is not None else tuple(sorted(vector.layers))
+        for layer in layers:
+            if not 0 <= layer < model.num_layers:
+                raise SpecError(
+                    f"layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}",
+                    field=f"{field}.layers",
+                )
+            if layer not in allowed:
+                raise SpecError(
+                    f"layer {layer} is not steerable in this engine (steerable: {sorted(allowed)})",
+                    field=f"{field}.layers",
+                )
+            if layer not in vector.layers and len(vector.layers) != 1:
+                raise SpecError(
+                    f"vector has no tensor for layer {layer} (it has {sorted(vector.layers)})",
+                    field=f"{field}.layers",
+                )
+            if isinstance(item, AblateOp) and float(_direction(vector, layer).norm()) == 0.0:
+                raise SpecError(f"cannot ablate a zero direction at layer {layer}", field=f"{field}.vector")
+        sha = store.put(vector)
+        if isinstance(item, AddOp):
+            out.append(ResolvedIntervention("add", sha, layers, item.scale, item.positions, item.normalize))
+        else:
+            out.append(ResolvedIntervention("ablate", sha, layers, 1.0, item.positions, False))
+    plan = SteeringPlan(tuple(out))
+    ranks = {}
+    for item in plan.interventions:
+        if item.op == "ablate":
+            for layer in item.layers:
+                ranks[layer] = ranks.get(layer, 0) + 1
+    worst = max(ranks.items(), key=lambda kv: kv[1], default=(None, 0))
+    if worst[1] > max_ablation_rank:
+        raise SpecError(
+            f"{worst[1]} ablations at layer {worst[0]} exceed the engine's max_ablation_rank="
+            f"{max_ablation_rank}",
+            field="interventions",
+        )
+    if max_slots is not None and plan.max_slots_needed() > max_slots:
+        raise SpecError(
+            f"the request needs {plan.max_slots_needed()} steering slots at once but the engine "
+            f"has {max_slots} (raise max_slots or use fewer distinct position ranges)",
+            field="interventions",
+        )
+    return plan
+
+
+def _load_ref(
+    ref: str | list[float],
+    layers: list[int] | None,
+    *,
+    store: VectorStore,
+    names: Mapping[str, str],
+    field: str,
+) -> SteeringVector:
+    if isinstance(ref, list):
+        if layers is None:
+            raise SpecError("an inline vector needs explicit 'layers'", field=field.rsplit(".", 1)[0] + ".layers")
+        return SteeringVector.from_tensors({layers[0]: ref}, method="inline")
+    try:
+        if ref in names:
+            return store.get(names[ref])
+        if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref) and ref in store:
+            return store.get(ref)
+        path = Path(ref).expanduser()
+        if path.is_file():
+            return load_vector(path)
+    except (VectorFileError, ValueError) as exc:
+        raise SpecError(f"cannot load vector {ref!r}: {exc}", field=field) from exc
+    raise SpecError(
+        f"unknown vector {ref!r}: not a registered name, a stored sha256, or an existing file",
+        field=field,
+    )

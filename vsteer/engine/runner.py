@@ -1,0 +1,229 @@
+"""The model-runner side of steering: per-step slot index, slot rows, activation capture.
+
+``SteeringRunnerMixin`` is mixed into vLLM's V1 ``GPUModelRunner`` (and ``CPUModelRunner``, which
+subclasses it), the way vLLM's LoRA mixin is: ``load_model`` wraps the decoder layers,
+``_update_states`` tracks which requests carry steering, ``_prepare_inputs`` fills the per-token
+slot index for the step (host work, then one in-place copy), and ``execute_model`` reads captured
+residuals for capture requests after the forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from vsteer.engine.config import SteeringEngineConfig
+from vsteer.engine.layers import SteeringBuffers, wrap_decoder_layers
+from vsteer.engine.plan import EXTRA_ARGS_KEY, Segment, SteeringPlan, fold_layer
+from vsteer.engine.slots import LRUSlotManager
+from vsteer.kernels import BankLayout
+from vsteer.vectors import VectorStore
+
+CAPTURE_ARGS_KEY = "vsteer_capture"
+
+
+@dataclass
+class _RequestSteering:
+    segments: list[Segment]
+    keys: frozenset[str]
+    single_key: str | None | bool  # the key when one segment covers everything, else False
+
+
+@dataclass
+class _Capture:
+    layers: list[int]
+    path: str
+    prompt_len: int
+    chunks: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    done: int = 0
+
+
+class SteeringRunnerMixin:
+    """Adds per-request steering to a V1 model runner. Mixed in ahead of the runner class."""
+
+    # --- load ---------------------------------------------------------------------------------
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)
+        cfg = SteeringEngineConfig.from_vllm(self.vllm_config.additional_config)
+        hf = self.model_config.hf_text_config
+        self._vsteer_cfg = cfg
+        self._vsteer_layout = BankLayout(hidden_size=hf.hidden_size, rank=cfg.max_ablation_rank)
+        max_tokens = max(
+            self.scheduler_config.max_num_batched_tokens,
+            self.compilation_config.max_cudagraph_capture_size or 0,
+        )
+        self._vsteer_buffers: SteeringBuffers = wrap_decoder_layers(
+            self.get_model(),
+            layout=self._vsteer_layout,
+            num_slots=cfg.max_slots,
+            max_tokens=max_tokens,
+            steerable_layers=cfg.steerable_layers,
+            capture_layers=cfg.capture_layers,
+            device=self.device,
+            dtype=self.model_config.dtype,
+        )
+        self._vsteer_layer_row = {layer: i for i, layer in enumerate(self._vsteer_buffers.layers)}
+        self._vsteer_store = VectorStore(Path(cfg.store))
+        self._vsteer_slots = LRUSlotManager(cfg.max_slots, self._vsteer_write_slot)
+        self._vsteer_index_host = np.zeros(max_tokens, dtype=np.int32)
+        self._vsteer_index_stage = torch.from_numpy(self._vsteer_index_host)
+        if self.device.type == "cuda":
+            self._vsteer_index_stage = self._vsteer_index_stage.pin_memory()
+            self._vsteer_index_host = self._vsteer_index_stage.numpy()
+        self._vsteer_prev_tokens = 0
+        self._vsteer_requests: dict[str, _RequestSteering] = {}
+        # slot key -> (a plan using it, its active interventions, number of live requests)
+        self._vsteer_key_source: dict[str, tuple[SteeringPlan, tuple[int, ...], int]] = {}
+        self._vsteer_captures: dict[str, _Capture] = {}
+        self._vsteer_step_captures: list[tuple[str, int, int, int]] = []
+
+    # --- request bookkeeping ----------------------------------------------------------------
+    def _update_states(self, scheduler_output: Any) -> Any:
+        for req_id in scheduler_output.finished_req_ids:
+            self._vsteer_forget(req_id)
+        result = super()._update_states(scheduler_output)
+        for new in scheduler_output.scheduled_new_reqs:
+            self._vsteer_register(new.req_id)
+        return result
+
+    def _vsteer_register(self, req_id: str) -> None:
+        state = self.requests.get(req_id)
+        params = getattr(state, "sampling_params", None)
+        extra = (params.extra_args or {}) if params is not None else {}
+        prompt_len = state.num_prompt_tokens if state is not None else 0
+        plan_data = extra.get(EXTRA_ARGS_KEY)
+        if plan_data is not None:
+            plan = SteeringPlan.from_extra_args(plan_data)
+            segments = plan.segments(prompt_len)
+            self._vsteer_forget(req_id)  # a resubmitted id replaces its old state
+            for seg in segments:
+                if seg.key is not None:
+                    source = self._vsteer_key_source.get(seg.key)
+                    refs = source[2] if source else 0
+                    self._vsteer_key_source[seg.key] = (plan, seg.active, refs + 1)
+            single = segments[0].key if len(segments) == 1 else False
+            self._vsteer_requests[req_id] = _RequestSteering(
+                segments, frozenset(s.key for s in segments if s.key), single
+            )
+        cap = extra.get(CAPTURE_ARGS_KEY)
+        if cap is not None:
+            self._vsteer_captures[req_id] = _Capture([int(x) for x in cap["layers"]], cap["path"], prompt_len)
+
+    def _vsteer_forget(self, req_id: str) -> None:
+        self._vsteer_captures.pop(req_id, None)
+        st = self._vsteer_requests.pop(req_id, None)
+        for key in st.keys if st else ():
+            plan, active, refs = self._vsteer_key_source[key]
+            if refs > 1:
+                self._vsteer_key_source[key] = (plan, active, refs - 1)
+            else:
+                del self._vsteer_key_source[key]
+
+    def _vsteer_write_slot(self, slot: int, key: str) -> None:
+        """Fold the transform named ``key`` into bank row ``slot`` of every wrapped layer."""
+        plan, active, _ = self._vsteer_key_source[key]
+        items = [plan.interventions[i] for i in active]
+        touched = {layer for it in items for layer in it.layers}
+        layout = self._vsteer_layout
+        rows = torch.empty(len(self._vsteer_buffers.layers), layout.width)
+        for i, layer in enumerate(self._vsteer_buffers.layers):
+            rows[i] = fold_layer(items, layer, self._vsteer_store.get, layout) if layer in touched else layout.identity_row()
+        self._vsteer_buffers.bank[:, slot, :].copy_(rows.to(self.device))
+
+    # --- per step ------------------------------------------------------------------------------
+    def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        self._vsteer_fill_index(num_scheduled_tokens)
+        return result
+
+    def _vsteer_fill_index(self, num_scheduled_tokens: np.ndarray) -> None:
+        idx = self._vsteer_index_host
+        req_ids = self.input_batch.req_ids
+        computed = self.input_batch.num_computed_tokens_cpu
+        steered, captures = self._vsteer_requests, self._vsteer_captures
+        self._vsteer_slots.begin_step()
+        self._vsteer_step_captures = []
+        off = 0
+        any_steered = False
+        for i, req_id in enumerate(req_ids):
+            n = int(num_scheduled_tokens[i])
+            st = steered.get(req_id)
+            if st is None:
+                idx[off : off + n] = 0
+            else:
+                any_steered = True
+                start = int(computed[i])
+                if st.single_key is not False:
+                    idx[off : off + n] = self._vsteer_slots.acquire(st.single_key) if st.single_key else 0
+                else:
+                    for seg in st.segments:
+                        lo, hi = max(seg.start, start), min(seg.end, start + n)
+                        if lo < hi:
+                            idx[off + lo - start : off + hi - start] = self._vsteer_slots.acquire(seg.key) if seg.key else 0
+            if req_id in captures:
+                self._vsteer_step_captures.append((req_id, off, int(computed[i]), n))
+            off += n
+        end = max(off, self._vsteer_prev_tokens)
+        idx[off:end] = 0
+        if any_steered or self._vsteer_prev_tokens:
+            self._vsteer_buffers.index[:end].copy_(self._vsteer_index_stage[:end], non_blocking=True)
+        self._vsteer_prev_tokens = off if any_steered else 0
+
+    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().execute_model(*args, **kwargs)
+        if self._vsteer_step_captures:
+            self._vsteer_read_captures()
+        return out
+
+    def _vsteer_read_captures(self) -> None:
+        for req_id, off, start, n in self._vsteer_step_captures:
+            cap = self._vsteer_captures.get(req_id)
+            if cap is None or start >= cap.prompt_len:
+                continue
+            count = min(n, cap.prompt_len - start)
+            for layer in cap.layers:
+                buf = self._vsteer_buffers.capture[layer]
+                cap.chunks.setdefault(layer, []).append(buf[off : off + count].float().cpu())
+            cap.done = start + count
+            if cap.done >= cap.prompt_len:
+                _save_atomic({f"layer.{L}": torch.cat(c) for L, c in cap.chunks.items()}, cap.path)
+                del self._vsteer_captures[req_id]
+        self._vsteer_step_captures = []
+
+    # --- introspection (collective_rpc) ---------------------------------------------------------
+    def vsteer_stats(self) -> dict:
+        """Slot usage, for metrics and tests."""
+        return {
+            "max_slots": self._vsteer_slots.num_slots,
+            "resident": len(self._vsteer_slots.resident),
+            "loads": self._vsteer_slots.loads,
+            "steered_requests": len(self._vsteer_requests),
+            "wrapped_layers": list(self._vsteer_buffers.layers),
+            "capture_layers": sorted(self._vsteer_buffers.capture),
+        }
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, target)
+
+
+_RUNNER_CLASSES: dict[type, type] = {}
+
+
+def steered_runner_class(cls: type) -> type:
+    """The steered subclass of a V1 model runner class."""
+    if cls not in _RUNNER_CLASSES:
+        _RUNNER_CLASSES[cls] = type(f"Steered{cls.__name__}", (SteeringRunnerMixin, cls), {})
+    return _RUNNER_CLASSES[cls]

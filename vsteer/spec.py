@@ -1,0 +1,163 @@
+"""The steering request: the wire format every front end accepts (DESIGN.md section 3).
+
+A request is a list of interventions that compose in order. Each names a vector (a registered
+name, a sha256 from the vector store, a path to a vector file, or an inline list of floats), the
+decoder layers it acts on (0-indexed; the OUTPUT of layer L is changed), and the token positions.
+
+Example:
+    >>> SteeringSpec.model_validate({"interventions": [
+    ...     {"op": "add", "vector": "love.safetensors", "layers": [10], "scale": 4.0}]})
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vsteer._errors import SpecError
+
+#: Default bound on |scale|; larger values are almost certainly a mistake (the engine folds
+#: scales into float32 rows, and a scale of 1e6 on a unit vector destroys any model).
+DEFAULT_MAX_ABS_SCALE = 1.0e4
+
+Positions = Union[Literal["all", "prompt", "generated"], tuple[int, int]]
+VectorRef = Union[str, list[float]]
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vector: VectorRef = Field(
+        description="A registered vector name, a sha256 of the vector store, a path to a "
+        ".safetensors/.gguf vector file, or an inline list of floats (then the same direction "
+        "is used at every listed layer)."
+    )
+    layers: list[int] | None = Field(
+        default=None,
+        description="0-indexed decoder layers whose OUTPUT is changed. Defaults to the layers "
+        "stored in the vector file; required for inline vectors.",
+    )
+    positions: Positions = Field(
+        default="all",
+        description='"all" (prompt and generated tokens), "prompt", "generated", or [start, end) '
+        "absolute token positions.",
+    )
+
+    @field_validator("vector")
+    @classmethod
+    def _check_vector(cls, value: VectorRef) -> VectorRef:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("vector reference is empty")
+        else:
+            if len(value) == 0:
+                raise ValueError("inline vector is empty")
+            bad = [i for i, x in enumerate(value) if not math.isfinite(x)]
+            if bad:
+                raise ValueError(f"inline vector has NaN/Inf at index {bad[0]}")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if len(value) == 0:
+            raise ValueError("layers is empty; omit it to use the vector's own layers")
+        if len(set(value)) != len(value):
+            raise ValueError(f"layers has duplicates: {value}")
+        return value
+
+    @field_validator("positions")
+    @classmethod
+    def _check_positions(cls, value: Positions) -> Positions:
+        if isinstance(value, tuple):
+            start, end = value
+            if start < 0 or end <= start:
+                raise ValueError(
+                    f"position range must be [start, end) with 0 <= start < end, got {list(value)}"
+                )
+        return value
+
+
+class AddOp(_Op):
+    """h' = h + scale * v at the output of each listed layer (optionally keeping ||h||)."""
+
+    op: Literal["add"] = "add"
+    scale: float = Field(default=1.0, description="Multiplier of the vector.")
+    normalize: bool = Field(
+        default=False,
+        description="Rescale each steered token's residual to the norm it had before this "
+        "layer's steering.",
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"scale must be finite, got {value}")
+        return value
+
+
+class AblateOp(_Op):
+    """h' = h - (h . u) u with u = v / ||v||: remove the component along the direction."""
+
+    op: Literal["ablate"] = "ablate"
+
+
+Intervention = Annotated[Union[AddOp, AblateOp], Field(discriminator="op")]
+
+
+class SteeringSpec(BaseModel):
+    """A steering request: interventions applied in the order given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interventions: list[Intervention] = Field(
+        description="Interventions, composed in order at each layer.", min_length=1
+    )
+
+    def check_scales(self, max_abs_scale: float = DEFAULT_MAX_ABS_SCALE) -> None:
+        """Raise SpecError for a scale whose magnitude exceeds ``max_abs_scale``."""
+        for i, item in enumerate(self.interventions):
+            if isinstance(item, AddOp) and abs(item.scale) > max_abs_scale:
+                raise SpecError(
+                    f"|scale| = {abs(item.scale):g} exceeds the bound {max_abs_scale:g}",
+                    field=f"interventions.{i}.scale",
+                )
+
+
+def parse_spec(value: Any) -> SteeringSpec | None:
+    """Validate a steering request given as a SteeringSpec, dict, list of interventions,
+    JSON text, or None (unsteered).
+
+    Raises:
+        SpecError: naming the first bad field (dotted path), e.g. ``interventions.0.layers``.
+    """
+    if value is None or isinstance(value, SteeringSpec):
+        return value
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"malformed JSON: {exc.msg} at char {exc.pos}", field="steering") from exc
+        if value is None:
+            return None
+    if isinstance(value, list):
+        value = {"interventions": value}
+    if not isinstance(value, dict):
+        raise SpecError(
+            f"expected an object with 'interventions', got {type(value).__name__}", field="steering"
+        )
+    try:
+        return SteeringSpec.model_validate(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("add", "ablate")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add' or 'ablate'"
+        raise SpecError(msg, field=field or "steering") from exc
