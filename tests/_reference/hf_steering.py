@@ -1,0 +1,88 @@
+"""Reference: steering an HF transformers model with forward hooks (what repeng and
+steering-vectors do), greedy decoding by full recomputation so positions are explicit."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+
+def _mask(positions, seq_len: int, prompt_len: int) -> torch.Tensor:
+    pos = torch.arange(seq_len)
+    if positions == "all":
+        return torch.ones(seq_len, dtype=torch.bool)
+    if positions == "prompt":
+        return pos < prompt_len
+    if positions == "generated":
+        return pos >= prompt_len
+    lo, hi = positions
+    return (pos >= lo) & (pos < hi)
+
+
+@contextmanager
+def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[None]:
+    """interventions: dicts with op, direction (tensor [d] or {layer: tensor}), layers, scale,
+    positions, normalize. Applied in order at the OUTPUT of each layer (HF hidden_states[L+1])."""
+    by_layer: dict[int, list[dict]] = {}
+    for item in interventions:
+        for layer in item["layers"]:
+            by_layer.setdefault(layer, []).append(item)
+    handles = []
+
+    def make_hook(layer: int, items: list[dict]):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            h = hidden.double()
+            seq_len = h.shape[1]
+            before = h
+            any_norm = False
+            for it in items:
+                v = it["direction"][layer] if isinstance(it["direction"], dict) else it["direction"]
+                v = v.double()
+                m = _mask(it.get("positions", "all"), seq_len, prompt_len)[None, :, None]
+                if it["op"] == "add":
+                    h = torch.where(m, h + it.get("scale", 1.0) * v, h)
+                    if it.get("normalize"):
+                        any_norm = True
+                        norm_mask = m
+                else:
+                    u = v / v.norm()
+                    h = torch.where(m, h - (h @ u)[..., None] * u, h)
+            if any_norm:
+                rescaled = h * (before.norm(dim=-1, keepdim=True) / h.norm(dim=-1, keepdim=True))
+                h = torch.where(norm_mask, rescaled, h)
+            new = h.to(hidden.dtype)
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    for layer, items in by_layer.items():
+        handles.append(model.model.layers[layer].register_forward_hook(make_hook(layer, items)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids: list[int], max_tokens: int, interventions: Sequence[dict] = ()) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs, steering with forward hooks."""
+    ids = list(prompt_ids)
+    out, logprobs = [], []
+    with hooked(model, interventions, len(prompt_ids)):
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            lp = torch.log_softmax(logits, dim=-1)
+            tok = int(lp.argmax())
+            out.append(tok)
+            logprobs.append(float(lp[tok]))
+            ids.append(tok)
+    return out, logprobs
+
+
+@torch.no_grad()
+def hidden_states(model, prompt_ids: list[int]) -> tuple[torch.Tensor, ...]:
+    return model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states

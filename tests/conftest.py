@@ -1,0 +1,99 @@
+"""Shared fixtures: the real default model, real vLLM engines (one eager, one compiled, float32).
+
+Engines are expensive (eager ~5-10 s, compiled ~70 s on 2 CPU cores), so each kind is built once
+per test session. Environment variables must be set before vLLM is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VSTEER_CACHE", str(_REPO / ".cache" / "vsteer"))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vsteer-vllm-cache-"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ENGINE_KW = dict(dtype="float32", max_model_len=512, max_num_seqs=32, enable_prefix_caching=True)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from vsteer.models import prepare_default_model
+
+    return str(prepare_default_model())
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vector-store")
+
+
+@pytest.fixture(scope="session")
+def eager_llm(model_path, store_dir):
+    from vsteer.engine.llm import LLM
+
+    return LLM(model_path, enforce_eager=True, store=store_dir, **ENGINE_KW)
+
+
+@pytest.fixture(scope="session")
+def compiled_llm(model_path, store_dir):
+    from vsteer.engine.llm import LLM
+
+    return LLM(model_path, enforce_eager=False, store=store_dir, **ENGINE_KW)
+
+
+@pytest.fixture(scope="session")
+def few_slots_llm(model_path, store_dir):
+    from vsteer.engine.llm import LLM
+
+    return LLM(model_path, enforce_eager=True, store=store_dir, max_slots=3, **ENGINE_KW)
+
+
+@pytest.fixture(scope="session")
+def plain_vllm(model_path):
+    """Plain vLLM, no vsteer worker, scheduler or layers. Engines are never deleted during the
+    session: in one process they share vLLM's global parallel state, which a shutdown tears down."""
+    import vllm
+
+    return vllm.LLM(model=model_path, enforce_eager=True, **ENGINE_KW)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
+def directions(eager_llm):
+    """Unit directions at every layer from real captured activations (love - hate, etc.)."""
+    from vsteer.methods import mean_difference
+
+    layers = list(range(eager_llm.model_shape.num_layers))
+    love = mean_difference(eager_llm, ["I love you so much.", "What a wonderful, kind friend."],
+                           ["I hate you so much.", "What an awful, cruel enemy."], layers).normalized()
+    wedding = mean_difference(eager_llm, ["The wedding ceremony and the bride.", "We got married in church."],
+                              ["The tax report and the audit.", "We filed the paperwork."], layers).normalized()
+    for v in (love, wedding):
+        eager_llm.store.put(v)  # every test engine shares this store
+    return {"love": love, "wedding": wedding}
