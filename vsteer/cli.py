@@ -17,6 +17,8 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+    # On CPU, vLLM otherwise reserves 92% of RAM and refuses to start when others use memory.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 
 @click.group()
@@ -133,7 +135,8 @@ def extract_caa(model: str, positive: Path, negative: Path, layers: str, pooling
         if not 0 <= layer < llm.model_shape.num_layers:
             raise SpecError(f"layer {layer} is out of range 0..{llm.model_shape.num_layers - 1}", field="--layers")
     vector = mean_difference(llm, pos, neg, layer_ids, pooling=pooling, model=llm.model_shape.name)
-    save_vector(vector, output, model_hint=model_info(llm.model_path).model_type)
+    hint = model_info(llm.model_path).model_type if output.suffix == ".gguf" else None
+    save_vector(vector, output, model_hint=hint)
     click.echo(f"wrote {output} (layers {layer_ids}, sha256 {vector.sha256[:12]})", err=True)
 
 

@@ -130,6 +130,15 @@ class SteeringSpec(BaseModel):
                 )
 
 
+_TYPE_NAMES = frozenset({"add", "ablate", "str", "int", "float", "bool", "list", "dict"})
+
+
+def _is_union_branch(part: object) -> bool:
+    """pydantic puts union branch names (op tags, 'literal[...]', 'tuple[int, int]') in error
+    locations; they are not fields."""
+    return isinstance(part, str) and (part in _TYPE_NAMES or "[" in part)
+
+
 def parse_spec(value: Any) -> SteeringSpec | None:
     """Validate a steering request given as a SteeringSpec, dict, list of interventions,
     JSON text, or None (unsteered).
@@ -156,7 +165,7 @@ def parse_spec(value: Any) -> SteeringSpec | None:
         return SteeringSpec.model_validate(value)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("add", "ablate")))
+        field = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_invalid":
             msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add' or 'ablate'"

@@ -1,0 +1,210 @@
+"""vsteer on other architectures than the default Llama model: tiny random float32 models built
+offline (GPT-2, whose blocks return the stream itself, and Qwen2/Qwen3/Gemma2, whose layers return
+``(hidden, residual)``), compared with the HF model steered by forward hooks; and an architecture
+vsteer cannot wrap is refused when the engine loads.
+
+Engines live for the whole session (see conftest: deleting one tears down vLLM's global state).
+"""
+
+from __future__ import annotations
+
+import gc
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm import SamplingParams
+
+from tests._reference.hf_steering import hooked
+from tests._reference.tiny_models import HIDDEN, LAYERS, build_tiny_model, decoder_layers
+from vsteer.vectors import SteeringVector
+
+SUPPORTED = ["gpt2", "qwen2", "qwen3", "gemma2"]
+UNSUPPORTED = {
+    "stablelm": "StablelmDecoderLayer",  # model.layers holds a class vsteer does not know
+    "opt": "cannot find the decoder layers",  # layers at model.decoder.layers: no known path
+}
+PROMPTS = ["I think that", "My favourite thing about the city is", "Tell me about your day."]
+MAX_TOKENS = 8
+LAYER = 1  # steered layer (of 4)
+CAPTURE_LAYERS = [0, 1, 2]  # HF's last hidden state has the final norm applied: skip layer 3
+LOGPROB_TOL = 1e-3
+ENGINE_KW = dict(enforce_eager=True, dtype="float32", max_model_len=128, max_num_seqs=8)
+
+# Every engine made here, kept until the process ends (failed ones included, see the last test).
+_KEEP: list[object] = []
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, model_path):
+    root = tmp_path_factory.mktemp("tiny-models")
+    made: dict[str, object] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = build_tiny_model(kind, root / kind, model_path)
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-vectors")
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_dir, tiny_store):
+    from vsteer.engine.llm import LLM
+
+    engines: dict[str, LLM] = {}
+
+    def get(kind: str) -> LLM:
+        if kind not in engines:
+            engines[kind] = LLM(str(tiny_dir(kind)), store=tiny_store, **ENGINE_KW)
+            _KEEP.append(engines[kind])
+        return engines[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+
+    def get(kind: str):
+        if kind not in models:
+            model = AutoModelForCausalLM.from_pretrained(str(tiny_dir(kind)), dtype=torch.float32)
+            models[kind] = model.eval()
+        return models[kind]
+
+    return get
+
+
+def _direction(kind: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(HIDDEN, generator=g)
+    return v / v.norm()
+
+
+@torch.no_grad()
+def _hf_greedy(model, prompt_ids: list[int], interventions: list[dict]) -> tuple[list[int], list[float]]:
+    """Greedy tokens and logprobs by full recomputation, steered with the reference hooks."""
+    shim = SimpleNamespace(model=SimpleNamespace(layers=decoder_layers(model)))  # hooked() wants model.model.layers
+    ids, tokens, logprobs = list(prompt_ids), [], []
+    with hooked(shim, interventions, len(prompt_ids)):
+        for _ in range(MAX_TOKENS):
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), dim=-1)
+            tok = int(lp.argmax())
+            tokens.append(tok)
+            logprobs.append(float(lp[tok]))
+            ids.append(tok)
+    return tokens, logprobs
+
+
+@pytest.fixture(scope="session")
+def arch_runs(tiny_engines):
+    """Per architecture: captures, the steering cases and one mixed batch of vsteer outputs."""
+    runs = {}
+
+    def get(kind: str):
+        if kind in runs:
+            return runs[kind]
+        llm = tiny_engines(kind)
+        caps = llm.capture(PROMPTS, CAPTURE_LAYERS)
+        # Tiny random models have small residual norms: scale the direction by the stream's own size.
+        norm = float(torch.cat([c[LAYER] for c in caps]).norm(dim=-1).mean())
+        add_v, ablate_v = _direction(kind, 1), _direction(kind, 2)
+        vectors = {
+            "add": SteeringVector({LAYER: add_v}, hidden_size=HIDDEN),
+            "ablate": SteeringVector({LAYER + 1: ablate_v}, hidden_size=HIDDEN),
+        }
+        for v in vectors.values():
+            llm.store.put(v)
+        scale = 4.0 * norm
+        cases = {
+            "add": [dict(op="add", vector="add", layers=[LAYER], scale=scale, positions="all")],
+            "compose": [
+                dict(op="add", vector="add", layers=[LAYER], scale=-scale, positions="prompt"),
+                dict(op="ablate", vector="ablate", layers=[LAYER + 1], positions="all"),
+            ],
+        }
+
+        def spec(items):
+            return {"interventions": [dict(it, vector=vectors[it["vector"]].sha256) for it in items]}
+
+        names = [None, *cases]
+        specs = [None if n is None else spec(cases[n]) for n in names for _ in PROMPTS]
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
+        outs = llm.generate([p for _ in names for p in PROMPTS], params, steering=specs)
+        by_case = {n: outs[i * len(PROMPTS):(i + 1) * len(PROMPTS)] for i, n in enumerate(names)}
+        hf_cases = {
+            n: [dict(it, direction=dict(vectors[it["vector"]].layers)) for it in items] for n, items in cases.items()
+        }
+        runs[kind] = SimpleNamespace(caps=caps, norm=norm, outs=by_case, hf_cases=hf_cases)
+        return runs[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_capture_equals_hf_hidden_states(kind, arch_runs, tiny_hf, tiny_engines):
+    run, model = arch_runs(kind), tiny_hf(kind)
+    tok = tiny_engines(kind).get_tokenizer()
+    for prompt, cap in zip(PROMPTS, run.caps):
+        ids = tok(prompt)["input_ids"]
+        with torch.no_grad():
+            ref = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        assert len(ref) == LAYERS + 1
+        for layer in CAPTURE_LAYERS:
+            expected = ref[layer + 1][0]
+            assert cap[layer].shape == (len(ids), HIDDEN)
+            assert cap[layer].dtype == torch.float32
+            scale = float(expected.norm(dim=-1).max())
+            torch.testing.assert_close(cap[layer], expected, atol=1e-4 * scale, rtol=1e-4,
+                                       msg=lambda m: f"{kind} layer {layer} {prompt!r}: {m}")
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+@pytest.mark.parametrize("case", [None, "add", "compose"])
+def test_greedy_matches_hf_hooks(kind, case, arch_runs, tiny_hf):
+    run, model = arch_runs(kind), tiny_hf(kind)
+    items = [] if case is None else run.hf_cases[case]
+    for prompt, out in zip(PROMPTS, run.outs[case]):
+        ref_tokens, ref_lp = _hf_greedy(model, list(out.prompt_token_ids), items)
+        got = list(out.outputs[0].token_ids)
+        assert got == ref_tokens, f"{kind}/{case}/{prompt!r}: vsteer {got} != HF {ref_tokens}"
+        got_lp = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, got)]
+        assert max(abs(a - b) for a, b in zip(got_lp, ref_lp)) < LOGPROB_TOL, f"{kind}/{case}/{prompt!r}"
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_add_changes_the_output(kind, arch_runs):
+    run = arch_runs(kind)
+    plain = [list(o.outputs[0].token_ids) for o in run.outs[None]]
+    steered = [list(o.outputs[0].token_ids) for o in run.outs["add"]]
+    assert all(a != b for a, b in zip(plain, steered)), f"{kind}: add of {4 * run.norm:.3g} changed nothing: {plain}"
+
+
+# Keep last: an engine that fails while loading may leave vLLM's global state behind.
+@pytest.mark.parametrize("kind", list(UNSUPPORTED))
+def test_unsupported_architecture_is_refused(kind, tiny_dir, tiny_store, tiny_engines):
+    from vsteer.engine.llm import LLM
+
+    with pytest.raises(Exception) as info:
+        _KEEP.append(LLM(str(tiny_dir(kind)), store=tiny_store, **ENGINE_KW))
+    chain, exc = [], info.value
+    while exc is not None and len(chain) < 10:
+        chain.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    text = "\n".join(chain)
+    assert "architecture not supported" in text, text
+    assert UNSUPPORTED[kind] in text, text
+    _KEEP.append(info.value)  # whatever the failed engine left in its traceback stays alive
+    gc.collect()
+    # The engines built before the failure still work.
+    llm = tiny_engines(SUPPORTED[0])
+    out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3

@@ -1,0 +1,82 @@
+"""The `vsteer` command line, run as a real subprocess against the real default model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vllm import SamplingParams
+
+from vsteer import load_vector
+
+VSTEER = [sys.executable, "-m", "vsteer.cli"]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*VSTEER, *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vsteer {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_models_path(model_path):
+    out = run("models", "path", "smollm2")
+    assert out.stdout.strip() == model_path
+    assert (Path(out.stdout.strip()) / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def caa_vector(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    (root / "pos.txt").write_text("I love you.\nWhat a kind and lovely friend.\n")
+    (root / "neg.txt").write_text("I hate you.\nWhat a cruel and awful enemy.\n")
+    out = root / "love.safetensors"
+    run("extract", "caa", "--model", "smollm2", "--positive", str(root / "pos.txt"),
+        "--negative", str(root / "neg.txt"), "--layers", "10", "--output", str(out))
+    return out
+
+
+def test_extract_caa_writes_a_vector_with_metadata(caa_vector, eager_llm):
+    from vsteer.methods import mean_difference
+
+    v = load_vector(caa_vector)
+    assert sorted(v.layers) == [10] and v.hidden_size == 576 and v.method == "caa-mean-difference"
+    assert v.model == "SmolLM2-135M-Instruct" and v.provenance["pooling"] == "mean"
+    # the same extraction in this process (float32 engine vs the CLI's bf16 one) points the same way
+    ref = mean_difference(eager_llm, ["I love you.", "What a kind and lovely friend."],
+                          ["I hate you.", "What an cruel and awful enemy.".replace("an cruel", "a cruel")], [10])
+    cos = float(ref.layers[10] @ v.layers[10] / (ref.layers[10].norm() * v.layers[10].norm()))
+    assert cos > 0.99
+
+
+def test_generate_jsonl_matches_python_api(tmp_path, caa_vector, eager_llm):
+    rows = [
+        {"prompt": "I think that", "steering": None, "max_tokens": 8, "temperature": 0.0},
+        {"prompt": "I think that", "steering": {"interventions": [{"op": "add", "vector": str(caa_vector), "scale": 4.0}]}, "max_tokens": 8, "temperature": 0.0},
+        {"prompt": "My neighbour is", "steering": {"interventions": [{"op": "add", "vector": [0.1] * 576, "layers": [5, 6], "scale": 3.0}]}, "max_tokens": 8, "temperature": 0.0},
+        {"prompt": "Once upon a time", "steering": None, "max_tokens": 8, "temperature": 0.8, "seed": 7},
+    ]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run("generate", "--model", "smollm2", "--input", str(src), "--output", str(dst), "--eager", "--dtype", "float32", "--max-slots", "4")
+    got = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [g["prompt"] for g in got] == [r["prompt"] for r in rows]
+    params = [SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r.get("seed")) for r in rows]
+    want = eager_llm.generate([r["prompt"] for r in rows], params, steering=[r["steering"] for r in rows])
+    for g, w in zip(got, want):
+        assert g["token_ids"] == list(w.outputs[0].token_ids)
+        assert g["text"] == w.outputs[0].text
+    assert got[0]["token_ids"] != got[1]["token_ids"], "the steered row must differ from the unsteered one"
+
+
+def test_generate_bad_spec_names_line_and_field(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "hi", "steering": None}) + "\n"
+                   + json.dumps({"prompt": "hi", "steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [99]}]}}) + "\n")
+    proc = run("generate", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--eager", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("SpecError: line 2.steering.interventions.0.layers: layer 99 is out of range")
+    assert not (tmp_path / "out.jsonl").exists()
