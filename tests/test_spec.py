@@ -31,7 +31,7 @@ def test_accepted_forms():
         ([{"op": "add", "vector": "v", "positions": "middle"}], "interventions.0.positions", "Input should be"),
         ([{"op": "add", "vector": "v", "scale": float("nan")}], "interventions.0.scale", "finite"),
         ([{"op": "ablate", "vector": "v", "scale": 2.0}], "interventions.0.scale", "Extra inputs"),
-        ([{"op": "sara", "vector": "v"}], "interventions.0", "unknown op 'sara'"),
+        ([{"op": "explode", "vector": "v"}], "interventions.0", "unknown op 'explode'"),
         ({"interventions": [], "extra": 1}, "interventions", "at least 1"),
     ],
 )

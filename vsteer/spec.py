@@ -15,7 +15,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vsteer._errors import SpecError
 
@@ -23,7 +23,7 @@ from vsteer._errors import SpecError
 #: scales into float32 rows, and a scale of 1e6 on a unit vector destroys any model).
 DEFAULT_MAX_ABS_SCALE = 1.0e4
 
-Positions = Union[Literal["all", "prompt", "generated"], tuple[int, int]]
+Positions = Union[Literal["all", "prompt", "generated", "from_last_prompt_token"], tuple[int, int]]
 VectorRef = Union[str, list[float]]
 
 
@@ -42,13 +42,17 @@ class _Op(BaseModel):
     )
     positions: Positions = Field(
         default="all",
-        description='"all" (prompt and generated tokens), "prompt", "generated", or [start, end) '
-        "absolute token positions.",
+        description='"all" (prompt and generated tokens), "prompt", "generated", '
+        '"from_last_prompt_token" (the last prompt token and every generated one: CAA), or '
+        "[start, end) absolute token positions. A per-position vector (ActAdd) adds its row p "
+        "at prompt position p, front-aligned, within these positions.",
     )
 
     @field_validator("vector")
     @classmethod
-    def _check_vector(cls, value: VectorRef) -> VectorRef:
+    def _check_vector(cls, value: VectorRef | None) -> VectorRef | None:
+        if value is None:
+            return value
         if isinstance(value, str):
             if not value.strip():
                 raise ValueError("vector reference is empty")
@@ -108,7 +112,37 @@ class AblateOp(_Op):
     op: Literal["ablate"] = "ablate"
 
 
-Intervention = Annotated[Union[AddOp, AblateOp], Field(discriminator="op")]
+class SaraOp(_Op):
+    """SARA: h' = h * (1 + scale * r), r per neuron from the request's own prompt.
+
+    r = s_att - s_rep, the per-neuron cosine similarities of the prompt's SVD-reduced residuals
+    with those of an attract and a repel prompt (see ``vsteer.methods.sara``). ``vector`` names a
+    saved SARA set (``vsteer extract sara``); or give ``attract`` and ``repel`` texts instead.
+    """
+
+    op: Literal["sara"] = "sara"
+    vector: VectorRef | None = Field(default=None, description="A saved SARA set (path or name).")
+    attract: str | None = Field(default=None, description="Text whose activations to move toward.")
+    repel: str | None = Field(default=None, description="Text whose activations to move away from.")
+    scale: float = Field(default=1.0, description="c in A' = A * (1 + c r).")
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, value: float) -> float:
+        return AddOp._check_scale(value)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "SaraOp":
+        has_set = self.vector is not None
+        has_prompts = self.attract is not None or self.repel is not None
+        if has_set == has_prompts or (has_prompts and not (self.attract and self.repel)):
+            raise ValueError("sara needs either 'vector' (a saved SARA set) or both 'attract' and 'repel'")
+        if self.layers is not None and len(self.layers) != 1:
+            raise ValueError(f"sara acts at exactly one layer, got {self.layers}")
+        return self
+
+
+Intervention = Annotated[Union[AddOp, AblateOp, SaraOp], Field(discriminator="op")]
 
 
 class SteeringSpec(BaseModel):
@@ -123,14 +157,14 @@ class SteeringSpec(BaseModel):
     def check_scales(self, max_abs_scale: float = DEFAULT_MAX_ABS_SCALE) -> None:
         """Raise SpecError for a scale whose magnitude exceeds ``max_abs_scale``."""
         for i, item in enumerate(self.interventions):
-            if isinstance(item, AddOp) and abs(item.scale) > max_abs_scale:
+            if isinstance(item, (AddOp, SaraOp)) and abs(item.scale) > max_abs_scale:
                 raise SpecError(
                     f"|scale| = {abs(item.scale):g} exceeds the bound {max_abs_scale:g}",
                     field=f"interventions.{i}.scale",
                 )
 
 
-_TYPE_NAMES = frozenset({"add", "ablate", "str", "int", "float", "bool", "list", "dict"})
+_TYPE_NAMES = frozenset({"add", "ablate", "sara", "str", "int", "float", "bool", "list", "dict"})
 
 
 def _is_union_branch(part: object) -> bool:
@@ -168,5 +202,5 @@ def parse_spec(value: Any) -> SteeringSpec | None:
         field = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_invalid":
-            msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add' or 'ablate'"
+            msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add', 'ablate' or 'sara'"
         raise SpecError(msg, field=field or "steering") from exc

@@ -46,9 +46,6 @@ def _configs() -> dict:
     }
 
 
-ARCHITECTURES = ("gpt2", "qwen2", "qwen3", "gemma2", "opt", "stablelm")
-
-
 def build_tiny_model(kind: str, folder: Path, tokenizer_dir: str | Path, *, seed: int = 0) -> Path:
     """Write a random float32 ``kind`` model with the default tokenizer into ``folder``."""
     from transformers import AutoModelForCausalLM
@@ -72,28 +69,3 @@ def decoder_layers(model) -> torch.nn.ModuleList:
         return inner.layers
     return model.transformer.h
 
-
-@torch.no_grad()
-def greedy_with_add(model, prompt_ids: list[int], max_tokens: int, layer: int | None = None,
-                    vector: torch.Tensor | None = None) -> list[int]:
-    """Greedy tokens by full recomputation, adding ``vector`` to the output of decoder ``layer``
-    at every position (HF ``hidden_states[layer + 1]`` gets ``+vector``)."""
-    handle = None
-    if layer is not None:
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            new = hidden + vector.to(hidden.dtype)
-            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-
-        handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    ids = list(prompt_ids)
-    out = []
-    try:
-        for _ in range(max_tokens):
-            tok = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            out.append(tok)
-            ids.append(tok)
-    finally:
-        if handle is not None:
-            handle.remove()
-    return out

@@ -4,11 +4,14 @@ offline (GPT-2, whose blocks return the stream itself, and Qwen2/Qwen3/Gemma2, w
 vsteer cannot wrap is refused when the engine loads.
 
 Engines live for the whole session (see conftest: deleting one tears down vLLM's global state).
+Tokens alone are a weak check on random models (a strong add often collapses to one repeated
+token), so logprobs are compared too.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -20,19 +23,32 @@ from tests._reference.tiny_models import HIDDEN, LAYERS, build_tiny_model, decod
 from vsteer.vectors import SteeringVector
 
 SUPPORTED = ["gpt2", "qwen2", "qwen3", "gemma2"]
-UNSUPPORTED = {
-    "stablelm": "StablelmDecoderLayer",  # model.layers holds a class vsteer does not know
-    "opt": "cannot find the decoder layers",  # layers at model.decoder.layers: no known path
-}
 PROMPTS = ["I think that", "My favourite thing about the city is", "Tell me about your day."]
 MAX_TOKENS = 8
 LAYER = 1  # steered layer (of 4)
 CAPTURE_LAYERS = [0, 1, 2]  # HF's last hidden state has the final norm applied: skip layer 3
-LOGPROB_TOL = 1e-3
+LOGPROB_TOL = 1e-3  # seen: ~1e-6; an add one layer off or 10% weaker misses by far more
+SCALE = 4.0  # add SCALE x the mean residual norm at LAYER (tiny random models have small norms)
 ENGINE_KW = dict(enforce_eager=True, dtype="float32", max_model_len=128, max_num_seqs=8)
 
 # Every engine made here, kept until the process ends (failed ones included, see the last test).
 _KEEP: list[object] = []
+
+
+def _register_in_process(architecture: str) -> None:
+    """Register vLLM's own class for ``architecture`` as an imported class (public API, same class).
+
+    vLLM otherwise inspects each new architecture in a subprocess (~8 s here: it imports torch and
+    vLLM again) and caches the answer under VLLM_CACHE_ROOT, which conftest makes fresh per session.
+    The in-process engine imports the class anyway when it loads the model.
+    """
+    import importlib
+
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _VLLM_MODELS
+
+    module, name = _VLLM_MODELS[architecture]
+    ModelRegistry.register_model(architecture, getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name))
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +59,8 @@ def tiny_dir(tmp_path_factory, model_path):
     def get(kind: str):
         if kind not in made:
             made[kind] = build_tiny_model(kind, root / kind, model_path)
+            (architecture,) = json.loads((made[kind] / "config.json").read_text())["architectures"]
+            _register_in_process(architecture)
         return made[kind]
 
     return get
@@ -83,7 +101,7 @@ def tiny_hf(tiny_dir):
     return get
 
 
-def _direction(kind: str, seed: int) -> torch.Tensor:
+def _direction(seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(HIDDEN, generator=g)
     return v / v.norm()
@@ -116,14 +134,14 @@ def arch_runs(tiny_engines):
         caps = llm.capture(PROMPTS, CAPTURE_LAYERS)
         # Tiny random models have small residual norms: scale the direction by the stream's own size.
         norm = float(torch.cat([c[LAYER] for c in caps]).norm(dim=-1).mean())
-        add_v, ablate_v = _direction(kind, 1), _direction(kind, 2)
+        add_v, ablate_v = _direction(1), _direction(2)
         vectors = {
             "add": SteeringVector({LAYER: add_v}, hidden_size=HIDDEN),
             "ablate": SteeringVector({LAYER + 1: ablate_v}, hidden_size=HIDDEN),
         }
         for v in vectors.values():
             llm.store.put(v)
-        scale = 4.0 * norm
+        scale = SCALE * norm
         cases = {
             "add": [dict(op="add", vector="add", layers=[LAYER], scale=scale, positions="all")],
             "compose": [
@@ -185,26 +203,46 @@ def test_add_changes_the_output(kind, arch_runs):
     run = arch_runs(kind)
     plain = [list(o.outputs[0].token_ids) for o in run.outs[None]]
     steered = [list(o.outputs[0].token_ids) for o in run.outs["add"]]
-    assert all(a != b for a, b in zip(plain, steered)), f"{kind}: add of {4 * run.norm:.3g} changed nothing: {plain}"
+    assert all(a != b for a, b in zip(plain, steered)), f"{kind}: add of {SCALE * run.norm:.3g} changed nothing: {plain}"
 
 
-# Keep last: an engine that fails while loading may leave vLLM's global state behind.
-@pytest.mark.parametrize("kind", list(UNSUPPORTED))
-def test_unsupported_architecture_is_refused(kind, tiny_dir, tiny_store, tiny_engines):
+# Keep these last: an engine that fails while loading may leave vLLM's global state behind.
+@pytest.mark.parametrize(
+    "folder, engine_kw, expected",
+    [
+        pytest.param("stablelm", {}, "StablelmDecoderLayer", id="stablelm"),  # model.layers of an unknown class
+        pytest.param("opt", {}, "cannot find the decoder layers", id="opt"),  # layers at model.decoder.layers
+        # vLLM's Transformers backend runs HF's own Qwen2DecoderLayer, which returns one tensor,
+        # not (hidden, residual): a class named like vLLM's but from elsewhere must be refused.
+        pytest.param("qwen2", {"model_impl": "transformers"}, "architecture not supported", id="qwen2-transformers-backend"),
+    ],
+)
+def test_unsupported_architecture_is_refused(folder, engine_kw, expected, tiny_dir, tiny_store):
     from vsteer.engine.llm import LLM
 
-    with pytest.raises(Exception) as info:
-        _KEEP.append(LLM(str(tiny_dir(kind)), store=tiny_store, **ENGINE_KW))
-    chain, exc = [], info.value
-    while exc is not None and len(chain) < 10:
-        chain.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    text = "\n".join(chain)
+    path = tiny_dir(folder)
+    if engine_kw.get("model_impl") == "transformers":
+        _register_in_process("TransformersForCausalLM")
+    try:
+        engine = LLM(str(path), store=tiny_store, **ENGINE_KW, **engine_kw)
+    except Exception as exc:  # noqa: BLE001 - vLLM may wrap vsteer's error; read the whole chain
+        _KEEP.append(exc)  # whatever the failed engine left in its traceback stays alive
+        chain = []
+        while exc is not None and len(chain) < 10:
+            chain.append(f"{type(exc).__name__}: {exc}")
+            exc = exc.__cause__ or exc.__context__
+        text = "\n".join(chain)
+    else:
+        _KEEP.append(engine)
+        text = "vsteer.LLM accepted the model and built an engine without error"
     assert "architecture not supported" in text, text
-    assert UNSUPPORTED[kind] in text, text
-    _KEEP.append(info.value)  # whatever the failed engine left in its traceback stays alive
+    assert expected in text, text
+
+
+def test_engines_still_work_after_failed_startups(arch_runs, tiny_engines):
     gc.collect()
-    # The engines built before the failure still work.
-    llm = tiny_engines(SUPPORTED[0])
-    out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
-    assert len(out[0].outputs[0].token_ids) == 3
+    for kind in SUPPORTED:
+        run, llm = arch_runs(kind), tiny_engines(kind)
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        again = llm.generate(PROMPTS, params)
+        assert [list(o.outputs[0].token_ids) for o in again] == [list(o.outputs[0].token_ids) for o in run.outs[None]]

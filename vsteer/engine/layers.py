@@ -32,6 +32,7 @@ PAIR_LAYERS = frozenset(
 #: Blocks returning the residual stream itself (GPT-2 style).
 SINGLE_LAYERS = frozenset({"GPT2Block"})
 
+_VLLM_MODELS = "vllm.model_executor.models."
 _LAYER_PATHS = ("model.layers", "transformer.h", "language_model.model.layers", "model.language_model.layers")
 
 
@@ -81,12 +82,18 @@ def find_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
             if obj is None:
                 break
         if isinstance(obj, nn.ModuleList):
-            names = {type(m).__name__ for m in obj if type(m).__name__ != "PPMissingLayer"}
-            unknown = names - PAIR_LAYERS - SINGLE_LAYERS
+            classes = {type(m) for m in obj if type(m).__name__ != "PPMissingLayer"}
+            # Match vLLM's own implementations only: HF classes of the same name (vLLM's
+            # Transformers backend, remote code) return a different tuple.
+            unknown = {
+                f"{c.__module__}.{c.__name__}"
+                for c in classes
+                if c.__name__ not in PAIR_LAYERS | SINGLE_LAYERS or not c.__module__.startswith(_VLLM_MODELS)
+            }
             if unknown:
                 raise UnsupportedArchitectureError(
                     f"architecture not supported: decoder layer class {sorted(unknown)[0]} of "
-                    f"{type(model).__name__} is not one vsteer can wrap (supported: "
+                    f"{type(model).__name__} is not one vsteer can wrap (supported: vLLM's "
                     f"{sorted(PAIR_LAYERS | SINGLE_LAYERS)})"
                 )
             return {i: m for i, m in enumerate(obj) if type(m).__name__ != "PPMissingLayer"}

@@ -20,7 +20,7 @@ import torch
 
 from vsteer._errors import SpecError, VectorFileError
 from vsteer.kernels import BankLayout
-from vsteer.spec import DEFAULT_MAX_ABS_SCALE, AblateOp, AddOp, SteeringSpec, parse_spec
+from vsteer.spec import DEFAULT_MAX_ABS_SCALE, AblateOp, AddOp, SaraOp, SteeringSpec, parse_spec
 from vsteer.vectors import SteeringVector, VectorStore, load_vector
 
 EXTRA_ARGS_KEY = "vsteer"
@@ -38,6 +38,7 @@ class ResolvedIntervention:
     scale: float = 1.0
     positions: str | tuple[int, int] = "all"
     normalize: bool = False
+    rows: int = 0  # > 0: a per-position vector whose row p is added at prompt position p
 
     def to_json(self) -> dict:
         return {
@@ -47,6 +48,7 @@ class ResolvedIntervention:
             "scale": self.scale,
             "positions": list(self.positions) if isinstance(self.positions, tuple) else self.positions,
             "normalize": self.normalize,
+            "rows": self.rows,
         }
 
     @classmethod
@@ -59,16 +61,21 @@ class ResolvedIntervention:
             scale=float(data["scale"]),
             positions=tuple(pos) if isinstance(pos, list) else pos,
             normalize=bool(data["normalize"]),
+            rows=int(data.get("rows", 0)),
         )
 
     def active_at(self, start: int, prompt_len: int) -> bool:
         """Whether this intervention acts on the token at absolute position ``start``."""
+        if self.rows and not start < min(self.rows, prompt_len):
+            return False  # per-position rows cover the first prompt positions only
         if self.positions == "all":
             return True
         if self.positions == "prompt":
             return start < prompt_len
         if self.positions == "generated":
             return start >= prompt_len
+        if self.positions == "from_last_prompt_token":
+            return start >= prompt_len - 1
         lo, hi = self.positions
         return lo <= start < hi
 
@@ -106,11 +113,12 @@ class SteeringPlan:
             raise SpecError(f"unsupported steering plan version {data.get('v')!r}", field="vsteer.v")
         return cls(tuple(ResolvedIntervention.from_json(d) for d in data["interventions"]))
 
-    def segment_key(self, active: Sequence[int]) -> str | None:
-        """Slot key of the transform made by the ``active`` interventions (order kept).
+    def segment_key(self, active: Sequence[int], start: int = 0) -> str | None:
+        """Slot key of the transform made by the ``active`` interventions at position ``start``.
 
         The key ignores ``positions`` so two requests whose active interventions coincide share
-        a slot, whatever else they do elsewhere in the sequence.
+        a slot, whatever else they do elsewhere in the sequence. A per-position vector
+        contributes its row, ``start``.
         """
         if not active:
             return None
@@ -118,25 +126,29 @@ class SteeringPlan:
         for i in active:
             d = self.interventions[i].to_json()
             del d["positions"]
+            if d["rows"]:
+                d["row"] = start
             items.append(d)
         return _digest(items)
 
     def segments(self, prompt_len: int) -> list[Segment]:
-        """Split [0, inf) into maximal runs of positions with the same active interventions."""
-        cuts = {0, prompt_len}
+        """Split [0, inf) into maximal runs of positions with the same transform."""
+        cuts = {0, prompt_len, max(prompt_len - 1, 0)}
         for item in self.interventions:
             if isinstance(item.positions, tuple):
                 cuts.update(item.positions)
+            cuts.update(range(min(item.rows, prompt_len) + 1))
         bounds = sorted(c for c in cuts if c >= 0) + [_INF]
         out: list[Segment] = []
         for start, end in zip(bounds, bounds[1:]):
             if start >= end:
                 continue
             active = tuple(i for i, it in enumerate(self.interventions) if it.active_at(start, prompt_len))
-            if out and out[-1].active == active:
+            key = self.segment_key(active, start)
+            if out and out[-1].key == key:
                 out[-1] = out[-1]._replace(end=end)
             else:
-                out.append(Segment(start, end, self.segment_key(active), active))
+                out.append(Segment(start, end, key, active))
         return out
 
     def slot_keys(self, prompt_len: int) -> frozenset[str]:
@@ -144,21 +156,24 @@ class SteeringPlan:
         return frozenset(s.key for s in self.segments(prompt_len) if s.key is not None)
 
     def max_slots_needed(self) -> int:
-        """An upper bound on ``len(slot_keys(n))`` over all prompt lengths."""
-        worst = 0
-        for n in {1, 1 << 20} | {c for it in self.interventions if isinstance(it.positions, tuple) for c in it.positions}:
-            worst = max(worst, len(self.slot_keys(max(n, 1))))
-            worst = max(worst, len(self.slot_keys(max(n - 1, 1))))
-            worst = max(worst, len(self.slot_keys(n + 1)))
-        return worst
+        """The most slots this request can need, over all prompt lengths (checked where the
+        segmentation can change: around every range boundary and per-position row count)."""
+        points = {1, 2, 1 << 20}
+        for it in self.interventions:
+            points.update(it.positions if isinstance(it.positions, tuple) else ())
+            points.add(it.rows)
+        lengths = {max(n + d, 1) for n in points for d in (-1, 0, 1)}
+        return max(len(self.slot_keys(n)) for n in lengths)
 
 
-def _direction(vector: SteeringVector, layer: int) -> torch.Tensor:
+def _direction(vector: SteeringVector, layer: int, row: int = 0) -> torch.Tensor:
     if layer in vector.layers:
-        return vector.layers[layer]
-    if len(vector.layers) == 1:  # one direction, applied wherever the request says
-        return next(iter(vector.layers.values()))
-    raise SpecError(f"vector has no tensor for layer {layer} (it has {sorted(vector.layers)})")
+        tensor = vector.layers[layer]
+    elif len(vector.layers) == 1:  # one direction, applied wherever the request says
+        tensor = next(iter(vector.layers.values()))
+    else:
+        raise SpecError(f"vector has no tensor for layer {layer} (it has {sorted(vector.layers)})")
+    return tensor[row] if tensor.ndim == 2 else tensor
 
 
 def fold_layer(
@@ -166,13 +181,16 @@ def fold_layer(
     layer: int,
     vectors: Callable[[str], SteeringVector],
     layout: BankLayout,
+    position: int = 0,
 ) -> torch.Tensor:
     """Fold the interventions acting at ``layer`` (in order) into one bank row.
 
     The row encodes ``h' = h*m - sum_k (h . L_k) R_k + a`` (then optionally rescaled to ||h||).
     Composition stays in that form: adding b sets ``a += b``; ablating a unit u maps
     ``g -> g - (g.u) u`` which sets ``R_k -= (R_k.u) u``, appends ``(L, R) = (m*u, u)`` and
-    sets ``a -= (a.u) u``. Computed in float64, stored as float32.
+    sets ``a -= (a.u) u``; multiplying by a per-neuron factor f (SARA) scales m, every R_k and
+    a by f. A per-position vector contributes its row ``position``. Computed in float64,
+    stored as float32.
     """
     d = layout.hidden_size
     m = torch.ones(d, dtype=torch.float64)
@@ -183,10 +201,12 @@ def fold_layer(
     for item in interventions:
         if layer not in item.layers:
             continue
-        v = _direction(vectors(item.vector), layer).to(torch.float64)
+        v = _direction(vectors(item.vector), layer, position if item.rows else 0).to(torch.float64)
         if item.op == "add":
             a = a + item.scale * v
             normalize = normalize or item.normalize
+        elif item.op == "mul":
+            m, a, right = m * v, a * v, [r * v for r in right]
         elif item.op == "ablate":
             u = v / v.norm()
             right = [r - (r @ u) * u for r in right]
@@ -252,24 +272,29 @@ def resolve_spec(
     out = []
     for i, item in enumerate(parsed.interventions):
         field = f"interventions.{i}"
+        if isinstance(item, SaraOp):
+            _check_layers(item.layers or [], model, allowed, f"{field}.layers")
+            if not item.layers:
+                raise SpecError("sara needs 'layers' with exactly one layer", field=f"{field}.layers")
+            source = _sara_source(item, field)
+            out.append(ResolvedIntervention("sara", source, tuple(item.layers), item.scale, item.positions, False))
+            continue
         vector = _load_ref(item.vector, item.layers, store=store, names=names, field=f"{field}.vector")
         if vector.hidden_size != model.hidden_size:
             raise SpecError(
                 f"vector has hidden size {vector.hidden_size} but {model.name} has {model.hidden_size}",
                 field=f"{field}.vector",
             )
+        if vector.model is not None and vector.model != model.name:
+            raise SpecError(
+                f"vector was computed for model {vector.model!r}, not {model.name!r}",
+                field=f"{field}.vector",
+            )
+        if vector.num_positions is not None and not isinstance(item, AddOp):
+            raise SpecError("a per-position vector can only be added", field=f"{field}.op")
         layers = tuple(item.layers) if item.layers is not None else tuple(sorted(vector.layers))
+        _check_layers(layers, model, allowed, f"{field}.layers")
         for layer in layers:
-            if not 0 <= layer < model.num_layers:
-                raise SpecError(
-                    f"layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}",
-                    field=f"{field}.layers",
-                )
-            if layer not in allowed:
-                raise SpecError(
-                    f"layer {layer} is not steerable in this engine (steerable: {sorted(allowed)})",
-                    field=f"{field}.layers",
-                )
             if layer not in vector.layers and len(vector.layers) != 1:
                 raise SpecError(
                     f"vector has no tensor for layer {layer} (it has {sorted(vector.layers)})",
@@ -279,7 +304,8 @@ def resolve_spec(
                 raise SpecError(f"cannot ablate a zero direction at layer {layer}", field=f"{field}.vector")
         sha = store.put(vector)
         if isinstance(item, AddOp):
-            out.append(ResolvedIntervention("add", sha, layers, item.scale, item.positions, item.normalize))
+            rows = vector.num_positions or 0
+            out.append(ResolvedIntervention("add", sha, layers, item.scale, item.positions, item.normalize, rows))
         else:
             out.append(ResolvedIntervention("ablate", sha, layers, 1.0, item.positions, False))
     plan = SteeringPlan(tuple(out))
@@ -302,6 +328,26 @@ def resolve_spec(
             field="interventions",
         )
     return plan
+
+
+def _check_layers(layers: Sequence[int], model: ModelShape, allowed: set[int], field: str) -> None:
+    for layer in layers:
+        if not 0 <= layer < model.num_layers:
+            raise SpecError(
+                f"layer {layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}",
+                field=field,
+            )
+        if layer not in allowed:
+            raise SpecError(f"layer {layer} is not steerable in this engine (steerable: {sorted(allowed)})", field=field)
+
+
+def _sara_source(item: SaraOp, field: str) -> str:
+    """A JSON key naming where a SARA set comes from (a saved file, or attract/repel texts)."""
+    if item.vector is not None:
+        if not isinstance(item.vector, str) or not Path(item.vector).expanduser().is_file():
+            raise SpecError(f"no saved SARA set at {item.vector!r}", field=f"{field}.vector")
+        return json.dumps({"path": str(Path(item.vector).expanduser().resolve())})
+    return json.dumps({"attract": item.attract, "repel": item.repel})
 
 
 def _load_ref(

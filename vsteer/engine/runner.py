@@ -79,8 +79,8 @@ class SteeringRunnerMixin:
             self._vsteer_index_host = self._vsteer_index_stage.numpy()
         self._vsteer_prev_tokens = 0
         self._vsteer_requests: dict[str, _RequestSteering] = {}
-        # slot key -> (a plan using it, its active interventions, number of live requests)
-        self._vsteer_key_source: dict[str, tuple[SteeringPlan, tuple[int, ...], int]] = {}
+        # slot key -> (a plan using it, its active interventions, first position, live requests)
+        self._vsteer_key_source: dict[str, tuple[SteeringPlan, tuple[int, ...], int, int]] = {}
         self._vsteer_captures: dict[str, _Capture] = {}
         self._vsteer_step_captures: list[tuple[str, int, int, int]] = []
 
@@ -106,8 +106,8 @@ class SteeringRunnerMixin:
             for seg in segments:
                 if seg.key is not None:
                     source = self._vsteer_key_source.get(seg.key)
-                    refs = source[2] if source else 0
-                    self._vsteer_key_source[seg.key] = (plan, seg.active, refs + 1)
+                    refs = source[3] if source else 0
+                    self._vsteer_key_source[seg.key] = (plan, seg.active, seg.start, refs + 1)
             single = segments[0].key if len(segments) == 1 else False
             self._vsteer_requests[req_id] = _RequestSteering(
                 segments, frozenset(s.key for s in segments if s.key), single
@@ -120,21 +120,21 @@ class SteeringRunnerMixin:
         self._vsteer_captures.pop(req_id, None)
         st = self._vsteer_requests.pop(req_id, None)
         for key in st.keys if st else ():
-            plan, active, refs = self._vsteer_key_source[key]
+            plan, active, start, refs = self._vsteer_key_source[key]
             if refs > 1:
-                self._vsteer_key_source[key] = (plan, active, refs - 1)
+                self._vsteer_key_source[key] = (plan, active, start, refs - 1)
             else:
                 del self._vsteer_key_source[key]
 
     def _vsteer_write_slot(self, slot: int, key: str) -> None:
         """Fold the transform named ``key`` into bank row ``slot`` of every wrapped layer."""
-        plan, active, _ = self._vsteer_key_source[key]
+        plan, active, start, _ = self._vsteer_key_source[key]
         items = [plan.interventions[i] for i in active]
         touched = {layer for it in items for layer in it.layers}
         layout = self._vsteer_layout
         rows = torch.empty(len(self._vsteer_buffers.layers), layout.width)
         for i, layer in enumerate(self._vsteer_buffers.layers):
-            rows[i] = fold_layer(items, layer, self._vsteer_store.get, layout) if layer in touched else layout.identity_row()
+            rows[i] = fold_layer(items, layer, self._vsteer_store.get, layout, start) if layer in touched else layout.identity_row()
         self._vsteer_buffers.bank[:, slot, :].copy_(rows.to(self.device))
 
     # --- per step ------------------------------------------------------------------------------

@@ -2,17 +2,19 @@
 
 Formats: vsteer's safetensors layout (`save_safetensors`/`load_safetensors`) and llama.cpp /
 repeng GGUF control vectors (`save_gguf`/`load_gguf`); `save_vector`/`load_vector` pick one by
-suffix or magic bytes. `VectorStore` keeps vectors by the sha256 of their numbers.
+suffix or magic bytes. `VectorStore` keeps vectors by the sha256 of their numbers, with optional
+names; `check_vector_model` refuses a vector made for another model.
 """
 
 from vsteer.vectors._gguf_format import load_gguf, save_gguf
 from vsteer.vectors._safetensors_format import load_safetensors, save_safetensors
-from vsteer.vectors._store import VectorStore, load_vector, save_vector
+from vsteer.vectors._store import VectorStore, check_vector_model, load_vector, save_vector
 from vsteer.vectors._vector import SteeringVector
 
 __all__ = [
     "SteeringVector",
     "VectorStore",
+    "check_vector_model",
     "load_gguf",
     "load_safetensors",
     "load_vector",

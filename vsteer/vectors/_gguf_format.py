@@ -81,6 +81,12 @@ def save_gguf(vector: SteeringVector, path: str | os.PathLike[str], *, model_hin
             key=KEY_MODEL_HINT,
         )
     check_writable_layers(vector, path, prefix="direction.")
+    if vector.num_positions is not None:
+        raise VectorFileError(
+            "a per-position vector (ActAdd) has no GGUF control-vector form: "
+            "control vectors hold one direction per layer",
+            path=str(path),
+        )
     if 0 in vector.layers:
         warnings.warn(
             f"{path}: the vector has layer 0, written as direction.0; llama.cpp never steers "

@@ -3,6 +3,7 @@
 Layout::
 
     tensors   layer.<L>   float32, shape [hidden]      one per layer, L >= 0
+                          (or [positions, hidden] for a per-position vector such as ActAdd's)
     metadata  vsteer.format_version   "1"
               vsteer.model            '{"name": <str|null>, "hidden_size": <int>}'
               vsteer.method           e.g. "caa"
@@ -126,19 +127,30 @@ def load_safetensors(path: str | os.PathLike[str]) -> SteeringVector:
 
     hidden_size = header.get("hidden_size")
     source = KEY_MODEL
+    first_shape: tuple[int, ...] | None = None
     for layer, tensor in layers.items():
         key = f"layer.{layer}"
-        if tensor.ndim != 1:
+        if tensor.ndim not in (1, 2):
             raise VectorFileError(
-                f"expected a 1-D tensor, got shape {tuple(tensor.shape)}", path=path, key=key
+                f"expected a 1-D tensor (or 2-D [positions, hidden]), got shape {tuple(tensor.shape)}",
+                path=path,
+                key=key,
             )
         if not tensor.is_floating_point():
             raise VectorFileError(f"expected a floating-point tensor, got {tensor.dtype}", path=path, key=key)
-        if hidden_size is None:
-            hidden_size, source = tensor.shape[0], f"the first tensor (layer.{layer})"
-        elif tensor.shape[0] != hidden_size:
+        if first_shape is None:
+            first_shape = tuple(tensor.shape)
+        elif tensor.ndim != len(first_shape) or tensor.shape[:-1] != first_shape[:-1]:
             raise VectorFileError(
-                f"tensor has length {tensor.shape[0]} but {source} says hidden_size={hidden_size}",
+                f"tensor has shape {tuple(tensor.shape)} but the first tensor has {first_shape}",
+                path=path,
+                key=key,
+            )
+        if hidden_size is None:
+            hidden_size, source = tensor.shape[-1], f"the first tensor (layer.{layer})"
+        elif tensor.shape[-1] != hidden_size:
+            raise VectorFileError(
+                f"tensor has length {tensor.shape[-1]} but {source} says hidden_size={hidden_size}",
                 path=path,
                 key=key,
             )

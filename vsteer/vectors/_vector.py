@@ -80,15 +80,22 @@ class SteeringVector:
 
         checked: dict[int, torch.Tensor] = {}
         dtype = device = None
+        shape = None
         for key in layers:
             layer = _as_int(key, "layer key")
             if layer in checked:
                 raise ValueError(f"layer {layer}: given twice")
             tensor = _as_tensor(layers[key], layer)
-            if tensor.ndim != 1 or tensor.shape[0] != hidden_size:
+            if tensor.ndim not in (1, 2) or tensor.shape[-1] != hidden_size or 0 in tensor.shape:
                 raise ValueError(
-                    f"layer {layer}: expected a 1-D tensor of length hidden_size={hidden_size}, "
-                    f"got shape {tuple(tensor.shape)}"
+                    f"layer {layer}: expected a tensor of shape [hidden_size={hidden_size}] (or "
+                    f"[positions, {hidden_size}] for a per-position vector), got shape {tuple(tensor.shape)}"
+                )
+            if shape is None:
+                shape = tuple(tensor.shape)
+            elif tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"layer {layer}: shape {tuple(tensor.shape)} differs from the other layers ({shape})"
                 )
             if dtype is None:
                 dtype, device = tensor.dtype, tensor.device
@@ -156,9 +163,11 @@ class SteeringVector:
         }
         first_key = min(converted, key=lambda k: _as_int(k, "layer key"))
         first = converted[first_key]
-        if first.ndim != 1:
-            raise ValueError(f"layer {first_key}: expected a 1-D tensor, got shape {tuple(first.shape)}")
-        return cls(converted, first.shape[0], model=model, method=method, provenance=provenance)
+        if first.ndim not in (1, 2):
+            raise ValueError(
+                f"layer {first_key}: expected a 1-D tensor (or 2-D per-position), got shape {tuple(first.shape)}"
+            )
+        return cls(converted, first.shape[-1], model=model, method=method, provenance=provenance)
 
     # ------------------------------------------------------------------ fields
 
@@ -203,6 +212,15 @@ class SteeringVector:
         return next(iter(self._layers.values())).device
 
     @property
+    def num_positions(self) -> int | None:
+        """For a per-position vector (tensors ``[n, hidden]``, e.g. ActAdd), n; else None.
+
+        Row p of a per-position vector is added at absolute prompt position p (front-aligned).
+        """
+        first = next(iter(self._layers.values()))
+        return int(first.shape[0]) if first.ndim == 2 else None
+
+    @property
     def sha256(self) -> str:
         """Hex sha256 of the numbers: hidden size, then each layer's index and float32 LE bytes.
 
@@ -211,6 +229,8 @@ class SteeringVector:
         """
         if self._sha256 is None:
             digest = hashlib.sha256(_INT64.pack(self._hidden_size))
+            if self.num_positions is not None:  # 1-D vectors keep the hashes they always had
+                digest.update(b"positions" + _INT64.pack(self.num_positions))
             for layer, tensor in self._layers.items():
                 digest.update(_INT64.pack(layer))
                 digest.update(_le_float32_bytes(tensor))

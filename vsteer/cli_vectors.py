@@ -1,0 +1,156 @@
+"""``vsteer vectors``: list, show, import, export and remove vectors in a `VectorStore`.
+
+A thin adapter over `VectorStore`: errors are raised as vsteer errors and printed by
+``vsteer.cli.main`` as ``ErrorName: message`` (exit 1). Results go to stdout, notes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+
+from vsteer._errors import VectorFileError
+from vsteer.vectors import VectorStore
+
+__all__ = ["vectors"]
+
+STORE_ENV = "VSTEER_VECTOR_STORE"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _store_option(func: _F) -> _F:
+    # One definition of the option (and its help), shared by every subcommand.
+    return click.option(
+        "--store",
+        "store_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=STORE_ENV,
+        show_envvar=True,
+        default=None,
+        help="Vector store folder [default: <cache>/vectors, the cache being $VSTEER_CACHE or ~/.cache/vsteer].",
+    )(func)
+
+
+def _open_store(store_dir: Path | None) -> VectorStore:
+    if store_dir is None:
+        from vsteer.models import default_cache_dir
+
+        store_dir = default_cache_dir() / "vectors"
+    return VectorStore(Path(os.path.expanduser(store_dir)))
+
+
+def _layers_text(layers: list[int]) -> str:
+    """``[4, 5, 6, 9]`` -> ``"4-6,9"``."""
+    parts: list[str] = []
+    start = prev = None
+    for layer in layers + [None]:  # type: ignore[list-item]
+        if start is not None and (layer is None or layer != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if layer is not None:
+            if start is None:
+                start = layer
+            prev = layer
+    return ",".join(parts)
+
+
+@click.group()
+def vectors() -> None:
+    """Steering vectors in the local store (content-addressed, with names)."""
+
+
+@vectors.command("list")
+@_store_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of each vector's info instead of a table.")
+def list_vectors(store_dir: Path | None, as_json: bool) -> None:
+    """List the stored vectors."""
+    store = _open_store(store_dir)
+    rows: list[dict[str, Any]] = []
+    for sha in store.list():
+        try:
+            rows.append(store.info(sha))
+        except VectorFileError as exc:
+            # One damaged file should not hide the others.
+            rows.append({"sha256": sha, "error": str(exc)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no vectors in {store.root}", err=True)
+        return
+    table = [("NAMES", "SHA256", "MODEL", "HIDDEN", "LAYERS", "METHOD")]
+    for row in rows:
+        if "error" in row:
+            table.append(("-", row["sha256"][:12], "?", "?", "?", "(unreadable)"))
+            continue
+        table.append((
+            ",".join(row["names"]) or "-",
+            row["sha256"][:12],
+            row["model"] or "-",
+            str(row["hidden_size"]),
+            _layers_text(row["layers"]),
+            row["method"],
+        ))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+@vectors.command("show")
+@click.argument("ref")
+@_store_option
+def show(ref: str, store_dir: Path | None) -> None:
+    """Print everything known about the vector REF (a name or sha256) as JSON."""
+    store = _open_store(store_dir)
+    info = store.info(ref)
+    info["path"] = str(store.path(info["sha256"]))
+    click.echo(json.dumps(info, indent=2))
+
+
+@vectors.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Also register the vector under this name (1-64 of A-Z a-z 0-9 . _ -).")
+@click.option("--model", default=None, help="Refuse the file if its vector was made for another model.")
+@click.option("--overwrite", is_flag=True, help="Re-point --name if it already names another vector.")
+@_store_option
+def import_(file: Path, name: str | None, model: str | None, overwrite: bool, store_dir: Path | None) -> None:
+    """Store the vector in FILE (.safetensors or .gguf) and print its sha256."""
+    store = _open_store(store_dir)
+    sha = store.import_file(file, name=name, expected_model=model, overwrite=overwrite)
+    click.echo(sha)
+
+
+@vectors.command("export")
+@click.argument("ref")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model-hint", default=None,
+              help="For .gguf: the target's HF model_type (e.g. llama); defaults to the hint the vector was imported with.")
+@_store_option
+def export(ref: str, out: Path, model_hint: str | None, store_dir: Path | None) -> None:
+    """Write the vector REF (a name or sha256) to OUT (.safetensors or .gguf)."""
+    store = _open_store(store_dir)
+    store.export(ref, out, model_hint=model_hint)
+    click.echo(f"wrote {out}", err=True)
+
+
+@vectors.command("rm")
+@click.argument("ref")
+@click.option("--name-only", is_flag=True, help="Remove only the name REF and keep the vector.")
+@_store_option
+def rm(ref: str, name_only: bool, store_dir: Path | None) -> None:
+    """Remove the vector REF (a name or sha256) and every name pointing at it."""
+    store = _open_store(store_dir)
+    if name_only:
+        store.remove_name(ref)
+        click.echo(f"removed name {ref}", err=True)
+        return
+    sha = store.resolve(ref)  # a VectorFileError for an unknown REF, before anything changes
+    names = [name for name, target in store.names().items() if target == sha]
+    store.delete(sha)
+    suffix = f" (names: {', '.join(names)})" if names else ""
+    click.echo(f"removed {sha[:12]}{suffix}", err=True)
