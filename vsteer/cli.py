@@ -140,6 +140,11 @@ def extract_caa(model: str, positive: Path, negative: Path, layers: str, pooling
     click.echo(f"wrote {output} (layers {layer_ids}, sha256 {vector.sha256[:12]})", err=True)
 
 
+from vsteer.cli_vectors import vectors  # noqa: E402  (a thin group with no heavy imports)
+
+cli.add_command(vectors)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, print ``ErrorName: message`` for vsteer errors and exit 1."""
     try:

@@ -17,6 +17,8 @@ def _mask(positions, seq_len: int, prompt_len: int) -> torch.Tensor:
         return pos < prompt_len
     if positions == "generated":
         return pos >= prompt_len
+    if positions == "from_last_prompt_token":
+        return pos >= prompt_len - 1
     lo, hi = positions
     return (pos >= lo) & (pos < hi)
 
@@ -42,7 +44,9 @@ def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[No
                 v = it["direction"][layer] if isinstance(it["direction"], dict) else it["direction"]
                 v = v.double()
                 m = _mask(it.get("positions", "all"), seq_len, prompt_len)[None, :, None]
-                if it["op"] == "add":
+                if it["op"] == "mul":
+                    h = torch.where(m, h * v, h)
+                elif it["op"] == "add":
                     h = torch.where(m, h + it.get("scale", 1.0) * v, h)
                     if it.get("normalize"):
                         any_norm = True
@@ -86,3 +90,24 @@ def greedy(model, prompt_ids: list[int], max_tokens: int, interventions: Sequenc
 @torch.no_grad()
 def hidden_states(model, prompt_ids: list[int]) -> tuple[torch.Tensor, ...]:
     return model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states
+
+
+@contextmanager
+def actadd_prehook(model, block: int, h_a: torch.Tensor) -> Iterator[None]:
+    """ActAdd's reference hook: add h_A to the first n positions of the INPUT of ``block`` on the
+    prompt pass (here: every full-recomputation pass, whose first positions are the prompt)."""
+
+    def pre(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n = min(h_a.shape[0], hidden.shape[1])
+        new = hidden.clone()
+        new[:, :n] = (hidden[:, :n].double() + h_a[:n].double()).to(hidden.dtype)
+        if args:
+            return (new,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    handle = model.model.layers[block].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -301,6 +301,7 @@ def test_info_fields(tmp_path):
         "model": "m",
         "hidden_size": 8,
         "layers": [4, 9],
+        "num_positions": None,
         "method": "caa",
         "provenance": {"seed": 3},
         "size_bytes": os.path.getsize(store.path(sha)),
@@ -312,6 +313,13 @@ def test_info_fields(tmp_path):
     with pytest.raises(VectorFileError) as err:
         store.info("nope")
     assert err.value.key == "nope"
+
+
+def test_info_of_a_per_position_vector(tmp_path):
+    store = VectorStore(tmp_path)
+    v = SteeringVector.from_tensors({3: torch.ones(2, 8)}, method="actadd")
+    info = store.info(store.put(v))
+    assert (info["hidden_size"], info["num_positions"], info["layers"]) == (8, 2, [3])
 
 
 def test_info_of_a_damaged_file(tmp_path):

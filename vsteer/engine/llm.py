@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
 import uuid
@@ -154,6 +156,7 @@ class LLM:
                 if not per_prompt:
                     raise
                 raise SpecError(exc.reason, field=f"steering.{i}.{exc.field or ''}".rstrip(".")) from exc
+        plans = self._materialize_sara(prompts, plans)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
@@ -169,6 +172,59 @@ class LLM:
             inputs.append(item)
             per_params.append(sp)
         return self.engine.generate(inputs, per_params, use_tqdm=use_tqdm)
+
+    def _materialize_sara(self, prompts: list, plans: list[SteeringPlan | None]) -> list[SteeringPlan | None]:
+        """Turn each ``sara`` intervention into a per-neuron ``mul`` by 1 + c*r, with r computed
+        from that request's own prompt (one capture pass for all of them)."""
+        needs = [(i, j) for i, plan in enumerate(plans) if plan for j, it in enumerate(plan.interventions) if it.op == "sara"]
+        if not needs:
+            return plans
+        from vsteer.methods.sara import SaraSet, sara_factor, sara_r
+
+        layers = sorted({plans[i].interventions[j].layers[0] for i, j in needs})
+        for layer in layers:
+            if layer not in self.capture_layers:
+                raise SpecError(f"sara at layer {layer} needs a capture buffer there (capture layers: {self.capture_layers})", field="layers")
+        sets: dict[tuple[str, int], SaraSet] = {}
+        for i, j in needs:
+            item = plans[i].interventions[j]
+            key = (item.vector, item.layers[0])
+            if key not in sets:
+                sets[key] = self._sara_set(json.loads(item.vector), item.layers[0])
+        rows = sorted({i for i, _ in needs})
+        caps = dict(zip(rows, self.capture([prompts[i] for i in rows], layers)))
+        out = list(plans)
+        for i, j in needs:
+            item = out[i].interventions[j]
+            layer = item.layers[0]
+            r = sara_r(caps[i][layer].double().T, sets[(item.vector, layer)])
+            factor = SteeringVector.from_tensors(
+                {layer: sara_factor(r, item.scale).float()},
+                model=self.model_shape.name,
+                method="sara-factor",
+                provenance={"source": json.loads(item.vector), "c": item.scale, "layer": layer},
+            )
+            mul = dataclasses.replace(item, op="mul", vector=self.store.put(factor), scale=1.0)
+            items = list(out[i].interventions)
+            items[j] = mul
+            out[i] = SteeringPlan(tuple(items))
+        return out
+
+    def _sara_set(self, source: dict, layer: int):
+        from vsteer.methods.sara import SaraSet
+
+        if "path" in source:
+            sara_set = SaraSet.load(source["path"])
+        else:
+            att, rep = self.capture([source["attract"], source["repel"]], [layer])
+            sara_set = SaraSet.from_activations(att[layer].double().T, rep[layer].double().T)
+        if sara_set.hidden_size != self.model_shape.hidden_size:
+            raise SpecError(
+                f"SARA set has hidden size {sara_set.hidden_size} but {self.model_shape.name} has "
+                f"{self.model_shape.hidden_size}",
+                field="vector",
+            )
+        return sara_set
 
     def capture(
         self, prompts: str | Sequence[str] | Sequence[Sequence[int]], layers: Sequence[int]

@@ -1,5 +1,21 @@
 """Computing steering vectors from activations captured inside the engine."""
 
-from vsteer.methods.caa import mean_difference
+from vsteer.methods.actadd import actadd_vector
+from vsteer.methods.caa import ABItem, caa_vector, mean_difference
+from vsteer.methods.pca import pca_direction
+from vsteer.methods.pca_extract import pca_vector
+from vsteer.methods.sara import SaraSet, apply_sara, reduce, sara_factor, sara_r
 
-__all__ = ["mean_difference"]
+__all__ = [
+    "ABItem",
+    "SaraSet",
+    "actadd_vector",
+    "apply_sara",
+    "caa_vector",
+    "mean_difference",
+    "pca_direction",
+    "pca_vector",
+    "reduce",
+    "sara_factor",
+    "sara_r",
+]

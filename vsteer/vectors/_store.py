@@ -402,8 +402,9 @@ class VectorStore:
             ref: A registered name or a sha256.
 
         Returns:
-            ``{"sha256", "names", "model", "hidden_size", "layers", "method", "provenance",
-            "size_bytes", "created"}``; ``created`` is the file's mtime in ISO 8601 (UTC).
+            ``{"sha256", "names", "model", "hidden_size", "layers", "num_positions", "method",
+            "provenance", "size_bytes", "created"}``; ``num_positions`` is None except for a
+            per-position vector; ``created`` is the file's mtime in ISO 8601 (UTC).
 
         Raises:
             VectorFileError: Unknown ``ref``, or the file is not a readable vector.
@@ -425,9 +426,9 @@ class VectorStore:
                     if match is None:
                         raise VectorFileError(f"unexpected tensor {name!r}", path=key, key=name)
                     layers.append(int(match.group(1)))
-                hidden_size = header.get("hidden_size")
-                if hidden_size is None and layers:
-                    hidden_size = int(f.get_slice(f"layer.{min(layers)}").get_shape()[0])
+                # Shapes come from the header: [hidden], or [positions, hidden] per position.
+                shape = f.get_slice(f"layer.{min(layers)}").get_shape() if layers else [None]
+                hidden_size = header.get("hidden_size", shape[-1])
         except VectorFileError:
             raise
         except FileNotFoundError:
@@ -440,6 +441,7 @@ class VectorStore:
             "model": header.get("name"),
             "hidden_size": hidden_size,
             "layers": sorted(layers),
+            "num_positions": int(shape[0]) if len(shape) == 2 else None,
             "method": header.get("method", "custom"),
             "provenance": header.get("provenance", {}),
             "size_bytes": stat.st_size,
