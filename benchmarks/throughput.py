@@ -111,6 +111,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def git_state() -> dict:
+    """Commit of the checkout and the tracked files modified in the working tree."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
+    return {"commit": git("rev-parse", "HEAD") or None, "modified": dirty}
+
+
 def machine_info(args: argparse.Namespace) -> dict:
     import torch
     import vllm
@@ -381,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
         "machine": info,
         "model": model_path,
+        "git": git_state(),
         "workload": {
             "num_prompts": n,
             "max_tokens": args.max_tokens,
@@ -495,6 +510,9 @@ def write_results_md(path: Path, result: dict, table: str, json_path: Path, png_
         f"- {a['aim']}: {a['measure']} = {a['value']:.3f} -> **{'met' if a['met'] else 'not met'}**" for a in result["aims"]
     )
     plot_ref = f"; plot: [{rel(png_path)}]({rel(png_path)})" if png_path else ""
+    g = result.get("git") or {}
+    commit = (g.get("commit") or "unknown")[:12]
+    tree = f"commit {commit}" + (f" with uncommitted changes to {', '.join(g['modified'])}" if g.get("modified") else "")
     starts = ", ".join(f"{k} {v:.1f} s" for k, v in result["engine_start_s"].items())
     section = f"""{SECTION_TITLE}
 
@@ -512,7 +530,7 @@ Workload: {w['num_prompts']} distinct prompts x {w['max_tokens']} new tokens (gr
 round-robin; tok/s = generated tokens / wall time; median reported. Steering vectors are random unit
 vectors x {w['scale']} at layer {w['steer_layer']}; the composition is {w['compose']}. All vsteer rows
 except the last use the default engine, which wraps all layers (and keeps capture buffers for all).
-Engine start: {starts}.
+Engine start: {starts}. Code: {tree}.
 
 {table}
 

