@@ -29,10 +29,18 @@ runs ``--repeats`` times, round-robin (the order rotates every repeat) so machin
 of them alike. Throughput = generated tokens / wall time of the ``generate`` call; the median
 over the repeats is reported and every sample is kept in the JSON.
 
-Outputs (``--out-dir``, default ``benchmarks/results``): ``throughput-<device>.json`` (samples,
-machine, versions, command, date), ``throughput-<device>.png`` (tokens/s vs K with plain vLLM as
-a horizontal line), and a ``## Throughput (CPU)`` section written into ``benchmarks/RESULTS.md``
-(replaced if present; the file is created if missing).
+Shared machines: before each sample the script waits up to ``--wait-idle`` seconds (default 60)
+until other processes use fewer than ``--busy-threshold`` cores (default 0.2, read from
+/proc/stat), and it records for every sample how many cores other processes used while it ran;
+samples above the threshold are marked ``contended`` in the JSON and counted in the table. With
+``OMP_NUM_THREADS`` equal to the core count, one competing process can slow vLLM-CPU down 10-20x,
+so check that column before trusting a row.
+
+Outputs (``--out-dir``, default ``benchmarks/results``; ``<mode>`` is ``eager`` or ``compiled``):
+``throughput-cpu-<mode>.json`` (every sample, machine, versions, git commit, command, date),
+``throughput-cpu-<mode>.png`` (tokens/s vs K with plain vLLM as a horizontal line), and a
+``## Throughput (CPU, <mode>)`` section written into ``--results-md`` (default
+``benchmarks/RESULTS.md``; the section is replaced if present, the file created if missing).
 
 Environment: ``--threads`` sets ``OMP_NUM_THREADS`` before torch/vLLM are imported. The script
 also sets (unless already set) ``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
@@ -57,7 +65,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION_TITLE = "## Throughput (CPU)"
+SECTION_TITLE = "## Throughput (CPU, {mode})"
 STEER_LAYER = 10
 
 # Aims from the issue: (name, description, threshold).
@@ -80,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix-caching", action="store_true", help="enable vLLM prefix caching on every engine (default off)")
+    p.add_argument("--wait-idle", type=float, default=60.0,
+                   help="before each sample wait up to this many seconds for other processes to go quiet (0: never wait; default 60)")
+    p.add_argument("--busy-threshold", type=float, default=0.2,
+                   help="cores used by other processes above which the machine counts as busy and a sample as contended (default 0.2)")
     p.add_argument("--skip-narrow", action="store_true", help="do not build the steerable_layers=[10] engine")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON and PNG go")
     p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="markdown file to update")
@@ -117,12 +129,12 @@ def git_state() -> dict:
 
     def git(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip("\n")
         except (OSError, subprocess.SubprocessError):
             return ""
 
     dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
-    return {"commit": git("rev-parse", "HEAD") or None, "modified": dirty}
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "modified": dirty}
 
 
 def machine_info(args: argparse.Namespace) -> dict:
@@ -262,6 +274,53 @@ def run_once(engine, prompts, params, steering, expected_tokens: int) -> tuple[f
 _PLAIN = object()
 
 
+# ------------------------------------------------------------------------------- CPU contention
+def _busy_seconds() -> float | None:
+    """Machine-wide busy CPU seconds so far (all cores; user+nice+system+irq+softirq+steal)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class OtherCPU:
+    """Average number of cores that processes other than this one kept busy over an interval.
+
+    On a shared machine (other test runs), a sample taken while others compete for the cores is
+    much slower with OpenMP; this number says which samples were disturbed.
+    """
+
+    def __enter__(self) -> "OtherCPU":
+        self._busy, self._own, self._t = _busy_seconds(), _own_seconds(), time.perf_counter()
+        self.cores = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _busy_seconds()
+        wall = time.perf_counter() - self._t
+        if busy is not None and self._busy is not None and wall > 0:
+            self.cores = max(0.0, ((busy - self._busy) - (_own_seconds() - self._own)) / wall)
+
+
+def wait_for_idle(max_wait: float, threshold: float, window: float = 1.0) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` cores; return seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait:
+        with OtherCPU() as other:
+            time.sleep(window)
+        if other.cores is None or other.cores < threshold:
+            break
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_env(args)
@@ -322,10 +381,21 @@ def main(argv: list[str] | None = None) -> int:
         order = scenarios[r % len(scenarios):] + scenarios[: r % len(scenarios)]
         for key, label, eng_name, spec_key, _k in order:
             steering = _PLAIN if eng_name == "plain" else specs[spec_key]
+            waited = wait_for_idle(args.wait_idle, args.busy_threshold) if args.wait_idle > 0 else 0.0
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            dt, tokens = run_once(engines[eng_name], prompts, params, steering, expected)
-            samples[key].append({"repeat": r, "seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "loadavg_1m": load})
-            print(f"[bench] repeat {r + 1}/{args.repeats} {key:10s} {tokens / dt:8.1f} tok/s ({dt:.2f} s, load {load:.2f})", flush=True)
+            with OtherCPU() as other:
+                dt, tokens = run_once(engines[eng_name], prompts, params, steering, expected)
+            contended = other.cores is not None and other.cores >= args.busy_threshold
+            samples[key].append({
+                "repeat": r, "seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "loadavg_1m": load,
+                "other_cpu_cores": other.cores, "contended": contended, "waited_for_idle_s": waited,
+            })
+            oc = "n/a" if other.cores is None else f"{other.cores:.2f}"
+            print(
+                f"[bench] repeat {r + 1}/{args.repeats} {key:10s} {tokens / dt:8.1f} tok/s ({dt:.2f} s; "
+                f"other processes {oc} cores{' CONTENDED' if contended else ''}; waited {waited:.0f} s)",
+                flush=True,
+            )
 
     stats = {}
     for name in engines:
@@ -349,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             "tok_s_min": min(tps),
             "tok_s_max": max(tps),
             "spread_pct": 100.0 * (max(tps) - min(tps)) / med,
+            "contended_samples": sum(1 for s in samples[key] if s["contended"]),
             "ratio_to_plain": med / plain_med,
             "samples": samples[key],
         })
@@ -403,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             "ignore_eos": True,
             "repeats": args.repeats,
             "order": "round-robin, rotated each repeat",
+            "wait_idle_s": args.wait_idle,
+            "busy_threshold": args.busy_threshold,
             "steer_layer": STEER_LAYER,
             "scale": args.scale,
             "compose": "4 random unit vectors, each at every layer, scale/4 each",
@@ -416,9 +489,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "throughput-cpu.json"
+    mode = "compiled" if args.compile else "eager"
+    json_path = out_dir / f"throughput-cpu-{mode}.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    png_path = out_dir / "throughput-cpu.png"
+    png_path = out_dir / f"throughput-cpu-{mode}.png"
     if not plot(result, png_path):
         png_path = None
 
@@ -436,13 +510,13 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------ reporting
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| scenario | tok/s (median) | min - max | spread | x plain vLLM |",
-        "|---|---:|---:|---:|---:|",
+        "| scenario | tok/s (median) | min - max | spread | contended samples | x plain vLLM |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['label']} | {row['tok_s_median']:.1f} | {row['tok_s_min']:.1f} - {row['tok_s_max']:.1f} "
-            f"| {row['spread_pct']:.1f}% | {row['ratio_to_plain']:.3f} |"
+            f"| {row['spread_pct']:.1f}% | {row['contended_samples']}/{len(row['samples'])} | {row['ratio_to_plain']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -497,6 +571,7 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def write_results_md(path: Path, result: dict, table: str, json_path: Path, png_path: Path | None) -> None:
+    title = SECTION_TITLE.format(mode=result["machine"]["mode"])
     m = result["machine"]
     w = result["workload"]
 
@@ -514,7 +589,7 @@ def write_results_md(path: Path, result: dict, table: str, json_path: Path, png_
     commit = (g.get("commit") or "unknown")[:12]
     tree = f"commit {commit}" + (f" with uncommitted changes to {', '.join(g['modified'])}" if g.get("modified") else "")
     starts = ", ".join(f"{k} {v:.1f} s" for k, v in result["engine_start_s"].items())
-    section = f"""{SECTION_TITLE}
+    section = f"""{title}
 
 Generated by `benchmarks/throughput.py` on {result['date_utc']} (one run; re-running replaces this section).
 
@@ -527,7 +602,10 @@ prefix caching {'on' if m['prefix_caching'] else 'off'}; 1-min load average {m['
 
 Workload: {w['num_prompts']} distinct prompts x {w['max_tokens']} new tokens (greedy, `ignore_eos`), one
 `generate` call per sample, `max_num_seqs={w['num_prompts']}`; {w['repeats']} repeats per scenario,
-round-robin; tok/s = generated tokens / wall time; median reported. Steering vectors are random unit
+round-robin; tok/s = generated tokens / wall time; median of all samples reported. Before each sample
+the script waits (up to {w['wait_idle_s']:.0f} s) for other processes to use < {w['busy_threshold']} cores; a sample
+during which they used more is counted as *contended* (OpenMP with as many threads as cores slows
+down many-fold when another process competes). Steering vectors are random unit
 vectors x {w['scale']} at layer {w['steer_layer']}; the composition is {w['compose']}. All vsteer rows
 except the last use the default engine, which wraps all layers (and keeps capture buffers for all).
 Engine start: {starts}. Code: {tree}.
@@ -541,13 +619,13 @@ Aims:
 Raw samples: [{rel(json_path)}]({rel(json_path)}){plot_ref}.
 """
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION_TITLE + "\n")
-    if start == -1 and text.endswith(SECTION_TITLE):
-        start = len(text) - len(SECTION_TITLE)
+    start = text.find(title + "\n")
+    if start == -1 and text.endswith(title):
+        start = len(text) - len(title)
     if start == -1:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        nxt = text.find("\n## ", start + len(SECTION_TITLE))
+        nxt = text.find("\n## ", start + len(title))
         tail = "" if nxt == -1 else text[nxt + 1 :]
         text = text[:start] + section + ("\n" + tail if tail else "")
     path.parent.mkdir(parents=True, exist_ok=True)

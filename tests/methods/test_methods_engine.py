@@ -127,7 +127,7 @@ def test_bad_method_input(eager_llm):
         pca_vector(eager_llm, ["a", "b"], ["c"], [10])
     with pytest.raises(ValueError, match="non-empty"):
         actadd_vector(eager_llm, "", "Hate", 5)
-    with pytest.raises(SpecError, match="layer 30 has no capture buffer"):
+    with pytest.raises(SpecError, match="layer 30 is out of range"):
         mean_difference(eager_llm, ["a"], ["b"], [30])
     other = SteeringVector.from_tensors({10: torch.ones(576)}, model="Llama-3-8B")
     eager_llm.store.put(other)

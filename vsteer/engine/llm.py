@@ -243,6 +243,12 @@ class LLM:
         layers = [int(x) for x in layers]
         allowed = self.capture_layers
         for layer in layers:
+            if not 0 <= layer < self.model_shape.num_layers:
+                raise SpecError(
+                    f"layer {layer} is out of range: {self.model_shape.name} has layers "
+                    f"0..{self.model_shape.num_layers - 1}",
+                    field="layers",
+                )
             if layer not in allowed:
                 raise SpecError(
                     f"layer {layer} has no capture buffer (capture layers: {allowed})", field="layers"
