@@ -14,7 +14,9 @@ _REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VSTEER_CACHE", str(_REPO / ".cache" / "vsteer"))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Engines in this process get a small KV cache through kv_cache_memory_bytes (ENGINE_KW); vLLM
+# lets this variable override that, so it is kept only for the subprocesses tests start (SUBPROCESS_ENV).
+_KV_GIB = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vsteer-vllm-cache-"))
@@ -23,7 +25,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ENGINE_KW = dict(dtype="float32", max_model_len=512, max_num_seqs=32, enable_prefix_caching=True)
+KV_BYTES = 256 * 2**20  # ~5,600 float32 tokens of SmolLM2: plenty for these tests
+ENGINE_KW = dict(dtype="float32", max_model_len=512, max_num_seqs=32, enable_prefix_caching=True, kv_cache_memory_bytes=KV_BYTES)
+
+
+def subprocess_env() -> dict:
+    """Environment for a `vsteer` subprocess: this one's, with a bounded KV cache."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": _KV_GIB}
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from vllm import SamplingParams
 
+from tests.conftest import subprocess_env
 from vsteer import load_vector
 
 VSTEER = [sys.executable, "-m", "vsteer.cli"]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*VSTEER, *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*VSTEER, *args], capture_output=True, text=True, timeout=600, env=subprocess_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"vsteer {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
@@ -72,14 +73,25 @@ def test_generate_jsonl_matches_python_api(tmp_path, caa_vector, eager_llm):
     assert got[0]["token_ids"] != got[1]["token_ids"], "the steered row must differ from the unsteered one"
 
 
-def test_generate_bad_spec_names_line_and_field(tmp_path):
+def test_generate_bad_row_goes_to_the_errors_file(tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text(json.dumps({"prompt": "hi", "steering": None}) + "\n"
+    src.write_text(json.dumps({"prompt": "hi", "steering": None, "max_tokens": 4}) + "\n"
                    + json.dumps({"prompt": "hi", "steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [99]}]}}) + "\n")
-    proc = run("generate", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--eager", check=False)
+    proc = run("generate", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--eager", "--max-model-len", "512")
+    assert "1 bad rows" in proc.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 1
+    [error] = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert error["row_id"] == "1" and error["field"] == "steering.interventions.0.layers"
+    assert "layer 99 is out of range" in error["error"]
+
+
+def test_cli_error_line_and_exit_code(tmp_path):
+    proc = run("generate", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl"), check=False)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+    proc = run("extract", "caa", "--layers", "x,1", "--positive", __file__, "--negative", __file__,
+               "--output", str(tmp_path / "v.safetensors"), check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("SpecError: line 2.steering.interventions.0.layers: layer 99 is out of range")
-    assert not (tmp_path / "out.jsonl").exists()
+    assert proc.stderr.strip().splitlines()[-1] == "SpecError: --layers: expected comma-separated integers, got 'x,1'"
 
 
 def test_extract_actadd_and_sara_then_steer_by_name(tmp_path, eager_llm, monkeypatch):

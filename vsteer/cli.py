@@ -53,55 +53,48 @@ def models_path(name: str) -> None:
     click.echo(resolve_model(name))
 
 
-def _engine(model: str, max_slots: int | None, eager: bool, dtype: str, max_model_len: int):
-    from vsteer.engine.llm import LLM
-
-    return LLM(model, max_slots=max_slots, enforce_eager=eager, dtype=dtype, max_model_len=max_model_len)
-
-
 @cli.command()
 @click.option("--model", default="smollm2", show_default=True, help="Alias or local HF folder.")
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help='JSONL: {"prompt", "steering", "max_tokens", "temperature", "seed"} per line.')
+              help='JSONL or Parquet; each row {"prompt" | "messages", "steering", "max_tokens", "temperature", '
+                   '"top_p", "top_k", "seed", "n", "logprobs", "id"}.')
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help='JSONL: {"prompt", "text", "token_ids"} per line, in input order.')
+              help='JSONL or Parquet; one record per sample, in row order: {"row_id", "sample", "prompt", "text", '
+                   '"token_ids", "finish_reason", "steering_hash", "seed", "logprobs"}. Bad rows go to '
+                   "<output stem>.errors.jsonl.")
 @click.option("--max-slots", type=int, default=None, help="Steering slots (default: max_num_seqs).")
 @click.option("--eager", is_flag=True, help="enforce_eager (no torch.compile).")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--max-model-len", default=2048, show_default=True)
-def generate(model: str, input_path: Path, output_path: Path, max_slots: int | None, eager: bool, dtype: str, max_model_len: int) -> None:
-    """Generate for every line of a JSONL file, each line with its own steering."""
-    from vllm import SamplingParams
+@click.option("--seed", default=0, show_default=True, help="Run seed; each sample's seed derives from it and the row id.")
+@click.option("--chunk-rows", default=256, show_default=True, help="Rows per unit of work (and of resume).")
+@click.option("--ray", "use_ray", is_flag=True, help="Fan chunks out over a Ray pool of engines.")
+@click.option("--workers", default=2, show_default=True, help="Engine actors with --ray.")
+@click.option("--cpus-per-worker", default=1.0, show_default=True)
+@click.option("--gpus-per-worker", default=0.0, show_default=True)
+@click.option("--ray-address", default=None, help="Join a running Ray cluster (default: start one locally).")
+@click.option("--overwrite", is_flag=True, help="Discard the parts of an earlier run with other settings.")
+def generate(model: str, input_path: Path, output_path: Path, max_slots: int | None, eager: bool, dtype: str,
+             max_model_len: int, seed: int, chunk_rows: int, use_ray: bool, workers: int, cpus_per_worker: float,
+             gpus_per_worker: float, ray_address: str | None, overwrite: bool) -> None:
+    """Generate for every row of a dataset, each row with its own steering. Rerun the same command
+    to resume an interrupted run."""
+    from vsteer.jobs import RolloutJob, ray_executor, run_job
 
-    rows = []
-    for lineno, line in enumerate(input_path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"malformed JSON: {exc.msg}", field=f"line {lineno}") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise SpecError("each line needs a string 'prompt'", field=f"line {lineno}.prompt")
-        rows.append((lineno, row))
-    llm = _engine(model, max_slots, eager, dtype, max_model_len)
-    params, specs = [], []
-    for lineno, row in rows:
-        try:
-            params.append(SamplingParams(max_tokens=int(row.get("max_tokens", 64)), temperature=float(row.get("temperature", 0.0)), seed=row.get("seed")))
-            specs.append(row.get("steering"))
-            llm.resolve(specs[-1])
-        except SpecError as exc:
-            raise SpecError(exc.reason, field=f"line {lineno}.steering.{exc.field}" if exc.field else f"line {lineno}.steering") from exc
-        except (TypeError, ValueError) as exc:
-            raise SpecError(str(exc), field=f"line {lineno}") from exc
-    outs = llm.generate([row["prompt"] for _, row in rows], params, steering=specs)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("w") as fh:
-        for (_, row), out in zip(rows, outs):
-            comp = out.outputs[0]
-            fh.write(json.dumps({"prompt": row["prompt"], "text": comp.text, "token_ids": list(comp.token_ids)}) + "\n")
-    click.echo(f"wrote {len(outs)} rows to {output_path}", err=True)
+    engine = {"enforce_eager": eager, "dtype": dtype, "max_model_len": max_model_len}
+    if max_slots is not None:
+        engine["max_slots"] = max_slots
+    job = RolloutJob(input_path, output_path, model=model, seed=seed, chunk_rows=chunk_rows, engine=engine)
+    executor = None
+    if use_ray:
+        executor = ray_executor(job, workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                address=ray_address)
+    summary = run_job(job, executor, overwrite=overwrite)
+    click.echo(
+        f"wrote {summary['records']} records to {output_path} ({summary['errors']} bad rows in "
+        f"{summary['errors_file']}; {summary['resumed_chunks']} of {summary['chunks']} chunks resumed)",
+        err=True,
+    )
 
 
 @cli.group()

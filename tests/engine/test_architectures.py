@@ -29,7 +29,7 @@ LAYER = 1  # steered layer (of 4)
 CAPTURE_LAYERS = [0, 1, 2]  # HF's last hidden state has the final norm applied: skip layer 3
 LOGPROB_TOL = 1e-3  # seen: ~1e-6; an add one layer off or 10% weaker misses by far more
 SCALE = 4.0  # add SCALE x the mean residual norm at LAYER (tiny random models have small norms)
-ENGINE_KW = dict(enforce_eager=True, dtype="float32", max_model_len=128, max_num_seqs=8)
+ENGINE_KW = dict(enforce_eager=True, dtype="float32", max_model_len=128, max_num_seqs=8, kv_cache_memory_bytes=64 * 2**20)
 
 # Every engine made here, kept until the process ends (failed ones included, see the last test).
 _KEEP: list[object] = []

@@ -8,10 +8,8 @@ PARAMS = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
 PROMPTS = ["I think that", "The weather today is", "My best friend", "Once upon a time"] * 2
 
 
-def test_preempted_requests_keep_their_steering(model_path, store_dir, directions, eager_llm, monkeypatch):
+def test_preempted_requests_keep_their_steering(model_path, store_dir, directions, eager_llm):
     from vsteer.engine.llm import LLM
-
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")  # vLLM lets it override kv_cache_memory_bytes
 
     # ~170 tokens of float32 KV cache in 32-token blocks for 8 requests that grow to ~500:
     # running requests run out of blocks mid-generation and vLLM must preempt some.

@@ -284,6 +284,10 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.get_tokenizer()
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.llm_engine.model_config.max_model_len
+
     def _per_prompt(self, steering: object, n: int) -> tuple[list[object], bool]:
         if isinstance(steering, (list, tuple)) and not _is_intervention_list(steering):
             if len(steering) != n:
