@@ -25,7 +25,6 @@ import sys
 from typing import Callable
 
 import torch
-
 from vsteer.kernels import BankLayout, steer_residual_torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -90,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         print("kernel_bandwidth: no CUDA GPU available; this benchmark needs one. Nothing was measured.",
               file=sys.stderr)
         return 1
-    from vsteer.kernels.steer_triton import HAVE_TRITON, TRITON_IMPORT_ERROR, steer_residual_triton
+    from vsteer.kernels.steer_triton import (
+        HAVE_TRITON,
+        TRITON_IMPORT_ERROR,
+        steer_residual_triton,
+    )
 
     dtype = DTYPES[args.dtype]
     residual = not args.no_residual

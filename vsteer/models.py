@@ -229,7 +229,9 @@ def _write_hf_folder(gguf: Path, out: Path) -> None:
 
     load_kwargs: dict[str, Any] = {"gguf_file": gguf.name}
     try:
-        from transformers import GgufConfig  # transformers >= 5.16 keeps GGUF weights packed by default
+        from transformers import (
+            GgufConfig,  # transformers >= 5.16 keeps GGUF weights packed by default
+        )
 
         load_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
     except ImportError:  # older transformers always dequantize

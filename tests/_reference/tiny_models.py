@@ -20,7 +20,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def _configs() -> dict:
-    from transformers import Gemma2Config, GPT2Config, OPTConfig, Qwen2Config, Qwen3Config, StableLmConfig
+    from transformers import (
+        Gemma2Config,
+        GPT2Config,
+        OPTConfig,
+        Qwen2Config,
+        Qwen3Config,
+        StableLmConfig,
+    )
 
     ids = dict(bos_token_id=1, eos_token_id=2)
     llama_like = dict(

@@ -19,7 +19,12 @@ import torch
 from vllm import SamplingParams
 
 from tests._reference.hf_steering import hooked
-from tests._reference.tiny_models import HIDDEN, LAYERS, build_tiny_model, decoder_layers
+from tests._reference.tiny_models import (
+    HIDDEN,
+    LAYERS,
+    build_tiny_model,
+    decoder_layers,
+)
 from vsteer.vectors import SteeringVector
 
 SUPPORTED = ["gpt2", "qwen2", "qwen3", "gemma2"]

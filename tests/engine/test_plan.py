@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vsteer.kernels import BankLayout, steer_residual_torch
 
 from vsteer import SlotCapacityError
 from vsteer.engine.plan import ResolvedIntervention as RI
 from vsteer.engine.plan import SteeringPlan, fold_layer
 from vsteer.engine.slots import LRUSlotManager
-from vsteer.kernels import BankLayout, steer_residual_torch
 from vsteer.vectors import SteeringVector
 
 D = 16

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from vsteer.kernels import BankLayout, get_steer_backend, steer_residual_torch
 
 # Per-dtype tolerances for result vs. a float64 oracle (scaled by max |oracle|).

@@ -15,7 +15,6 @@ import textwrap
 
 import pytest
 import torch
-
 from vsteer.kernels import BankLayout, steer_residual_torch
 
 try:

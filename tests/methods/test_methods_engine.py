@@ -9,7 +9,15 @@ from vllm import SamplingParams
 
 from tests._reference.hf_steering import actadd_prehook, greedy, hidden_states
 from vsteer import SpecError, SteeringVector
-from vsteer.methods import ABItem, SaraSet, actadd_vector, caa_vector, mean_difference, pca_vector, sara_r
+from vsteer.methods import (
+    ABItem,
+    SaraSet,
+    actadd_vector,
+    caa_vector,
+    mean_difference,
+    pca_vector,
+    sara_r,
+)
 from vsteer.methods.actadd import pad_pair
 from vsteer.methods.caa import ab_prompt
 

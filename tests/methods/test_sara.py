@@ -11,7 +11,6 @@ import torch
 from vsteer._errors import VectorFileError
 from vsteer.methods.sara import SaraSet, apply_sara, reduce, sara_factor, sara_r
 
-
 # ---------------------------------------------------------------- numpy reference
 
 def np_reduce(m: np.ndarray, k: int | None = None) -> np.ndarray:

@@ -36,6 +36,18 @@ _VLLM_MODELS = "vllm.model_executor.models."
 _LAYER_PATHS = ("model.layers", "transformer.h", "language_model.model.layers", "model.language_model.layers")
 
 
+class StepActivity:
+    """Which wrapped layers any token of the current step steers or captures (host side).
+
+    Only eager engines read it: with no traced graph and no CUDA graph, a layer can skip the op
+    when the step does not use it. Compiled engines always run the branch-free op.
+    """
+
+    def __init__(self) -> None:
+        self.steer: frozenset[int] = frozenset()
+        self.capture: bool = False
+
+
 class _SteeredPair:
     """Mixin for ``(hidden, residual)`` layers: steer the returned residual, out of place."""
 
@@ -59,14 +71,33 @@ class _SteeredSingle:
         return self._vsteer_apply(hidden, None, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
 
 
-_WRAPPED_CLASSES: dict[type, type] = {}
+class _EagerPair(_SteeredPair):
+    """Eager-only variant: skips the op on steps that neither steer nor capture this layer."""
+
+    def forward(self, *args, **kwargs):
+        act = self._vsteer_activity
+        if self._vsteer_layer in act.steer or (act.capture and self._vsteer_capture is not None):
+            return _SteeredPair.forward(self, *args, **kwargs)
+        return super(_SteeredPair, self).forward(*args, **kwargs)
 
 
-def _steered_class(cls: type) -> type:
-    if cls not in _WRAPPED_CLASSES:
-        mixin = _SteeredPair if cls.__name__ in PAIR_LAYERS else _SteeredSingle
-        _WRAPPED_CLASSES[cls] = type(f"Steered{cls.__name__}", (mixin, cls), {})
-    return _WRAPPED_CLASSES[cls]
+class _EagerSingle(_SteeredSingle):
+    def forward(self, *args, **kwargs):
+        act = self._vsteer_activity
+        if self._vsteer_layer in act.steer or (act.capture and self._vsteer_capture is not None):
+            return _SteeredSingle.forward(self, *args, **kwargs)
+        return super(_SteeredSingle, self).forward(*args, **kwargs)
+
+
+_WRAPPED_CLASSES: dict[tuple[type, bool], type] = {}
+
+
+def _steered_class(cls: type, eager: bool) -> type:
+    if (cls, eager) not in _WRAPPED_CLASSES:
+        pair = cls.__name__ in PAIR_LAYERS
+        mixin = (_EagerPair if pair else _EagerSingle) if eager else (_SteeredPair if pair else _SteeredSingle)
+        _WRAPPED_CLASSES[(cls, eager)] = type(f"Steered{cls.__name__}", (mixin, cls), {})
+    return _WRAPPED_CLASSES[(cls, eager)]
 
 
 def find_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
@@ -110,6 +141,7 @@ class SteeringBuffers(NamedTuple):
     bank: torch.Tensor  # [len(layers), num_slots + 1, W] float32
     index: torch.Tensor  # [max_tokens] int32 slot per token; slot 0 = identity
     capture: dict[int, torch.Tensor]  # layer -> [max_tokens, hidden] in the model dtype
+    activity: StepActivity  # read by eager layers only
 
 
 def wrap_decoder_layers(
@@ -122,10 +154,12 @@ def wrap_decoder_layers(
     capture_layers: list[int] | None,
     device: torch.device,
     dtype: torch.dtype,
+    eager: bool = False,
 ) -> SteeringBuffers:
     """Swap each steerable decoder layer's class for its steered subclass; return the buffers.
 
-    Mutates ``model`` in place. ``num_slots`` excludes the identity slot 0.
+    Mutates ``model`` in place. ``num_slots`` excludes the identity slot 0. ``eager`` (no
+    torch.compile, no CUDA graphs) lets layers skip the op on steps that do not use them.
     """
     present = find_decoder_layers(model)
     wanted = sorted(present) if steerable_layers is None else sorted(set(steerable_layers) & set(present))
@@ -134,9 +168,12 @@ def wrap_decoder_layers(
     index = torch.zeros(max_tokens, dtype=torch.int32, device=device)
     capture = {layer: torch.zeros(max_tokens, layout.hidden_size, dtype=dtype, device=device) for layer in sorted(captured)}
     apply = get_steer_backend(device)
+    activity = StepActivity()
     for row, layer in enumerate(wanted):
         module = present[layer]
-        module.__class__ = _steered_class(type(module))
+        module.__class__ = _steered_class(type(module), eager)
+        module._vsteer_layer = layer
+        module._vsteer_activity = activity
         module.register_buffer("_vsteer_bank", bank[row], persistent=False)
         module.register_buffer("_vsteer_index", index, persistent=False)
         if layer in capture:
@@ -145,4 +182,4 @@ def wrap_decoder_layers(
             module._vsteer_capture = None
         module._vsteer_rank = layout.rank
         module._vsteer_apply = apply
-    return SteeringBuffers(tuple(wanted), bank, index, capture)
+    return SteeringBuffers(tuple(wanted), bank, index, capture, activity)

@@ -20,7 +20,14 @@ import torch
 
 from vsteer._errors import SpecError, VectorFileError
 from vsteer.kernels import BankLayout
-from vsteer.spec import DEFAULT_MAX_ABS_SCALE, AblateOp, AddOp, SaraOp, SteeringSpec, parse_spec
+from vsteer.spec import (
+    DEFAULT_MAX_ABS_SCALE,
+    AblateOp,
+    AddOp,
+    SaraOp,
+    SteeringSpec,
+    parse_spec,
+)
 from vsteer.vectors import SteeringVector, VectorStore, load_vector
 
 EXTRA_ARGS_KEY = "vsteer"

@@ -68,7 +68,9 @@ class SteeringRunnerMixin:
             capture_layers=cfg.capture_layers,
             device=self.device,
             dtype=self.model_config.dtype,
+            eager=self.model_config.enforce_eager,
         )
+        self._vsteer_slot_layers: dict[int, frozenset[int]] = {}  # slot -> layers its row changes
         self._vsteer_layer_row = {layer: i for i, layer in enumerate(self._vsteer_buffers.layers)}
         self._vsteer_store = VectorStore(Path(cfg.store))
         self._vsteer_slots = LRUSlotManager(cfg.max_slots, self._vsteer_write_slot)
@@ -136,6 +138,7 @@ class SteeringRunnerMixin:
         for i, layer in enumerate(self._vsteer_buffers.layers):
             rows[i] = fold_layer(items, layer, self._vsteer_store.get, layout, start) if layer in touched else layout.identity_row()
         self._vsteer_buffers.bank[:, slot, :].copy_(rows.to(self.device))
+        self._vsteer_slot_layers[slot] = frozenset(touched)
 
     # --- per step ------------------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *args: Any, **kwargs: Any) -> Any:
@@ -170,6 +173,9 @@ class SteeringRunnerMixin:
             if req_id in captures:
                 self._vsteer_step_captures.append((req_id, off, int(computed[i]), n))
             off += n
+        activity = self._vsteer_buffers.activity
+        activity.steer = frozenset().union(*(self._vsteer_slot_layers[s] for s in self._vsteer_slots.pinned_slots))
+        activity.capture = bool(self._vsteer_step_captures)
         end = max(off, self._vsteer_prev_tokens)
         idx[off:end] = 0
         if any_steered or self._vsteer_prev_tokens:

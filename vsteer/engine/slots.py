@@ -70,3 +70,7 @@ class LRUSlotManager:
     def pinned(self) -> int:
         """Slots used by the current step."""
         return len(self._pinned)
+
+    @property
+    def pinned_slots(self) -> frozenset[int]:
+        return frozenset(self._pinned)

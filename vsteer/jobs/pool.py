@@ -38,6 +38,9 @@ class _EngineActor:
     def run(self, fn_path: str, *args: Any) -> Any:
         return _resolve(fn_path)(self.llm, *args)
 
+    def ping(self) -> bool:
+        return True
+
 
 class EnginePool:
     """``workers`` actors, each holding a ``vsteer.LLM(**llm_kwargs)``.
@@ -108,6 +111,10 @@ class EnginePool:
                 yield key, result
             if not submit(actor):
                 idle.append(actor)
+
+    def wait_ready(self) -> None:
+        """Block until every actor has built its engine."""
+        self._ray.get([actor.ping.remote() for actor in self._actors])
 
     def shutdown(self) -> None:
         for actor in self._actors:

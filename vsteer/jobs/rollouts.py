@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
 from vsteer._errors import EngineError, SpecError
-from vsteer.jobs.io import dataset_format, iter_rows, read_jsonl, write_jsonl_atomic, write_output
+from vsteer.jobs.io import (
+    dataset_format,
+    iter_rows,
+    read_jsonl,
+    write_jsonl_atomic,
+    write_output,
+)
 from vsteer.jobs.rows import parse_row, sample_seed
 
 MANIFEST_VERSION = 1
@@ -278,4 +284,5 @@ def ray_executor(job: RolloutJob, workers: int, *, cpus_per_worker: float = 1, g
             pool.shutdown()
 
     run.retries = 0
+    run.pool = pool
     return run

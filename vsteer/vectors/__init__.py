@@ -9,6 +9,7 @@ names; `check_vector_model` refuses a vector made for another model.
 from vsteer.vectors._gguf_format import load_gguf, save_gguf
 from vsteer.vectors._safetensors_format import load_safetensors, save_safetensors
 from vsteer.vectors._store import VectorStore, load_vector, save_vector
+
 # Importable as vsteer.vectors.check_vector_model (for the engine) but kept out of __all__, which
 # tests/vectors/test_vector.py::test_public_names pins; also reachable as VectorStore.check_model.
 from vsteer.vectors._store import check_vector_model as check_vector_model

@@ -26,8 +26,17 @@ import filelock
 from safetensors import safe_open
 
 from vsteer._errors import VectorFileError
-from vsteer.vectors._gguf_format import GGUF_MAGIC, PROVENANCE_MODEL_HINT, load_gguf, save_gguf
-from vsteer.vectors._safetensors_format import _read_metadata, load_safetensors, save_safetensors
+from vsteer.vectors._gguf_format import (
+    GGUF_MAGIC,
+    PROVENANCE_MODEL_HINT,
+    load_gguf,
+    save_gguf,
+)
+from vsteer.vectors._safetensors_format import (
+    _read_metadata,
+    load_safetensors,
+    save_safetensors,
+)
 from vsteer.vectors._vector import SteeringVector
 
 __all__ = ["VectorStore", "check_vector_model", "load_vector", "save_vector"]
