@@ -1,8 +1,7 @@
 """Rollout-job throughput: the job machinery vs plain vLLM ``generate``, and 1 vs 2 Ray actors.
 
-Same rows everywhere: ``--rows`` prompts x ``--max-tokens`` new tokens (greedy, ``ignore_eos`` is
-not available per row, so prompts are open-ended and ``max_tokens`` small), half of them steered
-with their own random vector. Scenarios:
+Same rows everywhere: ``--rows`` prompts x ``--max-tokens`` new tokens (greedy, ``ignore_eos``),
+half of them steered with their own random vector. Scenarios:
 
 - plain vLLM: ``vllm.LLM.generate`` on the same prompts (unsteered), one call;
 - job, in-process: ``vsteer generate`` machinery (streaming, chunks, atomic parts, merge) on one engine;
@@ -31,8 +30,8 @@ SECTION = "## Rollout job throughput (CPU)"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--chunk-rows", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--chunk-rows", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
@@ -57,7 +56,8 @@ def main() -> None:
     subjects = ["the sea", "a city", "my family", "the future", "music", "a forest", "winter", "old friends"]
     rows = []
     for i in range(args.rows):
-        row = {"prompt": f"Write a few sentences about {subjects[i % len(subjects)]} (note {i}).", "max_tokens": args.max_tokens}
+        row = {"prompt": f"Write a few sentences about {subjects[i % len(subjects)]} (note {i}).",
+               "max_tokens": args.max_tokens, "ignore_eos": True}
         if i % 2:
             v = torch.randn(576, generator=g)
             sha = store.put(SteeringVector.from_tensors({10: 4.0 * v / v.norm()}))
@@ -75,7 +75,7 @@ def main() -> None:
         print(f"{name:28s} {args.rows / seconds:8.2f} rows/s {tokens / seconds:9.1f} tok/s ({seconds:.1f} s)", flush=True)
 
     plain = vllm.LLM(model=model, enforce_eager=True, dtype=args.dtype, max_model_len=512, max_num_seqs=64, kv_cache_memory_bytes=kv)
-    params = [vllm.SamplingParams(max_tokens=args.max_tokens, temperature=0.0) for _ in rows]
+    params = [vllm.SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True) for _ in rows]
     plain.generate([r["prompt"] for r in rows[:8]], params[:8], use_tqdm=False)  # warm-up
     t = time.perf_counter()
     outs = plain.generate([r["prompt"] for r in rows], params, use_tqdm=False)
@@ -122,7 +122,7 @@ def main() -> None:
                                                                "rows": args.rows, "max_tokens": args.max_tokens,
                                                                "chunk_rows": args.chunk_rows, "results": results}, indent=2))
     lines = [SECTION, "", f"Command: `{cmd}`  ", f"Machine: {machine}  ", f"Date: {date}", "",
-             f"{args.rows} rows x {args.max_tokens} greedy tokens, half steered (each its own vector at layer 10), "
+             f"{args.rows} rows x {args.max_tokens} greedy tokens (ignore_eos), half steered (each its own vector at layer 10), "
              f"chunks of {args.chunk_rows} rows. Ray rows exclude actor start-up (the pool is started first). "
              "Plain vLLM runs unsteered rows only; everything else runs the same rows through the job.", "",
              "| scenario | rows/s | tok/s | x plain vLLM |", "|---|---:|---:|---:|"]

@@ -110,7 +110,10 @@ class LLM:
         return sha
 
     def resolve(self, steering: object) -> SteeringPlan | None:
-        """Validate one steering spec against this engine (raises SpecError naming the field)."""
+        """Validate one steering spec against this engine (raises SpecError naming the field).
+        A plan this engine resolved already is returned as it is."""
+        if isinstance(steering, SteeringPlan):
+            return steering
         return resolve_spec(
             steering,
             store=self.store,

@@ -139,8 +139,9 @@ def generate_chunk(llm: Any, rows: list[tuple[int, Any]], run_seed: int) -> tupl
                 top_k=row.top_k,
                 seed=seed,
                 logprobs=0 if row.logprobs else None,
+                ignore_eos=row.ignore_eos,
             )
-            requests.append((row_id, sample, text, ids, row.steering, params, steering_hash))
+            requests.append((row_id, sample, text, ids, plan, params, steering_hash))
     if not requests:
         return [], errors
     outs = llm.generate([r[3] for r in requests], [r[5] for r in requests], steering=[r[4] for r in requests])

@@ -35,6 +35,7 @@ class RolloutRow(BaseModel):
     top_k: int = Field(default=0, ge=0, description="0 = off.")
     seed: int | None = Field(default=None, description="Seed of sample 0 (default: derived from the run seed and row id).")
     logprobs: bool = Field(default=False, description="Record the log-probability of each generated token.")
+    ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens (fixed-length rollouts).")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "RolloutRow":

@@ -536,6 +536,12 @@ class VectorStore:
     def _read_names(self) -> dict[str, str]:
         path = self.root / _NAMES_FILE
         try:
+            stat = path.stat()
+            # Re-read only when the file changed (it is replaced atomically, so a new inode/mtime).
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            cached = getattr(self, "_names_cache", None)
+            if cached is not None and cached[0] == stamp:
+                return dict(cached[1])
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}
@@ -551,7 +557,9 @@ class VectorStore:
         for name, sha in names.items():
             if _NAME.fullmatch(name) is None or not isinstance(sha, str) or _SHA256.fullmatch(sha) is None:
                 raise VectorFileError(f"invalid entry {name!r}: {sha!r}", path=str(path), key=name)
-        return dict(sorted(names.items()))
+        result = dict(sorted(names.items()))
+        self._names_cache = (stamp, result)
+        return dict(result)
 
     def _write_names(self, names: dict[str, str]) -> None:
         # Temporary file + os.replace: a reader sees the old file or the new one, never a mix.
