@@ -39,6 +39,26 @@ def demo(layer: int, scale: float, max_tokens: int, eager: bool) -> None:
     run_demo(layer=layer, scale=scale, max_tokens=max_tokens, eager=eager)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["--vsteer-help"]})
+@click.option("--max-slots", type=int, default=None, help="Steering slots (default: --max-num-seqs).")
+@click.option("--max-ablation-rank", default=1, show_default=True, help="Ablations per layer one request may compose.")
+@click.option("--vector-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Vector store folder (default: $VSTEER_VECTOR_STORE or ~/.cache/vsteer/vectors).")
+@click.option("--max-abs-scale", default=1.0e4, show_default=True, help="Refuse specs with a larger |scale|.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | None, max_abs_scale: float,
+          vllm_args: tuple[str, ...]) -> None:
+    """vLLM's OpenAI-compatible server with per-request steering: vsteer serve [MODEL] [vllm serve options].
+
+    MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
+    of the OpenAI client) or "vllm_xargs": {"steering": "<JSON>"}. Options after MODEL go to vLLM.
+    """
+    from vsteer.server.serve import serve_main
+
+    serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
+               max_abs_scale=max_abs_scale)
+
+
 @cli.group()
 def models() -> None:
     """Local models."""

@@ -115,7 +115,11 @@ class SteeringPlan:
         return {"v": PLAN_VERSION, "interventions": [i.to_json() for i in self.interventions]}
 
     @classmethod
-    def from_extra_args(cls, data: Mapping) -> "SteeringPlan":
+    def from_extra_args(cls, data: Mapping | str) -> "SteeringPlan":
+        """From ``extra_args["vsteer"]``: the dict, or the same as JSON text (the server's form,
+        since vLLM's ``vllm_xargs`` are flat)."""
+        if isinstance(data, str):
+            data = json.loads(data)
         if data.get("v") != PLAN_VERSION:
             raise SpecError(f"unsupported steering plan version {data.get('v')!r}", field="vsteer.v")
         return cls(tuple(ResolvedIntervention.from_json(d) for d in data["interventions"]))

@@ -1,0 +1,111 @@
+"""`vsteer serve` as a real server process on loopback, driven over HTTP by the official OpenAI client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from vllm import SamplingParams
+
+from tests.conftest import subprocess_env
+
+MODEL = "smollm2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_path, eager_llm, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(eager_llm.store.root)}
+    cmd = [sys.executable, "-m", "vsteer.cli", "serve", model_path, "--served-model-name", MODEL, "--host", "127.0.0.1",
+           "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16"]
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def _spec(directions, scale=8.0):
+    return {"interventions": [{"op": "add", "vector": directions["love"].sha256, "layers": [10], "scale": scale}]}
+
+
+def test_steered_completion_equals_the_python_api_and_streams_the_same(client, eager_llm, directions):
+    prompt = "I think that"
+    spec = _spec(directions)
+    want = eager_llm.generate([prompt, prompt], SamplingParams(max_tokens=12, temperature=0.0), steering=[spec, None])
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"steering": spec})
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert got.choices[0].text == want[0].outputs[0].text
+    assert plain.choices[0].text == want[1].outputs[0].text != got.choices[0].text
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"steering": spec})
+    assert "".join(chunk.choices[0].text for chunk in stream) == got.choices[0].text
+    via_xargs = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                          extra_body={"vllm_xargs": {"steering": json.dumps(spec)}})
+    assert via_xargs.choices[0].text == got.choices[0].text
+
+
+def test_steered_chat_completion(client, directions):
+    messages = [{"role": "user", "content": "Describe your neighbour in one sentence."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    steered = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                             extra_body={"steering": _spec(directions, 12.0)})
+    assert steered.choices[0].message.content != plain.choices[0].message.content
+
+
+BAD = {
+    "unknown vector": ({"steering": {"interventions": [{"op": "add", "vector": "nope", "layers": [3]}]}}, "interventions.0.vector"),
+    "layer out of range": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [30]}]}}, "interventions.0.layers"),
+    "wrong hidden size": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 64, "layers": [3]}]}}, "interventions.0.vector"),
+    "absurd scale": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [3], "scale": 1e9}]}}, "interventions.0.scale"),
+    "schema": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layres": [3]}]}}, "interventions.0.layres"),
+    "malformed JSON in xargs": ({"vllm_xargs": {"steering": "{not json"}}, "steering"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_request_is_a_400_naming_the_field_and_the_server_keeps_serving(name, client):
+    import openai
+
+    body, param = BAD[name]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body=body)
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == param, info.value.body
+    ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0)
+    assert ok.choices[0].finish_reason in ("length", "stop")

