@@ -109,3 +109,46 @@ def test_bad_request_is_a_400_naming_the_field_and_the_server_keeps_serving(name
     assert info.value.body["param"] == param, info.value.body
     ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0)
     assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_vector_registry_upload_list_use_and_delete(server, client, directions, tmp_path):
+    import httpx
+    import torch
+
+    from vsteer import SteeringVector, save_vector
+
+    v = SteeringVector.from_tensors({10: directions["wedding"].layers[10] * 1.0, 11: torch.ones(576) / 24})
+    save_vector(v, tmp_path / "v.gguf", model_hint="llama")
+    up = httpx.post(f"{server}/v1/vectors", params={"name": "wedding-gguf"}, content=(tmp_path / "v.gguf").read_bytes(), timeout=30)
+    assert up.status_code == 201, up.text
+    sha = up.json()["sha256"]
+    assert sha == v.sha256 and "wedding-gguf" in up.json()["names"] and up.json()["layers"] == [10, 11]
+    assert sha in [item["sha256"] for item in httpx.get(f"{server}/v1/vectors").json()["data"]]
+    assert httpx.get(f"{server}/v1/vectors/wedding-gguf").json()["sha256"] == sha
+
+    spec = {"interventions": [{"op": "add", "vector": "wedding-gguf", "layers": [10], "scale": 12.0}]}
+    by_name = client.completions.create(model=MODEL, prompt="My weekend", max_tokens=8, temperature=0, extra_body={"steering": spec})
+    plain = client.completions.create(model=MODEL, prompt="My weekend", max_tokens=8, temperature=0)
+    assert by_name.choices[0].text != plain.choices[0].text
+
+    # while a long request streams with it, the vector cannot be deleted
+    stream = client.completions.create(model=MODEL, prompt="Tell a story:", max_tokens=200, temperature=0, stream=True,
+                                       extra_body={"steering": spec, "ignore_eos": True})
+    next(iter(stream))
+    busy = httpx.delete(f"{server}/v1/vectors/wedding-gguf")
+    assert busy.status_code == 409 and busy.json()["error"]["param"] == "ref"
+    for _ in stream:
+        pass
+    gone = httpx.delete(f"{server}/v1/vectors/wedding-gguf")
+    assert gone.status_code == 200 and gone.json() == {"deleted": sha}
+    assert httpx.get(f"{server}/v1/vectors/wedding-gguf").status_code == 404
+
+
+def test_vector_registry_refuses_bad_uploads(server):
+    import httpx
+
+    bad = httpx.post(f"{server}/v1/vectors", content=b"definitely not a vector file")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "file"
+    big = httpx.post(f"{server}/v1/vectors", content=b"\0" * (64 * 2**20 + 1), timeout=60)
+    assert big.status_code == 413
+    assert httpx.get(f"{server}/v1/models").status_code == 200

@@ -80,33 +80,40 @@ def _error(status: int, message: str, param: str | None) -> bytes:
 
 
 class SteeringMiddleware:
-    """Pure ASGI middleware (vLLM adds it with ``--middleware``)."""
+    """Pure ASGI middleware (vLLM adds it with ``--middleware``): steering on completions, and
+    the vector registry under ``/v1/vectors``."""
 
     def __init__(self, app: Any) -> None:
+        from vsteer.server.registry import VectorRegistryAPI
+
         self.app = app
         self.resolve = _Resolver()
+        self.registry = VectorRegistryAPI(self.resolve)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.registry.handles(scope["path"]):
+            await self.registry(scope, receive, send)
+            return
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in STEERED_PATHS:
             await self.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        raw = b"".join(chunks)
+        raw = await read_body(receive)
+        in_use: frozenset[str] = frozenset()
         try:
             body = json.loads(raw) if raw else {}
             if isinstance(body, dict) and ("steering" in body or "steering" in (body.get("vllm_xargs") or {})):
-                raw = json.dumps(rewrite_body(body, self.resolve)).encode()
+                body = rewrite_body(body, self.resolve)
+                raw = json.dumps(body).encode()
+                in_use = self.registry.vectors_of(body)
         except SpecError as exc:
             await _respond(send, 400, _error(400, str(exc), exc.field))
             return
         except json.JSONDecodeError:
             pass  # vLLM answers malformed JSON itself
+        with self.registry.using(in_use):  # a vector in use is not deleted from under its requests
+            await self._forward(scope, receive, send, raw)
 
+    async def _forward(self, scope: dict, receive: Any, send: Any, raw: bytes) -> None:
         sent = False
 
         async def replay() -> dict:
@@ -119,6 +126,20 @@ class SteeringMiddleware:
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
         await self.app({**scope, "headers": headers}, replay, send)
+
+
+async def read_body(receive: Any, limit: int | None = None) -> bytes:
+    """The whole request body (raises ``OverflowError`` past ``limit`` bytes)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise OverflowError(size)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 async def _respond(send: Any, status: int, payload: bytes) -> None:

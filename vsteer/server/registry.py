@@ -1,0 +1,140 @@
+"""The vector registry REST API of ``vsteer serve``: upload, list, show and delete vectors.
+
+    POST   /v1/vectors?name=NAME   body: a .safetensors or GGUF control-vector file -> 201 + info
+    GET    /v1/vectors             -> {"object": "list", "data": [info, ...]}
+    GET    /v1/vectors/{ref}       -> info (ref: a name or sha256)          404 if unknown
+    DELETE /v1/vectors/{ref}       -> {"deleted": sha256}                    409 while in use
+
+Vectors are stored content-addressed in the server's vector store, where the engine reads them by
+sha256 (nothing is pickled per request). A vector that running requests use cannot be deleted
+until they finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import parse_qs, unquote
+
+from vsteer._errors import SpecError, VectorFileError
+
+PREFIX = "/v1/vectors"
+#: Largest accepted upload (a float32 vector for 100 layers of hidden 16384 is 6.5 MB).
+MAX_UPLOAD_BYTES = int(os.environ.get("VSTEER_MAX_UPLOAD_BYTES", 64 * 2**20))
+
+
+class VectorRegistryAPI:
+    def __init__(self, resolver: Any) -> None:
+        self._resolver = resolver
+        self._in_use: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def handles(self, path: str) -> bool:
+        return path == PREFIX or path.startswith(PREFIX + "/")
+
+    # --- in-use tracking ------------------------------------------------------------------------
+    def vectors_of(self, body: dict) -> frozenset[str]:
+        """sha256 of every stored vector a rewritten request body uses."""
+        from vsteer.engine.plan import EXTRA_ARGS_KEY
+
+        plan = json.loads(body.get("vllm_xargs", {}).get(EXTRA_ARGS_KEY, "null"))
+        return frozenset(item["vector"] for item in (plan or {}).get("interventions", []))
+
+    @contextmanager
+    def using(self, shas: frozenset[str]) -> Iterator[None]:
+        with self._lock:
+            self._in_use.update(shas)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use.subtract(shas)
+                self._in_use += Counter()  # drop zero counts
+
+    # --- HTTP -------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from vsteer.server.middleware import _error, _respond, read_body
+
+        method, path = scope["method"], scope["path"]
+        ref = unquote(path[len(PREFIX) + 1:]) if path.startswith(PREFIX + "/") else None
+        try:
+            if method == "POST" and ref is None:
+                query = parse_qs(scope.get("query_string", b"").decode())
+                try:
+                    data = await read_body(receive, MAX_UPLOAD_BYTES)
+                except OverflowError:
+                    raise _HTTPError(413, f"upload exceeds {MAX_UPLOAD_BYTES} bytes", "file") from None
+                status, payload = 201, self._upload(data, (query.get("name") or [None])[0])
+            elif method == "GET" and ref is None:
+                status, payload = 200, {"object": "list", "data": [self._info(sha) for sha in self._store.list()]}
+            elif method == "GET":
+                status, payload = 200, self._info(self._sha(ref))
+            elif method == "DELETE" and ref is not None:
+                status, payload = 200, self._delete(ref)
+            else:
+                raise _HTTPError(405, f"{method} {path} is not supported", None)
+        except _HTTPError as exc:
+            await _respond(send, exc.status, _error(exc.status, exc.message, exc.param))
+            return
+        except (SpecError, VectorFileError, ValueError) as exc:
+            await _respond(send, 400, _error(400, str(exc), getattr(exc, "field", None) or getattr(exc, "key", None)))
+            return
+        await _respond(send, status, json.dumps(payload).encode())
+
+    @property
+    def _store(self):
+        return self._resolver._setup[1]
+
+    def _sha(self, ref: str) -> str:
+        try:
+            return self._store.resolve(ref)
+        except VectorFileError:
+            raise _HTTPError(404, f"no vector named {ref!r}", "ref") from None
+
+    def _info(self, sha: str) -> dict:
+        info = self._store.info(sha)
+        info["in_use"] = self._in_use.get(sha, 0)
+        return info
+
+    def _upload(self, data: bytes, name: str | None) -> dict:
+        from vsteer.vectors import load_vector
+
+        model = self._resolver._setup[0]
+        suffix = ".gguf" if data[:4] == b"GGUF" else ".safetensors"
+        with tempfile.TemporaryDirectory(prefix="vsteer-upload-") as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(data)
+            try:
+                vector = load_vector(path)
+            except VectorFileError as exc:
+                raise _HTTPError(400, f"not a readable vector file: {exc}", "file") from exc
+        if vector.hidden_size != model.hidden_size:
+            raise _HTTPError(400, f"vector has hidden size {vector.hidden_size} but {model.name} has {model.hidden_size}", "file")
+        if vector.model is not None and vector.model != model.name:
+            raise _HTTPError(400, f"vector was computed for model {vector.model!r}, not {model.name!r}", "file")
+        if max(vector.layers) >= model.num_layers:
+            raise _HTTPError(400, f"vector has layer {max(vector.layers)} but {model.name} has {model.num_layers} layers", "file")
+        sha = self._store.put(vector)
+        if name:
+            self._store.set_name(name, sha, overwrite=True)
+        return self._info(sha)
+
+    def _delete(self, ref: str) -> dict:
+        sha = self._sha(ref)
+        with self._lock:
+            if self._in_use.get(sha):
+                raise _HTTPError(409, f"vector {ref!r} is in use by {self._in_use[sha]} running request(s)", "ref")
+            self._store.delete(sha)
+        return {"deleted": sha}
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
