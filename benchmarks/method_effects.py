@@ -21,6 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["I think that", "My neighbour is", "Today I feel", "The best thing about people is",
            "When I see my family, I feel", "The new restaurant downtown is", "Honestly, my coworkers are",
@@ -148,17 +151,7 @@ def _write_section(rows: list[dict], cmd: str, machine: str, date: str) -> None:
         m = r["margin"]
         lines.append(f"| {r['method']} | {r['base']} | {m['-1.0']:+.3f} | {m['0.0']:+.3f} | {m['1.0']:+.3f} | "
                      f"{r['expected']} | {'yes' if r['monotone_as_expected'] else 'no'} |")
-    section = "\n".join(lines) + "\n"
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = "## Vector methods: effect on the default model"
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section("## Vector methods: effect on the default model", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

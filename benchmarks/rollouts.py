@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SECTION = "## Rollout job throughput (CPU)"
 
@@ -127,16 +130,7 @@ def main() -> None:
              "Plain vLLM runs unsteered rows only; everything else runs the same rows through the job.", "",
              "| scenario | rows/s | tok/s | x plain vLLM |", "|---|---:|---:|---:|"]
     lines += [f"| {r['scenario']} | {r['rows_per_s']} | {r['tokens_per_s']} | {r['x_plain']} |" for r in results]
-    section = "\n".join(lines) + "\n"
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section(SECTION, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
