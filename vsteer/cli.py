@@ -45,16 +45,22 @@ def demo(layer: int, scale: float, max_tokens: int, eager: bool) -> None:
 @click.option("--vector-store", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Vector store folder (default: $VSTEER_VECTOR_STORE or ~/.cache/vsteer/vectors).")
 @click.option("--max-abs-scale", default=1.0e4, show_default=True, help="Refuse specs with a larger |scale|.")
+@click.option("--tenants", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help='JSON {"tenants": {name: {"keys": [...], "max_vectors": N, "max_configs_in_flight": N}}} '
+                   "(or $VSTEER_TENANTS). Without it the server is single-tenant.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | None, max_abs_scale: float,
-          vllm_args: tuple[str, ...]) -> None:
+          tenants: Path | None, vllm_args: tuple[str, ...]) -> None:
     """vLLM's OpenAI-compatible server with per-request steering: vsteer serve [MODEL] [vllm serve options].
 
     MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
     of the OpenAI client) or "vllm_xargs": {"steering": "<JSON>"}. Options after MODEL go to vLLM.
     """
     from vsteer.server.serve import serve_main
+    from vsteer.server.tenants import TENANTS_ENV, TenantsFile
 
+    if tenants is not None:
+        os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(tenants.read_text()).model_dump_json()
     serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
                max_abs_scale=max_abs_scale)
 

@@ -23,13 +23,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model_path, eager_llm, tmp_path_factory):
+def start_server(model_path, log, extra_args=(), *, store):
+    """Start `vsteer serve` on a free loopback port; yields its base URL, stops it afterwards."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(eager_llm.store.root)}
-    cmd = [sys.executable, "-m", "vsteer.cli", "serve", model_path, "--served-model-name", MODEL, "--host", "127.0.0.1",
-           "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16"]
+    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store)}
+    cmd = [sys.executable, "-m", "vsteer.cli", "serve", *extra_args, model_path, "--served-model-name", MODEL,
+           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+           "--max-num-seqs", "16"]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -51,6 +51,12 @@ def server(model_path, eager_llm, tmp_path_factory):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+    assert b"sk-" not in log.read_bytes(), "an API key reached the server log"
+
+
+@pytest.fixture(scope="module")
+def server(model_path, eager_llm, tmp_path_factory):
+    yield from start_server(model_path, tmp_path_factory.mktemp("serve") / "server.log", store=eager_llm.store.root)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +101,7 @@ BAD = {
     "absurd scale": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [3], "scale": 1e9}]}}, "interventions.0.scale"),
     "schema": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layres": [3]}]}}, "interventions.0.layres"),
     "malformed JSON in xargs": ({"vllm_xargs": {"steering": "{not json"}}, "steering"),
+    "a file path": ({"steering": {"interventions": [{"op": "add", "vector": "/etc/hostname", "layers": [3]}]}}, "interventions.0.vector"),
 }
 
 

@@ -257,6 +257,7 @@ def resolve_spec(
     max_ablation_rank: int = 1,
     max_slots: int | None = None,
     max_abs_scale: float = DEFAULT_MAX_ABS_SCALE,
+    allow_paths: bool = True,
 ) -> SteeringPlan | None:
     """Validate a steering request and resolve its vectors into the store.
 
@@ -268,6 +269,8 @@ def resolve_spec(
         max_ablation_rank: the engine's bank rank.
         max_slots: the engine's slot capacity (a request needing more is refused).
         max_abs_scale: bound on |scale|.
+        allow_paths: whether a vector may be named by a file path (a server must say no: its
+            clients name stored vectors, never files on the server).
 
     Raises:
         SpecError: naming the bad field.
@@ -280,6 +283,14 @@ def resolve_spec(
     out = []
     for i, item in enumerate(parsed.interventions):
         field = f"interventions.{i}"
+        if not allow_paths and isinstance(item.vector, str) and item.vector not in store.names() and not (
+            len(item.vector) == 64 and item.vector in store
+        ):
+            raise SpecError(
+                f"unknown vector {item.vector!r}: give a stored name or sha256, or an inline list "
+                "(this server does not read files)",
+                field=f"{field}.vector",
+            )
         if isinstance(item, SaraOp):
             _check_layers(item.layers or [], model, allowed, f"{field}.layers")
             if not item.layers:

@@ -39,20 +39,52 @@ class _Resolver:
         engine = SteeringEngineConfig.model_validate(raw["engine"])
         return ModelShape(info.name, info.num_layers, info.hidden_size), VectorStore(Path(engine.store)), engine, raw["max_abs_scale"]
 
-    def __call__(self, spec: Any):
+    @cached_property
+    def tenants(self):
+        from vsteer.server.tenants import TenantDirectory
+
+        return TenantDirectory.from_env(self._setup[1].root)
+
+    def __call__(self, spec: Any, tenant: Any = None):
         from vsteer.engine.plan import resolve_spec
 
         model, store, engine, max_abs_scale = self._setup
+        if tenant is not None:
+            spec = self._tenant_refs(spec, tenant)
         plan = resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
                             max_ablation_rank=engine.max_ablation_rank, max_slots=engine.max_slots,
-                            max_abs_scale=max_abs_scale)
+                            max_abs_scale=max_abs_scale, allow_paths=False)
         if plan is not None and any(item.op == "sara" for item in plan.interventions):
             raise SpecError("sara is not served yet (it needs a capture pass per request); use vsteer.LLM",
                             field="interventions")
         return plan
 
+    def _tenant_refs(self, spec: Any, tenant: Any) -> Any:
+        """Replace each vector name with the sha256 it means for this tenant; a vector the tenant
+        may not see does not exist for it."""
+        from vsteer.spec import parse_spec
 
-def rewrite_body(body: dict, resolve: _Resolver) -> dict:
+        parsed = parse_spec(spec)
+        if parsed is None:
+            return None
+        public = self._setup[1].names()
+        items = []
+        for i, item in enumerate(parsed.model_dump(mode="json")["interventions"]):
+            ref = item.get("vector")
+            if isinstance(ref, str):
+                sha = self.tenants.visible(tenant, ref, public)
+                if sha is None:
+                    raise NotFoundError(f"unknown vector {ref!r}", field=f"interventions.{i}.vector")
+                item["vector"] = sha
+            items.append({k: v for k, v in item.items() if v is not None})
+        return {"interventions": items}
+
+
+class NotFoundError(SpecError):
+    """A referenced vector does not exist for this client (HTTP 404)."""
+
+
+def rewrite_body(body: dict, resolve: _Resolver, tenant: Any = None) -> dict:
     """Move ``steering`` into vLLM's extra arguments as a resolved plan (raises SpecError)."""
     from vsteer.engine.plan import EXTRA_ARGS_KEY
 
@@ -64,7 +96,7 @@ def rewrite_body(body: dict, resolve: _Resolver) -> dict:
         spec = xargs.pop("steering")
     if EXTRA_ARGS_KEY in xargs:
         raise SpecError(f"vllm_xargs.{EXTRA_ARGS_KEY} is reserved for vsteer", field=f"vllm_xargs.{EXTRA_ARGS_KEY}")
-    plan = resolve(spec)
+    plan = resolve(spec, tenant)
     if plan is not None:
         xargs[EXTRA_ARGS_KEY] = json.dumps(plan.to_extra_args())
         body["cache_salt"] = f"vsteer-{plan.hash}" + (f"-{body['cache_salt']}" if body.get("cache_salt") else "")
@@ -91,27 +123,53 @@ class SteeringMiddleware:
         self.registry = VectorRegistryAPI(self.resolve)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.registry.handles(scope["path"]):
-            await self.registry(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in STEERED_PATHS:
+        tenant = None
+        if self.resolve.tenants is not None and scope["path"].startswith("/v1"):
+            headers = dict(scope["headers"])
+            tenant = self.resolve.tenants.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
+            if tenant is None:
+                await _respond(send, 401, _error(401, "a valid API key is required (Authorization: Bearer <key>)", None))
+                return
+        if self.registry.handles(scope["path"]):
+            await self.registry(scope, receive, send, tenant)
+            return
+        if scope["method"] != "POST" or scope["path"] not in STEERED_PATHS:
             await self.app(scope, receive, send)
             return
         raw = await read_body(receive)
         in_use: frozenset[str] = frozenset()
+        config = None
         try:
             body = json.loads(raw) if raw else {}
             if isinstance(body, dict) and ("steering" in body or "steering" in (body.get("vllm_xargs") or {})):
-                body = rewrite_body(body, self.resolve)
+                body = rewrite_body(body, self.resolve, tenant)
                 raw = json.dumps(body).encode()
                 in_use = self.registry.vectors_of(body)
+                config = body.get("cache_salt")
+            if tenant is not None and config is not None:
+                self.resolve.tenants.start(tenant, config)
+        except NotFoundError as exc:
+            await _respond(send, 404, _error(404, str(exc), exc.field))
+            return
         except SpecError as exc:
             await _respond(send, 400, _error(400, str(exc), exc.field))
             return
         except json.JSONDecodeError:
             pass  # vLLM answers malformed JSON itself
-        with self.registry.using(in_use):  # a vector in use is not deleted from under its requests
-            await self._forward(scope, receive, send, raw)
+        except Exception as exc:  # noqa: BLE001 - only the tenant limit is expected here
+            if type(exc).__name__ != "_LimitError":
+                raise
+            await _respond(send, 429, _error(429, str(exc), "steering"))
+            return
+        try:
+            with self.registry.using(in_use):  # a vector in use is not deleted from under its requests
+                await self._forward(scope, receive, send, raw)
+        finally:
+            if tenant is not None and config is not None:
+                self.resolve.tenants.finish(tenant, config)
 
     async def _forward(self, scope: dict, receive: Any, send: Any, raw: bytes) -> None:
         sent = False

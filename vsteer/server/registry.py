@@ -58,8 +58,10 @@ class VectorRegistryAPI:
                 self._in_use += Counter()  # drop zero counts
 
     # --- HTTP -------------------------------------------------------------------------------------
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict, receive: Any, send: Any, tenant: Any = None) -> None:
         from vsteer.server.middleware import _error, _respond, read_body
+        from vsteer.server.tenants import _LimitError
+
 
         method, path = scope["method"], scope["path"]
         ref = unquote(path[len(PREFIX) + 1:]) if path.startswith(PREFIX + "/") else None
@@ -70,17 +72,20 @@ class VectorRegistryAPI:
                     data = await read_body(receive, MAX_UPLOAD_BYTES)
                 except OverflowError:
                     raise _HTTPError(413, f"upload exceeds {MAX_UPLOAD_BYTES} bytes", "file") from None
-                status, payload = 201, self._upload(data, (query.get("name") or [None])[0])
+                status, payload = 201, self._upload(tenant, data, (query.get("name") or [None])[0])
             elif method == "GET" and ref is None:
-                status, payload = 200, {"object": "list", "data": [self._info(sha) for sha in self._store.list()]}
+                status, payload = 200, {"object": "list", "data": [self._info(tenant, sha) for sha in self._visible_shas(tenant)]}
             elif method == "GET":
-                status, payload = 200, self._info(self._sha(ref))
+                status, payload = 200, self._info(tenant, self._sha(tenant, ref))
             elif method == "DELETE" and ref is not None:
-                status, payload = 200, self._delete(ref)
+                status, payload = 200, self._delete(tenant, ref)
             else:
                 raise _HTTPError(405, f"{method} {path} is not supported", None)
         except _HTTPError as exc:
             await _respond(send, exc.status, _error(exc.status, exc.message, exc.param))
+            return
+        except _LimitError as exc:
+            await _respond(send, 429, _error(429, str(exc), "file"))
             return
         except (SpecError, VectorFileError, ValueError) as exc:
             await _respond(send, 400, _error(400, str(exc), getattr(exc, "field", None) or getattr(exc, "key", None)))
@@ -91,18 +96,36 @@ class VectorRegistryAPI:
     def _store(self):
         return self._resolver._setup[1]
 
-    def _sha(self, ref: str) -> str:
+    @property
+    def _tenants(self):
+        return self._resolver.tenants
+
+    def _visible_shas(self, tenant: Any) -> list[str]:
+        if tenant is None:
+            return self._store.list()
+        owned = self._tenants.owned(tenant)["vectors"]
+        return sorted(set(owned) | set(self._store.names().values()))
+
+    def _sha(self, tenant: Any, ref: str) -> str:
+        if tenant is not None:
+            sha = self._tenants.visible(tenant, ref, self._store.names())
+            if sha is None or sha not in self._store:
+                raise _HTTPError(404, f"no vector named {ref!r}", "ref")
+            return sha
         try:
             return self._store.resolve(ref)
         except VectorFileError:
             raise _HTTPError(404, f"no vector named {ref!r}", "ref") from None
 
-    def _info(self, sha: str) -> dict:
+    def _info(self, tenant: Any, sha: str) -> dict:
         info = self._store.info(sha)
         info["in_use"] = self._in_use.get(sha, 0)
+        if tenant is not None:  # names are per tenant: show only this tenant's and public ones
+            own = self._tenants.owned(tenant)["names"]
+            info["names"] = sorted([n for n, s in own.items() if s == sha] + [n for n in info["names"]])
         return info
 
-    def _upload(self, data: bytes, name: str | None) -> dict:
+    def _upload(self, tenant: Any, data: bytes, name: str | None) -> dict:
         from vsteer.vectors import load_vector
 
         model = self._resolver._setup[0]
@@ -121,15 +144,23 @@ class VectorRegistryAPI:
         if max(vector.layers) >= model.num_layers:
             raise _HTTPError(400, f"vector has layer {max(vector.layers)} but {model.name} has {model.num_layers} layers", "file")
         sha = self._store.put(vector)
-        if name:
+        if tenant is not None:
+            self._tenants.add(tenant, sha, name)
+        elif name:
             self._store.set_name(name, sha, overwrite=True)
-        return self._info(sha)
+        return self._info(tenant, sha)
 
-    def _delete(self, ref: str) -> dict:
-        sha = self._sha(ref)
+    def _delete(self, tenant: Any, ref: str) -> dict:
+        sha = self._sha(tenant, ref)
+        if tenant is not None and sha not in self._tenants.owned(tenant)["vectors"]:
+            raise _HTTPError(404, f"no vector named {ref!r} of yours", "ref")  # public vectors are the operator's
         with self._lock:
             if self._in_use.get(sha):
                 raise _HTTPError(409, f"vector {ref!r} is in use by {self._in_use[sha]} running request(s)", "ref")
+            if tenant is not None:
+                self._tenants.remove(tenant, sha)
+                if self._tenants.owners(sha) or sha in self._store.names().values():
+                    return {"deleted": sha}  # the content stays for its other owners
             self._store.delete(sha)
         return {"deleted": sha}
 

@@ -1,0 +1,82 @@
+"""Tenants on a real `vsteer serve`: keys, per-tenant vectors, limits; over real HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from tests.server.test_serve import MODEL, start_server
+from vsteer import SteeringVector, save_vector
+
+KEYS = {"alice": "sk-alice-test-key", "bob": "sk-bob-test-key"}
+
+
+@pytest.fixture(scope="module")
+def tenant_server(model_path, tmp_path_factory):
+    from vsteer.vectors import VectorStore
+
+    root = tmp_path_factory.mktemp("tenants")
+    store = VectorStore(root / "store")
+    public = SteeringVector.from_tensors({10: torch.ones(576) / 24})
+    store.set_name("public-ones", store.put(public))  # the operator's public vector
+    tenants = root / "tenants.json"
+    tenants.write_text(json.dumps({"tenants": {
+        "alice": {"keys": [KEYS["alice"]], "max_vectors": 2},
+        "bob": {"keys": [KEYS["bob"]]},
+    }}))
+    yield from start_server(model_path, root / "server.log", ["--tenants", str(tenants)], store=store.root)
+
+
+def _h(who: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[who]}"}
+
+
+def _complete(base: str, who: str | None, vector: object, **extra) -> httpx.Response:
+    body = {"model": MODEL, "prompt": "My weekend", "max_tokens": 6, "temperature": 0,
+            "steering": {"interventions": [{"op": "add", "vector": vector, "layers": [10], "scale": 8.0}]}, **extra}
+    return httpx.post(f"{base}/v1/completions", json=body, headers=_h(who) if who else {}, timeout=60)
+
+
+def test_keys_are_required(tenant_server):
+    assert httpx.get(f"{tenant_server}/v1/models").status_code == 401
+    assert httpx.get(f"{tenant_server}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{tenant_server}/v1/models", headers=_h("bob")).status_code == 200
+    assert httpx.get(f"{tenant_server}/health").status_code == 200
+
+
+def test_a_tenant_cannot_see_use_or_delete_another_tenants_vector(tenant_server, tmp_path):
+    v = SteeringVector.from_tensors({10: torch.linspace(-1, 1, 576)})
+    save_vector(v, tmp_path / "v.safetensors")
+    up = httpx.post(f"{tenant_server}/v1/vectors", params={"name": "mine"}, content=(tmp_path / "v.safetensors").read_bytes(),
+                    headers=_h("alice"))
+    assert up.status_code == 201 and up.json()["names"] == ["mine"]
+    sha = up.json()["sha256"]
+    assert _complete(tenant_server, "alice", "mine").status_code == 200
+    assert _complete(tenant_server, "alice", sha).status_code == 200
+    listed_by_bob = [item["sha256"] for item in httpx.get(f"{tenant_server}/v1/vectors", headers=_h("bob")).json()["data"]]
+    assert sha not in listed_by_bob and len(listed_by_bob) == 1  # only the public vector
+    assert httpx.get(f"{tenant_server}/v1/vectors/mine", headers=_h("bob")).status_code == 404
+    assert httpx.get(f"{tenant_server}/v1/vectors/{sha}", headers=_h("bob")).status_code == 404
+    for ref in ("mine", sha):
+        denied = _complete(tenant_server, "bob", ref)
+        assert denied.status_code == 404 and denied.json()["error"]["param"] == "interventions.0.vector"
+    assert httpx.delete(f"{tenant_server}/v1/vectors/{sha}", headers=_h("bob")).status_code == 404
+    assert httpx.get(f"{tenant_server}/v1/vectors/mine", headers=_h("alice")).status_code == 200
+    # both see and use the operator's public vector, neither can delete it
+    for who in ("alice", "bob"):
+        assert _complete(tenant_server, who, "public-ones").status_code == 200
+        assert httpx.delete(f"{tenant_server}/v1/vectors/public-ones", headers=_h(who)).status_code == 404
+
+
+def test_vector_limit(tenant_server, tmp_path):
+    codes = []
+    for i in range(3):
+        v = SteeringVector.from_tensors({10: torch.full((576,), 0.01 * (i + 1))})
+        save_vector(v, tmp_path / f"{i}.safetensors")
+        codes.append(httpx.post(f"{tenant_server}/v1/vectors", content=(tmp_path / f"{i}.safetensors").read_bytes(),
+                                headers=_h("alice")).status_code)
+    assert 429 in codes  # alice may own 2 vectors and already owns one from the test above
+    assert httpx.get(f"{tenant_server}/v1/models", headers=_h("alice")).status_code == 200
