@@ -159,3 +159,15 @@ def test_vector_registry_refuses_bad_uploads(server):
     big = httpx.post(f"{server}/v1/vectors", content=b"\0" * (64 * 2**20 + 1), timeout=60)
     assert big.status_code == 413
     assert httpx.get(f"{server}/v1/models").status_code == 200
+
+
+def test_steering_metrics_on_the_prometheus_endpoint(server, client, directions):
+    import httpx
+
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"steering": _spec(directions)})
+    text = httpx.get(f"{server}/metrics").text
+    value = lambda name: float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))  # noqa: E731
+    assert value('vsteer_requests_total{op="add"}') >= 1
+    assert value("vsteer_max_slots") == 16
+    assert value('vsteer_requests_rejected_total{code="400"}') >= 1  # from the bad-request tests above
+    assert value("vsteer_configs_in_flight") == 0

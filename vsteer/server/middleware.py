@@ -121,6 +121,19 @@ class SteeringMiddleware:
         self.app = app
         self.resolve = _Resolver()
         self.registry = VectorRegistryAPI(self.resolve)
+        self._metrics = None
+
+    @property
+    def metrics(self):
+        if self._metrics is None:
+            from vsteer.server.metrics import SteeringMetrics
+
+            self._metrics = SteeringMetrics(self.resolve._setup[2].max_slots)
+        return self._metrics
+
+    async def _refuse(self, send: Any, status: int, message: str, param: str | None) -> None:
+        self.metrics.rejected(status)
+        await _respond(send, status, _error(status, message, param))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -131,7 +144,7 @@ class SteeringMiddleware:
             headers = dict(scope["headers"])
             tenant = self.resolve.tenants.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
             if tenant is None:
-                await _respond(send, 401, _error(401, "a valid API key is required (Authorization: Bearer <key>)", None))
+                await self._refuse(send, 401, "a valid API key is required (Authorization: Bearer <key>)", None)
                 return
         if self.registry.handles(scope["path"]):
             await self.registry(scope, receive, send, tenant)
@@ -142,6 +155,7 @@ class SteeringMiddleware:
         raw = await read_body(receive)
         in_use: frozenset[str] = frozenset()
         config = None
+        ops: list[str] = []
         try:
             body = json.loads(raw) if raw else {}
             if isinstance(body, dict) and ("steering" in body or "steering" in (body.get("vllm_xargs") or {})):
@@ -149,23 +163,25 @@ class SteeringMiddleware:
                 raw = json.dumps(body).encode()
                 in_use = self.registry.vectors_of(body)
                 config = body.get("cache_salt")
+                ops = self.registry.ops_of(body)
             if tenant is not None and config is not None:
                 self.resolve.tenants.start(tenant, config)
         except NotFoundError as exc:
-            await _respond(send, 404, _error(404, str(exc), exc.field))
+            await self._refuse(send, 404, str(exc), exc.field)
             return
         except SpecError as exc:
-            await _respond(send, 400, _error(400, str(exc), exc.field))
+            await self._refuse(send, 400, str(exc), exc.field)
             return
         except json.JSONDecodeError:
             pass  # vLLM answers malformed JSON itself
         except Exception as exc:  # noqa: BLE001 - only the tenant limit is expected here
             if type(exc).__name__ != "_LimitError":
                 raise
-            await _respond(send, 429, _error(429, str(exc), "steering"))
+            await self._refuse(send, 429, str(exc), "steering")
             return
         try:
-            with self.registry.using(in_use):  # a vector in use is not deleted from under its requests
+            # a vector in use is not deleted from under its requests
+            with self.registry.using(in_use), self.metrics.request(ops, config):
                 await self._forward(scope, receive, send, raw)
         finally:
             if tenant is not None and config is not None:

@@ -46,6 +46,13 @@ class VectorRegistryAPI:
         plan = json.loads(body.get("vllm_xargs", {}).get(EXTRA_ARGS_KEY, "null"))
         return frozenset(item["vector"] for item in (plan or {}).get("interventions", []))
 
+    def ops_of(self, body: dict) -> list[str]:
+        """The steering ops of a rewritten request body, in order."""
+        from vsteer.engine.plan import EXTRA_ARGS_KEY
+
+        plan = json.loads(body.get("vllm_xargs", {}).get(EXTRA_ARGS_KEY, "null"))
+        return [item["op"] for item in (plan or {}).get("interventions", [])]
+
     @contextmanager
     def using(self, shas: frozenset[str]) -> Iterator[None]:
         with self._lock:
