@@ -171,3 +171,14 @@ def test_steering_metrics_on_the_prometheus_endpoint(server, client, directions)
     assert value("vsteer_max_slots") == 16
     assert value('vsteer_requests_rejected_total{code="400"}') >= 1  # from the bad-request tests above
     assert value("vsteer_configs_in_flight") == 0
+
+
+def test_nan_in_a_request_is_a_400(server):
+    import httpx
+
+    # Python's json (and many clients) can write NaN; strict ones refuse, so send the text raw.
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2,
+                       "steering": {"interventions": [{"op": "add", "vector": [float("nan")] * 576, "layers": [3]}]}})
+    r = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "interventions.0.vector"
+    assert "NaN" in r.json()["error"]["message"]

@@ -25,7 +25,7 @@ def tenant_server(model_path, tmp_path_factory):
     tenants = root / "tenants.json"
     tenants.write_text(json.dumps({"tenants": {
         "alice": {"keys": [KEYS["alice"]], "max_vectors": 2},
-        "bob": {"keys": [KEYS["bob"]]},
+        "bob": {"keys": [KEYS["bob"]], "max_configs_in_flight": 1},
     }}))
     yield from start_server(model_path, root / "server.log", ["--tenants", str(tenants)], store=store.root)
 
@@ -80,3 +80,20 @@ def test_vector_limit(tenant_server, tmp_path):
                                 headers=_h("alice")).status_code)
     assert 429 in codes  # alice may own 2 vectors and already owns one from the test above
     assert httpx.get(f"{tenant_server}/v1/models", headers=_h("alice")).status_code == 200
+
+
+def test_configs_in_flight_limit(tenant_server):
+    """bob may run one distinct steering config at a time: a second one is refused while the first streams."""
+    body = lambda scale: {"model": MODEL, "prompt": "Tell a story:", "max_tokens": 150, "temperature": 0, "ignore_eos": True,  # noqa: E731
+                          "stream": True, "steering": {"interventions": [{"op": "add", "vector": "public-ones", "layers": [10], "scale": scale}]}}
+    with httpx.stream("POST", f"{tenant_server}/v1/completions", json=body(4.0), headers=_h("bob"), timeout=120) as first:
+        lines = first.iter_lines()  # keep the iterator: dropping it closes the stream (a disconnect)
+        next(lines)
+        second = httpx.post(f"{tenant_server}/v1/completions", json=dict(body(5.0), stream=False, max_tokens=2), headers=_h("bob"))
+        assert second.status_code == 429 and "max_configs_in_flight=1" in second.json()["error"]["message"]
+        same = httpx.post(f"{tenant_server}/v1/completions", json=dict(body(4.0), stream=False, max_tokens=2), headers=_h("bob"))
+        assert same.status_code == 200  # the config already running is fine
+        for _ in lines:
+            pass
+    after = httpx.post(f"{tenant_server}/v1/completions", json=dict(body(5.0), stream=False, max_tokens=2), headers=_h("bob"))
+    assert after.status_code == 200

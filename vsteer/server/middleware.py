@@ -188,6 +188,8 @@ class SteeringMiddleware:
                 self.resolve.tenants.finish(tenant, config)
 
     async def _forward(self, scope: dict, receive: Any, send: Any, raw: bytes) -> None:
+        """Pass the (rewritten) request on; returns when its response (streamed or not) is done
+        or the client has gone."""
         sent = False
 
         async def replay() -> dict:
