@@ -171,6 +171,9 @@ def test_steering_metrics_on_the_prometheus_endpoint(server, client, directions)
     assert value("vsteer_max_slots") == 16
     assert value('vsteer_requests_rejected_total{code="400"}') >= 1  # from the bad-request tests above
     assert value("vsteer_configs_in_flight") == 0
+    time.sleep(2.5)  # the engine's slot statistics are polled every 2 s
+    text = httpx.get(f"{server}/metrics").text
+    assert value("vsteer_slot_loads") >= 1 and value("vsteer_slots_resident") >= 1
 
 
 def test_nan_in_a_request_is_a_400(server):

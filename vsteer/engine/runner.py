@@ -209,6 +209,7 @@ class SteeringRunnerMixin:
         return {
             "max_slots": self._vsteer_slots.num_slots,
             "resident": len(self._vsteer_slots.resident),
+            "in_use": self._vsteer_slots.pinned,  # slots the last step's tokens used
             "loads": self._vsteer_slots.loads,
             "steered_requests": len(self._vsteer_requests),
             "wrapped_layers": list(self._vsteer_buffers.layers),

@@ -7,6 +7,12 @@
 - ``vsteer_configs_beyond_slots``: ``max(0, configs_in_flight - max_slots)``, a lower bound on the
   configs whose requests wait for a slot in the engine's scheduler (a config needs one slot per
   distinct set of active interventions, usually one).
+
+From the engine's workers, polled every ``POLL_S`` seconds through ``collective_rpc``:
+
+- ``vsteer_slots_in_use``: slots used by the tokens of the engine's last step.
+- ``vsteer_slots_resident``: slots holding a folded config (in use, or cached for reuse).
+- ``vsteer_slot_loads``: bank rows written so far (a config taking a slot it was not cached in).
 """
 
 from __future__ import annotations
@@ -29,7 +35,13 @@ def _metrics():
         "configs": Gauge("vsteer_configs_in_flight", "Distinct steering configs of running or queued requests."),
         "max_slots": Gauge("vsteer_max_slots", "Steering slots of the engine."),
         "beyond": Gauge("vsteer_configs_beyond_slots", "Configs in flight beyond the slot count (they wait)."),
+        "in_use": Gauge("vsteer_slots_in_use", "Steering slots used by the engine's last step."),
+        "resident": Gauge("vsteer_slots_resident", "Steering slots holding a folded config."),
+        "loads": Gauge("vsteer_slot_loads", "Bank rows written since the engine started."),
     }
+
+
+POLL_S = 2.0
 
 
 class SteeringMetrics:
@@ -39,6 +51,26 @@ class SteeringMetrics:
         self._max_slots = max_slots
         self._configs: Counter[str] = Counter()
         self._lock = threading.Lock()
+
+    def start_polling(self, engine_client) -> None:
+        """Poll the workers' slot statistics in the background (once per process)."""
+        import asyncio
+
+        if getattr(self, "_poller", None) is None and engine_client is not None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(engine_client))
+
+    async def _poll(self, engine_client) -> None:
+        import asyncio
+
+        while True:
+            try:
+                stats = (await engine_client.collective_rpc("vsteer_stats"))[0]
+                self._m["in_use"].set(stats["in_use"])
+                self._m["resident"].set(stats["resident"])
+                self._m["loads"].set(stats["loads"])
+            except Exception:  # noqa: BLE001 - the engine may be starting or stopping; try again
+                pass
+            await asyncio.sleep(POLL_S)
 
     def rejected(self, code: int) -> None:
         self._m["rejected"].labels(code=str(code)).inc()

@@ -139,6 +139,8 @@ class SteeringMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        app = scope.get("app")
+        self.metrics.start_polling(getattr(getattr(app, "state", None), "engine_client", None))
         tenant = None
         if self.resolve.tenants is not None and scope["path"].startswith("/v1"):
             headers = dict(scope["headers"])
