@@ -22,6 +22,9 @@ from vsteer.spec import DEFAULT_MAX_ABS_SCALE
 from vsteer.vectors import SteeringVector, VectorStore, load_vector
 
 _SCHEDULER = "vsteer.engine.scheduler.SteeringScheduler"
+#: KV cache on CPU when neither kv_cache_memory_bytes, gpu_memory_utilization nor
+#: VLLM_CPU_KVCACHE_SPACE says otherwise.
+DEFAULT_CPU_KV_BYTES = 4 * 2**30
 _WORKERS = {"cpu": "vsteer.engine.worker.SteeredCPUWorker", "cuda": "vsteer.engine.worker.SteeredGPUWorker"}
 
 
@@ -48,6 +51,7 @@ class LLM:
         store: vector-store folder (default ``$VSTEER_VECTOR_STORE`` or ``<cache>/vectors``).
         max_abs_scale: reject specs with a larger |scale|.
         **engine_kwargs: passed to ``vllm.LLM`` (``dtype``, ``enforce_eager``, ``max_model_len``...).
+            On CPU the KV cache defaults to 4 GiB (vLLM would reserve 92% of RAM).
 
     Example:
         >>> llm = vsteer.LLM("smollm2", enforce_eager=True)
@@ -87,6 +91,10 @@ class LLM:
         device = current_platform.device_type
         if device not in _WORKERS:
             raise EngineError(f"vsteer supports CPU and CUDA devices, not {device!r}")
+        if device == "cpu" and not ({"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)) \
+                and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            # vLLM-CPU otherwise reserves 92% of RAM and refuses to start when others use memory.
+            engine_kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_BYTES
         additional = dict(engine_kwargs.pop("additional_config", None) or {})
         additional[ADDITIONAL_CONFIG_KEY] = self.config.model_dump()
         self.engine = vllm.LLM(
