@@ -18,27 +18,21 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 
+from vsteer.server.process import free_port, stop, wait_until_healthy  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SECTION = "## Serving under load (CPU)"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -56,7 +50,7 @@ def main() -> None:
     import httpx
     import torch
 
-    port = _port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1", "VLLM_CACHE_ROOT": tempfile.mkdtemp(), "VSTEER_VECTOR_STORE": tempfile.mkdtemp()}
     log = Path(tempfile.mkdtemp()) / "server.log"
@@ -66,15 +60,10 @@ def main() -> None:
     server = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server did not start:\n{log.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+        try:
+            wait_until_healthy(base, server)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"{exc}:\n{log.read_text()[-2000:]}") from exc
         g = torch.Generator().manual_seed(0)
         vectors = []
         for _ in range(args.clients):
@@ -104,11 +93,7 @@ def main() -> None:
             for c in range(args.clients):
                 alone[c] = http.post(base + "/v1/completions", json=body(c)).json()["choices"][0]["text"]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
     statuses = Counter(status for _, status, _, _ in results)
     ok = [(c, lat, r) for c, status, lat, r in results if status == 200]

@@ -17,45 +17,29 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import httpx
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from vsteer.server.process import free_port, wait_until_healthy
+
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VsteerReplica:
     """One ``vsteer serve`` process per replica, proxied."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         args = shlex.split(os.environ.get("VSTEER_SERVE_ARGS", "smollm2"))
         self.proc = subprocess.Popen([sys.executable, "-m", "vsteer.cli", "serve", *args,
                                       "--host", "127.0.0.1", "--port", str(self.port)])
-        deadline = time.time() + float(os.environ.get("VSTEER_START_TIMEOUT", "900"))
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vsteer serve exited with {self.proc.returncode}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("vsteer serve did not start in time") from None
-                time.sleep(1)
+        wait_until_healthy(f"http://127.0.0.1:{self.port}", self.proc,
+                           timeout=float(os.environ.get("VSTEER_START_TIMEOUT", "900")))
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=None)
 
     async def __call__(self, request: Request) -> Response:

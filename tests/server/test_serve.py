@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from vllm import SamplingParams
 
 from tests.conftest import subprocess_env
+from vsteer.server.process import free_port, stop, wait_until_healthy
 
 MODEL = "smollm2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_path, log, extra_args=(), *, store):
     """Start `vsteer serve` on a free loopback port; yields its base URL, stops it afterwards."""
-    port = _free_port()
+    port = free_port()
     env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store)}
     cmd = [sys.executable, "-m", "vsteer.cli", "serve", *extra_args, model_path, "--served-model-name", MODEL,
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
@@ -33,24 +26,13 @@ def start_server(model_path, log, extra_args=(), *, store):
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
-    yield base
-    proc.terminate()
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        wait_until_healthy(base, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        stop(proc)
+        raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from exc
+    yield base
+    stop(proc)
     assert b"sk-" not in log.read_bytes(), "an API key reached the server log"
 
 
