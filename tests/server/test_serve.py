@@ -147,11 +147,13 @@ def test_steering_metrics_on_the_prometheus_endpoint(server, client, directions)
     import httpx
 
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"steering": _spec(directions)})
+    bad = {"model": MODEL, "prompt": "Hi", "steering": {"interventions": [{"op": "add", "vector": "nope", "layers": [1]}]}}
+    assert httpx.post(f"{server}/v1/completions", json=bad).status_code == 400
     text = httpx.get(f"{server}/metrics").text
     value = lambda name: float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))  # noqa: E731
     assert value('vsteer_requests_total{op="add"}') >= 1
     assert value("vsteer_max_slots") == 16
-    assert value('vsteer_requests_rejected_total{code="400"}') >= 1  # from the bad-request tests above
+    assert value('vsteer_requests_rejected_total{code="400"}') >= 1
     assert value("vsteer_configs_in_flight") == 0
     time.sleep(2.5)  # the engine's slot statistics are polled every 2 s
     text = httpx.get(f"{server}/metrics").text

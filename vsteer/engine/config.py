@@ -22,7 +22,7 @@ class SteeringEngineConfig(BaseModel):
     max_slots: int = Field(
         ge=1,
         description="Steering slots (distinct folded configs resident at once), slot 0 excluded. "
-        "Bank memory: layers x (max_slots + 1) x (2 + 2*max_ablation_rank) x hidden x 4 bytes.",
+        "Bank memory: layers x (max_slots + 1) x ((2 + 2*max_ablation_rank) x hidden + 1) x 4 bytes.",
     )
     max_ablation_rank: int = Field(default=1, ge=0, le=16, description="Ablations per layer per slot.")
     steerable_layers: list[int] | None = Field(

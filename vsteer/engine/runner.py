@@ -212,6 +212,8 @@ class SteeringRunnerMixin:
             "in_use": self._vsteer_slots.pinned,  # slots the last step's tokens used
             "loads": self._vsteer_slots.loads,
             "steered_requests": len(self._vsteer_requests),
+            "bank_bytes": self._vsteer_buffers.bank.numel() * self._vsteer_buffers.bank.element_size(),
+            "capture_bytes": sum(t.numel() * t.element_size() for t in self._vsteer_buffers.capture.values()),
             "wrapped_layers": list(self._vsteer_buffers.layers),
             "capture_layers": sorted(self._vsteer_buffers.capture),
         }
