@@ -71,22 +71,18 @@ class _SteeredSingle:
         return self._vsteer_apply(hidden, None, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
 
 
-class _EagerPair(_SteeredPair):
-    """Eager-only variant: skips the op on steps that neither steer nor capture this layer."""
+class _SkipUnusedLayer:
+    """Eager-only: skip the steering op on steps that neither steer nor capture this layer.
+
+    Put ahead of the steered mixin; ``_vsteer_mixin`` (set on the built class) names it, so the
+    skip path calls the original layer's forward directly.
+    """
 
     def forward(self, *args, **kwargs):
         act = self._vsteer_activity
         if self._vsteer_layer in act.steer or (act.capture and self._vsteer_capture is not None):
-            return _SteeredPair.forward(self, *args, **kwargs)
-        return super(_SteeredPair, self).forward(*args, **kwargs)
-
-
-class _EagerSingle(_SteeredSingle):
-    def forward(self, *args, **kwargs):
-        act = self._vsteer_activity
-        if self._vsteer_layer in act.steer or (act.capture and self._vsteer_capture is not None):
-            return _SteeredSingle.forward(self, *args, **kwargs)
-        return super(_SteeredSingle, self).forward(*args, **kwargs)
+            return super().forward(*args, **kwargs)
+        return super(self._vsteer_mixin, self).forward(*args, **kwargs)
 
 
 _WRAPPED_CLASSES: dict[tuple[type, bool], type] = {}
@@ -94,9 +90,9 @@ _WRAPPED_CLASSES: dict[tuple[type, bool], type] = {}
 
 def _steered_class(cls: type, eager: bool) -> type:
     if (cls, eager) not in _WRAPPED_CLASSES:
-        pair = cls.__name__ in PAIR_LAYERS
-        mixin = (_EagerPair if pair else _EagerSingle) if eager else (_SteeredPair if pair else _SteeredSingle)
-        _WRAPPED_CLASSES[(cls, eager)] = type(f"Steered{cls.__name__}", (mixin, cls), {})
+        mixin = _SteeredPair if cls.__name__ in PAIR_LAYERS else _SteeredSingle
+        bases = (_SkipUnusedLayer, mixin, cls) if eager else (mixin, cls)
+        _WRAPPED_CLASSES[(cls, eager)] = type(f"Steered{cls.__name__}", bases, {"_vsteer_mixin": mixin})
     return _WRAPPED_CLASSES[(cls, eager)]
 
 

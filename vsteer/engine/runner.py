@@ -173,9 +173,10 @@ class SteeringRunnerMixin:
             if req_id in captures:
                 self._vsteer_step_captures.append((req_id, off, int(computed[i]), n))
             off += n
-        activity = self._vsteer_buffers.activity
-        activity.steer = frozenset().union(*(self._vsteer_slot_layers[s] for s in self._vsteer_slots.pinned_slots))
-        activity.capture = bool(self._vsteer_step_captures)
+        if self.model_config.enforce_eager:  # only eager layers read it (see StepActivity)
+            activity = self._vsteer_buffers.activity
+            activity.steer = frozenset().union(*(self._vsteer_slot_layers[s] for s in self._vsteer_slots.pinned_slots))
+            activity.capture = bool(self._vsteer_step_captures)
         end = max(off, self._vsteer_prev_tokens)
         idx[off:end] = 0
         if any_steered or self._vsteer_prev_tokens:
