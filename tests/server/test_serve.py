@@ -96,6 +96,7 @@ def test_bad_request_is_a_400_naming_the_field_and_the_server_keeps_serving(name
         client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body=body)
     assert info.value.status_code == 400
     assert info.value.body["param"] == param, info.value.body
+    assert "cannot load" not in info.value.body["message"]  # one clear reason, not a wrapped one
     ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0)
     assert ok.choices[0].finish_reason in ("length", "stop")
 

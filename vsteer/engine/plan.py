@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -283,14 +284,6 @@ def resolve_spec(
     out = []
     for i, item in enumerate(parsed.interventions):
         field = f"interventions.{i}"
-        if not allow_paths and isinstance(item.vector, str) and item.vector not in store.names() and not (
-            len(item.vector) == 64 and item.vector in store
-        ):
-            raise SpecError(
-                f"unknown vector {item.vector!r}: give a stored name or sha256, or an inline list "
-                "(this server does not read files)",
-                field=f"{field}.vector",
-            )
         if isinstance(item, SaraOp):
             _check_layers(item.layers or [], model, allowed, f"{field}.layers")
             if not item.layers:
@@ -298,7 +291,7 @@ def resolve_spec(
             source = _sara_source(item, field)
             out.append(ResolvedIntervention("sara", source, tuple(item.layers), item.scale, item.positions, False))
             continue
-        vector = _load_ref(item.vector, item.layers, store=store, field=f"{field}.vector")
+        vector = _load_ref(item.vector, item.layers, store=store, field=f"{field}.vector", allow_paths=allow_paths)
         if vector.hidden_size != model.hidden_size:
             raise SpecError(
                 f"vector has hidden size {vector.hidden_size} but {model.name} has {model.hidden_size}",
@@ -314,12 +307,11 @@ def resolve_spec(
         layers = tuple(item.layers) if item.layers is not None else tuple(sorted(vector.layers))
         _check_layers(layers, model, allowed, f"{field}.layers")
         for layer in layers:
-            if layer not in vector.layers and len(vector.layers) != 1:
-                raise SpecError(
-                    f"vector has no tensor for layer {layer} (it has {sorted(vector.layers)})",
-                    field=f"{field}.layers",
-                )
-            if isinstance(item, AblateOp) and float(_direction(vector, layer).norm()) == 0.0:
+            try:
+                direction = _direction(vector, layer)
+            except SpecError as exc:
+                raise SpecError(exc.reason, field=f"{field}.layers") from exc
+            if isinstance(item, AblateOp) and float(direction.norm()) == 0.0:
                 raise SpecError(f"cannot ablate a zero direction at layer {layer}", field=f"{field}.vector")
         sha = store.put(vector)
         if isinstance(item, AddOp):
@@ -328,11 +320,7 @@ def resolve_spec(
         else:
             out.append(ResolvedIntervention("ablate", sha, layers, 1.0, item.positions, False))
     plan = SteeringPlan(tuple(out))
-    ranks = {}
-    for item in plan.interventions:
-        if item.op == "ablate":
-            for layer in item.layers:
-                ranks[layer] = ranks.get(layer, 0) + 1
+    ranks = Counter(layer for item in plan.interventions if item.op == "ablate" for layer in item.layers)
     worst = max(ranks.items(), key=lambda kv: kv[1], default=(None, 0))
     if worst[1] > max_ablation_rank:
         raise SpecError(
@@ -340,9 +328,10 @@ def resolve_spec(
             f"{max_ablation_rank}",
             field="interventions",
         )
-    if max_slots is not None and plan.max_slots_needed() > max_slots:
+    needed = plan.max_slots_needed() if max_slots is not None else 0
+    if max_slots is not None and needed > max_slots:
         raise SpecError(
-            f"the request needs {plan.max_slots_needed()} steering slots at once but the engine "
+            f"the request needs {needed} steering slots at once but the engine "
             f"has {max_slots} (raise max_slots or use fewer distinct position ranges)",
             field="interventions",
         )
@@ -375,14 +364,21 @@ def _load_ref(
     *,
     store: VectorStore,
     field: str,
+    allow_paths: bool = True,
 ) -> SteeringVector:
-    """A vector from an inline list, a name or sha256 in the store, or a file path (in that order)."""
+    """A vector from an inline list, a name or sha256 in the store, or (if allowed) a file path."""
     if isinstance(ref, list):
         if layers is None:
             raise SpecError("an inline vector needs explicit 'layers'", field=field.rsplit(".", 1)[0] + ".layers")
         return SteeringVector.from_tensors({layers[0]: ref}, method="inline")
+    stored = ref in store.names() or (len(ref) == 64 and ref in store)
+    if not stored and not allow_paths:
+        raise SpecError(
+            f"unknown vector {ref!r}: give a stored name or sha256, or an inline list (this server does not read files)",
+            field=field,
+        )
     try:
-        if ref in store.names() or (len(ref) == 64 and ref in store):
+        if stored:
             return store.get(store.resolve(ref))
         path = Path(ref).expanduser()
         if path.is_file():
