@@ -17,3 +17,19 @@ def write_section(title: str, section: str, path: Path = RESULTS) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def publish(title: str, json_path: Path, data: dict, body: list[str], *, machine: str,
+            results_md: Path = RESULTS) -> None:
+    """Write ``json_path`` ({command, machine, date, **data}) and the RESULTS.md section ``title``
+    (a ``## `` line), headed by the same command, machine and date, then ``body`` lines."""
+    import datetime as dt
+    import json
+    import sys
+
+    command = "python benchmarks/" + Path(sys.argv[0]).name + "".join(f" {a}" for a in sys.argv[1:])
+    date = dt.date.today().isoformat()
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"command": command, "machine": machine, "date": date, **data}, indent=2))
+    header = [title, "", f"Command: `{command}`  ", f"Machine: {machine}  ", f"Date: {date}", ""]
+    write_section(title, "\n".join(header + body).rstrip("\n") + "\n\n", results_md)

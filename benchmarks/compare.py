@@ -18,8 +18,6 @@ Run:  python benchmarks/compare.py     (writes results/compare-cpu.{json,png} an
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -28,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from _results import publish  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Against the alternatives (CPU)"
@@ -135,15 +133,10 @@ def main() -> None:
     memory = {"bank_bytes_formula": layers * slots * (2 + 2 * rank) * hidden * 4 + layers * slots * 4,
               "bank_bytes_measured": stats["bank_bytes"], "capture_bytes_measured": stats["capture_bytes"],
               "per_slot_per_layer_bytes": (2 + 2 * rank) * hidden * 4 + 4}
-    cmd = "python benchmarks/compare.py " + " ".join(sys.argv[1:])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vLLM {vllm.__version__}, {args.threads} threads, {args.dtype}, eager"
-    date = dt.date.today().isoformat()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "compare-cpu.json").write_text(json.dumps({"command": cmd, "machine": machine, "date": date,
-                                                              "rows": rows, "memory": memory}, indent=2))
     _plot(rows, args.out_dir / "compare-cpu.png")
-    lines = [SECTION, "", f"Command: `{cmd}`  ", f"Machine: {machine}  ", f"Date: {date}", "",
-             f"{args.num_prompts} prompts x {args.max_tokens} greedy tokens (fixed length), K distinct random unit "
+    lines = [f"{args.num_prompts} prompts x {args.max_tokens} greedy tokens (fixed length), K distinct random unit "
              f"vectors x {args.scale} at layer {LAYER}, round-robin over the prompts. One run, after a warm-up of "
              "each engine. Plot: `results/compare-cpu.png`.", "",
              "| scenario | tok/s | x plain vLLM |", "|---|---:|---:|"]
@@ -151,8 +144,8 @@ def main() -> None:
     lines += ["", f"Slot-bank memory: `layers x (max_slots + 1) x ((2 + 2*max_ablation_rank) x hidden + 1) x 4` bytes "
               f"= {memory['bank_bytes_formula']:,} bytes for 30 layers, {slots} slots, rank 1, hidden 576; the "
               f"engine's bank measures {memory['bank_bytes_measured']:,} bytes ({memory['per_slot_per_layer_bytes']:,} "
-              f"bytes per slot per layer). Capture buffers: {memory['capture_bytes_measured']:,} bytes.", ""]
-    write_section(SECTION, "\n".join(lines))
+              f"bytes per slot per layer). Capture buffers: {memory['capture_bytes_measured']:,} bytes."]
+    publish(SECTION, args.out_dir / "compare-cpu.json", {"rows": rows, "memory": memory}, lines, machine=machine)
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -13,8 +13,6 @@ and the "Vector methods" section of benchmarks/RESULTS.md)
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -22,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from _results import publish  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["I think that", "My neighbour is", "Today I feel", "The best thing about people is",
@@ -111,15 +109,19 @@ def main() -> None:
                      "per_prompt": {str(s): margins[m][s] for s in multipliers}})
         print(f"{m:55s} " + "  ".join(f"{x:+.3f}" for x in means) + ("  as expected" if ok else "  NOT monotone as expected"))
 
-    cmd = "python benchmarks/method_effects.py " + " ".join(sys.argv[1:])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, {args.dtype}"
-    date = dt.date.today().isoformat()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "method-effects.json").write_text(json.dumps(
-        {"command": cmd, "machine": machine, "date": date, "prompts": PROMPTS, "positive": POSITIVE,
-         "negative": NEGATIVE, "results": rows}, indent=2))
     _plot(rows, multipliers, args.out_dir / "method-effects.png")
-    _write_section(rows, cmd, machine, date)
+    lines = ["Mean over 8 neutral prompts of the next-token log-probability margin of 8 positive over 8 "
+             "negative words (see the script's docstring). Plot: `results/method-effects.png`.", "",
+             "| method | base scale | x -1 | x 0 | x +1 | expected | monotone as expected? |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["margin"]
+        lines.append(f"| {r['method']} | {r['base']} | {m['-1.0']:+.3f} | {m['0.0']:+.3f} | {m['1.0']:+.3f} | "
+                     f"{r['expected']} | {'yes' if r['monotone_as_expected'] else 'no'} |")
+    publish("## Vector methods: effect on the default model", args.out_dir / "method-effects.json",
+            {"prompts": PROMPTS, "positive": POSITIVE, "negative": NEGATIVE, "results": rows}, lines, machine=machine)
 
 
 def _plot(rows: list[dict], multipliers: list[float], path: Path) -> None:
@@ -138,20 +140,6 @@ def _plot(rows: list[dict], multipliers: list[float], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _write_section(rows: list[dict], cmd: str, machine: str, date: str) -> None:
-    lines = ["## Vector methods: effect on the default model", "",
-             f"Command: `{cmd}`  ", f"Machine: {machine}  ", f"Date: {date}", "",
-             "Mean over 8 neutral prompts of the next-token log-probability margin of 8 positive over 8 "
-             "negative words (see the script's docstring). Plot: `results/method-effects.png`.", "",
-             "| method | base scale | x -1 | x 0 | x +1 | expected | monotone as expected? |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m = r["margin"]
-        lines.append(f"| {r['method']} | {r['base']} | {m['-1.0']:+.3f} | {m['0.0']:+.3f} | {m['1.0']:+.3f} | "
-                     f"{r['expected']} | {'yes' if r['monotone_as_expected'] else 'no'} |")
-    write_section("## Vector methods: effect on the default model", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

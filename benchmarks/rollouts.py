@@ -14,7 +14,6 @@ Run:  python benchmarks/rollouts.py   (writes results/rollouts-cpu.json and a RE
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from _results import publish  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Rollout job throughput (CPU)"
@@ -117,20 +116,15 @@ def main() -> None:
     base = results[0]["tokens_per_s"]
     for r in results:
         r["x_plain"] = round(r["tokens_per_s"] / base, 3)
-    cmd = "python benchmarks/rollouts.py " + " ".join(sys.argv[1:])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vLLM {vllm.__version__}, {args.dtype}, eager"
-    date = dt.date.today().isoformat()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "rollouts-cpu.json").write_text(json.dumps({"command": cmd, "machine": machine, "date": date,
-                                                               "rows": args.rows, "max_tokens": args.max_tokens,
-                                                               "chunk_rows": args.chunk_rows, "results": results}, indent=2))
-    lines = [SECTION, "", f"Command: `{cmd}`  ", f"Machine: {machine}  ", f"Date: {date}", "",
-             f"{args.rows} rows x {args.max_tokens} greedy tokens (ignore_eos), half steered (each its own vector at layer 10), "
+    lines = [f"{args.rows} rows x {args.max_tokens} greedy tokens (ignore_eos), half steered (each its own vector at layer 10), "
              f"chunks of {args.chunk_rows} rows. Ray rows exclude actor start-up (the pool is started first). "
              "Plain vLLM runs unsteered rows only; everything else runs the same rows through the job.", "",
              "| scenario | rows/s | tok/s | x plain vLLM |", "|---|---:|---:|---:|"]
     lines += [f"| {r['scenario']} | {r['rows_per_s']} | {r['tokens_per_s']} | {r['x_plain']} |" for r in results]
-    write_section(SECTION, "\n".join(lines) + "\n")
+    publish(SECTION, args.out_dir / "rollouts-cpu.json",
+            {"rows": args.rows, "max_tokens": args.max_tokens, "chunk_rows": args.chunk_rows, "results": results},
+            lines, machine=machine)
 
 
 if __name__ == "__main__":

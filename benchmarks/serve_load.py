@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from _results import publish  # noqa: E402
 
 from vsteer.server.process import free_port, stop, wait_until_healthy  # noqa: E402
 
@@ -110,22 +109,16 @@ def main() -> None:
         "wall_s": round(wall, 2), "requests_per_s": round(len(ok) / wall, 2), "tokens_per_s": round(tokens / wall, 1),
     }
     print(json.dumps(summary, indent=2))
-    cmd_line = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, float32, eager"
-    date = dt.date.today().isoformat()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "serve-load.json").write_text(json.dumps({"command": cmd_line, "machine": machine, "date": date,
-                                                            "summary": summary}, indent=2))
     s = summary
-    write_section(SECTION, "\n".join([
-        SECTION, "", f"Command: `{cmd_line}`  ", f"Machine: {machine}  ", f"Date: {date}", "",
+    publish(SECTION, args.out_dir / "serve-load.json", {"summary": summary}, [
         f"{s['clients']} concurrent clients on loopback x {args.requests} requests, each client steering with its own "
         f"inline vector ({s['clients']} distinct configs, {s['max_slots']} slots, max_num_seqs {s['max_num_seqs']}), "
         f"{args.max_tokens} greedy tokens each.", "",
         "| requests | completed | 5xx | differ from the same request alone | p50 latency | p99 latency | req/s | tok/s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {s['requests']} | {s['completed']} | {s['server_errors_5xx']} | {s['mismatched_vs_alone']} | "
-        f"{s['p50_latency_s']} s | {s['p99_latency_s']} s | {s['requests_per_s']} | {s['tokens_per_s']} |", ""]))
+        f"{s['p50_latency_s']} s | {s['p99_latency_s']} s | {s['requests_per_s']} | {s['tokens_per_s']} |"], machine=machine)
     if s["completed"] != s["requests"] or s["server_errors_5xx"] or s["mismatched_vs_alone"]:
         raise SystemExit("load test failed: see the table")
 
