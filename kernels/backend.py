@@ -7,12 +7,16 @@ from typing import Callable, Optional
 
 import torch
 
+from .sas_reference import sas_delta_torch
 from .steer_reference import steer_residual_torch
 
-__all__ = ["SteerFn", "get_steer_backend", "BACKEND_ENV"]
+__all__ = ["SasFn", "SteerFn", "get_sas_backend", "get_steer_backend", "BACKEND_ENV"]
 
 #: ``SteerFn(hidden, residual, bank, index, *, rank) -> Tensor``.
 SteerFn = Callable[..., torch.Tensor]
+
+#: ``SasFn(h, index, bank, w_enc_t, b_enc, w_dec, threshold, union, *, activation, k) -> Tensor``.
+SasFn = Callable[..., torch.Tensor]
 
 #: Environment override: ``torch`` forces the reference, ``triton`` requires Triton,
 #: unset/``auto`` picks automatically.
@@ -58,3 +62,41 @@ def get_steer_backend(device: torch.device | str) -> SteerFn:
             f"(cuda available: {torch.cuda.is_available()})"
         )
     return steer_residual_torch
+
+
+def _sas_triton_fn() -> Optional[SasFn]:
+    from . import sas_triton  # imports triton (guarded) only when needed
+
+    return sas_triton.sas_delta_triton if sas_triton.HAVE_TRITON else None
+
+
+def get_sas_backend(device: torch.device | str) -> SasFn:
+    """Return the SAS-delta implementation for ``device`` (same rules as :func:`get_steer_backend`).
+
+    ``sas_delta_triton`` when ``device`` is CUDA, CUDA is available and Triton imports;
+    ``sas_delta_torch`` otherwise. ``$VSTEER_STEER_BACKEND`` = ``torch`` forces the reference;
+    ``triton`` raises if Triton cannot be used.
+
+    Returns:
+        A callable ``fn(h, index, bank, w_enc_t, b_enc, w_dec, threshold, union, *, activation, k)``.
+
+    Raises:
+        RuntimeError: ``VSTEER_STEER_BACKEND=triton`` but Triton/CUDA unusable.
+        ValueError: unknown ``VSTEER_STEER_BACKEND`` value.
+    """
+    dev = torch.device(device)
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{BACKEND_ENV} must be auto|torch|triton, got {choice!r}")
+    if choice == "torch":
+        return sas_delta_torch
+    usable = dev.type == "cuda" and torch.cuda.is_available()
+    fn = _sas_triton_fn() if usable else None
+    if fn is not None:
+        return fn
+    if choice == "triton":
+        raise RuntimeError(
+            f"{BACKEND_ENV}=triton but Triton cannot be used on {dev} "
+            f"(cuda available: {torch.cuda.is_available()})"
+        )
+    return sas_delta_torch

@@ -46,25 +46,44 @@ def store_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("vector-store")
 
 
-@pytest.fixture(scope="session")
-def eager_llm(model_path, store_dir):
-    from vsteer.engine.llm import LLM
-
-    return LLM(model_path, enforce_eager=True, store=store_dir, **ENGINE_KW)
+#: SAEs the shared engines load (built from real activations at session start; see test_saes.py)
+TEST_SAES = ["test-relu", "test-jumprelu", "test-topk"]
 
 
 @pytest.fixture(scope="session")
-def compiled_llm(model_path, store_dir):
-    from vsteer.engine.llm import LLM
+def sae_store_dir(tmp_path_factory, hf_model, tokenizer, model_path) -> Path:
+    from tests._reference.test_saes import build_test_saes
+    from vsteer.models import model_info
+    from vsteer.sae import SaeStore
 
-    return LLM(model_path, enforce_eager=False, store=store_dir, **ENGINE_KW)
+    root = tmp_path_factory.mktemp("sae-store")
+    store = SaeStore(root)
+    for name, sae in build_test_saes(hf_model, tokenizer, model_info(model_path).name).items():
+        store.add(name, sae)
+    return root
 
 
 @pytest.fixture(scope="session")
-def few_slots_llm(model_path, store_dir):
+def eager_llm(model_path, store_dir, sae_store_dir):
     from vsteer.engine.llm import LLM
 
-    return LLM(model_path, enforce_eager=True, store=store_dir, max_slots=3, **ENGINE_KW)
+    return LLM(model_path, enforce_eager=True, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir, **ENGINE_KW)
+
+
+@pytest.fixture(scope="session")
+def compiled_llm(model_path, store_dir, sae_store_dir):
+    from vsteer.engine.llm import LLM
+
+    return LLM(model_path, enforce_eager=False, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir, **ENGINE_KW)
+
+
+@pytest.fixture(scope="session")
+def few_slots_llm(model_path, store_dir, sae_store_dir):
+    """Three slots and a 64-feature SAS budget: requests must wait for both."""
+    from vsteer.engine.llm import LLM
+
+    return LLM(model_path, enforce_eager=True, store=store_dir, max_slots=3, saes=["test-relu"],
+               sae_store=sae_store_dir, max_sas_support=64, **ENGINE_KW)
 
 
 @pytest.fixture(scope="session")

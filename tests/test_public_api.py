@@ -8,7 +8,7 @@ import sys
 import vsteer
 
 EXPECTED = {
-    "LLM", "EngineError", "ModelPreparationError", "SlotCapacityError", "SpecError", "SteeringSpec",
+    "LLM", "EngineError", "ModelPreparationError", "SaeFileError", "SlotCapacityError", "SpecError", "SteeringSpec",
     "SteeringVector", "UnsupportedArchitectureError", "VectorFileError", "VectorStore", "VsteerError",
     "load_vector", "main", "mean_difference", "parse_spec", "save_vector",
 }
@@ -21,7 +21,7 @@ def test_all_matches_exports():
 
 
 def test_errors_share_one_base():
-    for name in ("EngineError", "ModelPreparationError", "SlotCapacityError", "SpecError",
+    for name in ("EngineError", "ModelPreparationError", "SaeFileError", "SlotCapacityError", "SpecError",
                  "UnsupportedArchitectureError", "VectorFileError"):
         assert issubclass(getattr(vsteer, name), vsteer.VsteerError)
 

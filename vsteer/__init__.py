@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from vsteer._errors import (
     EngineError,
     ModelPreparationError,
+    SaeFileError,
     SlotCapacityError,
     SpecError,
     UnsupportedArchitectureError,
@@ -30,6 +31,7 @@ __all__ = [
     "LLM",
     "EngineError",
     "ModelPreparationError",
+    "SaeFileError",
     "SlotCapacityError",
     "SpecError",
     "SteeringSpec",

@@ -74,3 +74,13 @@ def map_exceptions(mapping: dict[type[BaseException], type[VsteerError]], **cont
             if isinstance(exc, source):
                 raise target(str(exc), **context) from exc
         raise
+
+
+class SaeFileError(VsteerError):
+    """An SAE file or folder cannot be read or written, or does not fit; ``path`` and ``key`` say where."""
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        self.path = path
+        self.key = key
+        where = ", ".join(p for p in (f"path={path}" if path else "", f"key={key}" if key else "") if p)
+        super().__init__(f"{message} ({where})" if where else message)

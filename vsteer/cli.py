@@ -48,9 +48,14 @@ def demo(layer: int, scale: float, max_tokens: int, eager: bool) -> None:
 @click.option("--tenants", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help='JSON {"tenants": {name: {"keys": [...], "max_vectors": N, "max_configs_in_flight": N}}} '
                    "(or $VSTEER_TENANTS). Without it the server is single-tenant.")
+@click.option("--sae", "saes", multiple=True, help="An SAE for sas ops (name in the SAE store or path); repeatable.")
+@click.option("--max-sas-support", default=1024, show_default=True, help="Features one SAE layer may touch per step.")
+@click.option("--sae-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="SAE store folder (default: $VSTEER_SAE_STORE or ~/.cache/vsteer/saes).")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | None, max_abs_scale: float,
-          tenants: Path | None, vllm_args: tuple[str, ...]) -> None:
+          tenants: Path | None, saes: tuple[str, ...], max_sas_support: int, sae_store: Path | None,
+          vllm_args: tuple[str, ...]) -> None:
     """vLLM's OpenAI-compatible server with per-request steering: vsteer serve [MODEL] [vllm serve options].
 
     MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
@@ -62,7 +67,7 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
     if tenants is not None:
         os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(tenants.read_text()).model_dump_json()
     serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
-               max_abs_scale=max_abs_scale)
+               max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store)
 
 
 @cli.group()

@@ -39,8 +39,8 @@ class _Op(BaseModel):
 
     vector: VectorRef = Field(
         description="A registered vector name, a sha256 of the vector store, a path to a "
-        ".safetensors/.gguf vector file, or an inline list of floats (then the same direction "
-        "is used at every listed layer)."
+        ".safetensors/.gguf vector file, an SAE decoder row as 'sae:<sae name>/<feature>', or "
+        "an inline list of floats (then the same direction is used at every listed layer)."
     )
     layers: list[int] | None = Field(
         default=None,
@@ -149,7 +149,32 @@ class SaraOp(_Op):
         return self
 
 
-Intervention = Annotated[Union[AddOp, AblateOp, SaraOp], Field(discriminator="op")]
+class SasOp(_Op):
+    """Sparse activation steering through an SAE (Bayat et al. 2025), error term kept:
+    ``h' = h + W_dec^T (sigma(z + scale * s) - z)``, ``z = f(h)``, at the SAE's layer.
+
+    ``vector`` is a sparse vector in the SAE's feature space (``vsteer extract sas``), ``sae``
+    names an SAE the engine was started with. ``scale = 0`` is exactly the unsteered model.
+    """
+
+    op: Literal["sas"] = "sas"
+    sae: str = Field(description="Name of an SAE loaded in the engine (it fixes the layer).")
+    scale: float = Field(default=1.0, description="lambda in sigma(z + lambda * s).")
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, value: float) -> float:
+        return AddOp._check_scale(value)
+
+    @field_validator("sae")
+    @classmethod
+    def _check_sae(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("sae name is empty")
+        return value
+
+
+Intervention = Annotated[Union[AddOp, AblateOp, SaraOp, SasOp], Field(discriminator="op")]
 
 
 class SteeringSpec(BaseModel):
@@ -164,14 +189,14 @@ class SteeringSpec(BaseModel):
     def check_scales(self, max_abs_scale: float = DEFAULT_MAX_ABS_SCALE) -> None:
         """Raise SpecError for a scale whose magnitude exceeds ``max_abs_scale``."""
         for i, item in enumerate(self.interventions):
-            if isinstance(item, (AddOp, SaraOp)) and abs(item.scale) > max_abs_scale:
+            if isinstance(item, (AddOp, SaraOp, SasOp)) and abs(item.scale) > max_abs_scale:
                 raise SpecError(
                     f"|scale| = {abs(item.scale):g} exceeds the bound {max_abs_scale:g}",
                     field=f"interventions.{i}.scale",
                 )
 
 
-_TYPE_NAMES = frozenset({"add", "ablate", "sara", "str", "int", "float", "bool", "list", "dict"})
+_TYPE_NAMES = frozenset({"add", "ablate", "sara", "sas", "str", "int", "float", "bool", "list", "dict"})
 
 
 def _is_union_branch(part: object) -> bool:
@@ -209,5 +234,5 @@ def parse_spec(value: Any) -> SteeringSpec | None:
         field = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_invalid":
-            msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add', 'ablate' or 'sara'"
+            msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add', 'ablate', 'sara' or 'sas'"
         raise SpecError(msg, field=field or "steering") from exc

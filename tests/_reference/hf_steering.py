@@ -41,9 +41,16 @@ def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[No
             before = h
             any_norm = False
             for it in items:
+                m = _mask(it.get("positions", "all"), seq_len, prompt_len)[None, :, None]
+                if it["op"] == "sas":  # SAS in float64, error term kept
+                    sae = it["sae"]
+                    w_enc, w_dec = sae.W_enc.double(), sae.W_dec.double()
+                    z = sae.activate(h @ w_enc + sae.encoder_bias().double())
+                    shifted = sae.activate(z + it.get("scale", 1.0) * it["s"].double())
+                    h = torch.where(m, h + (shifted - z) @ w_dec, h)
+                    continue
                 v = it["direction"][layer] if isinstance(it["direction"], dict) else it["direction"]
                 v = v.double()
-                m = _mask(it.get("positions", "all"), seq_len, prompt_len)[None, :, None]
                 if it["op"] == "mul":
                     h = torch.where(m, h * v, h)
                 elif it["op"] == "add":

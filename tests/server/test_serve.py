@@ -37,8 +37,9 @@ def start_server(model_path, log, extra_args=(), *, store):
 
 
 @pytest.fixture(scope="module")
-def server(model_path, eager_llm, tmp_path_factory):
-    yield from start_server(model_path, tmp_path_factory.mktemp("serve") / "server.log", store=eager_llm.store.root)
+def server(model_path, eager_llm, sae_store_dir, tmp_path_factory):
+    yield from start_server(model_path, tmp_path_factory.mktemp("serve") / "server.log", store=eager_llm.store.root,
+                            extra_args=("--sae", "test-relu", "--sae-store", str(sae_store_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +171,27 @@ def test_nan_in_a_request_is_a_400(server):
     r = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "interventions.0.vector"
     assert "NaN" in r.json()["error"]["message"]
+
+
+def test_sas_and_sae_feature_steering_over_http_equal_the_python_api(client, eager_llm):
+    import torch
+
+    from vsteer.vectors import SteeringVector
+
+    sae = eager_llm.saes["test-relu"]
+    s = torch.zeros(sae.d_sae)
+    s[[3, 40, 300]] = 6.0
+    sha = eager_llm.store.put(SteeringVector({sae.layer: s}, hidden_size=sae.d_sae))
+    specs = [{"interventions": [{"op": "sas", "vector": sha, "sae": "test-relu", "scale": 1.0}]},
+             {"interventions": [{"op": "add", "vector": "sae:test-relu/5", "scale": 4.0}]}]
+    prompt = "I think that"
+    want = eager_llm.generate([prompt] * 2, SamplingParams(max_tokens=12, temperature=0.0), steering=specs)
+    for spec, expected in zip(specs, want):
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"steering": spec})
+        assert got.choices[0].text == expected.outputs[0].text
+    bad = {"interventions": [{"op": "sas", "vector": sha, "sae": "test-topk", "scale": 1.0}]}  # not served
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, extra_body={"steering": bad})
+    assert "not loaded" in str(err.value) and "interventions.0.sae" in str(err.value)

@@ -34,6 +34,17 @@ class SteeringEngineConfig(BaseModel):
         "layers x max_num_batched_tokens x hidden x dtype size.",
     )
     store: str = Field(description="Folder of the content-addressed vector store.")
+    saes: dict[str, str] = Field(
+        default_factory=dict,
+        description="SAEs for the sas op: name -> SAE path (any layout vsteer.sae.load_sae reads); "
+        "at most one per layer. Memory per SAE: (2 x d_sae x hidden + (max_slots + 1) x d_sae) x 4 bytes.",
+    )
+    max_sas_support: int = Field(
+        default=1024,
+        ge=1,
+        description="Features one SAE layer may touch per step (the union of the supports of the "
+        "step's sas vectors; ReLU/JumpReLU). Requests that would exceed it wait.",
+    )
 
     @classmethod
     def from_vllm(cls, additional_config: Mapping[str, Any] | None) -> "SteeringEngineConfig":

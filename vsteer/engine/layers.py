@@ -9,13 +9,16 @@ branches on data: the graph vLLM traces (and CUDA graphs replay) reads the buffe
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
 from vsteer._errors import UnsupportedArchitectureError
-from vsteer.kernels import BankLayout, get_steer_backend
+from vsteer.kernels import BankLayout, get_sas_backend, get_steer_backend
+
+if TYPE_CHECKING:
+    from vsteer.sae import SparseAutoencoder
 
 #: Decoder layers returning ``(hidden, residual)`` whose sum is the residual stream.
 PAIR_LAYERS = frozenset(
@@ -46,9 +49,29 @@ class StepActivity:
     def __init__(self) -> None:
         self.steer: frozenset[int] = frozenset()
         self.capture: bool = False
+        self.sas_len: dict[int, int] = {}  # SAS layer -> size of the step's feature union
 
 
-class _SteeredPair:
+class _SasDelta:
+    """The SAS change at this layer (DESIGN.md section 5), float32, for layers with an SAE.
+
+    ReLU/JumpReLU read only the features in ``_vsteer_sas_union`` (the step's union of supports,
+    padded with the zero column ``d_sae``); compiled engines use the whole fixed-size union
+    buffer, eager ones the step's length. TopK encodes every feature.
+    """
+
+    def _vsteer_sas_delta(self, stream: torch.Tensor, n: int) -> torch.Tensor:
+        union = self._vsteer_sas_union
+        if union is not None and self._vsteer_eager:
+            union = union[: self._vsteer_activity.sas_len.get(self._vsteer_layer, 0)]
+        return self._vsteer_sas_fn(
+            stream, self._vsteer_index[:n], self._vsteer_sas_bank, self._vsteer_sas_w_enc_t,
+            self._vsteer_sas_b_enc, self._vsteer_sas_w_dec, self._vsteer_sas_threshold, union,
+            activation=self._vsteer_sas_activation, k=self._vsteer_sas_k,
+        )
+
+
+class _SteeredPair(_SasDelta):
     """Mixin for ``(hidden, residual)`` layers: steer the returned residual, out of place."""
 
     def forward(self, *args, **kwargs):
@@ -56,11 +79,13 @@ class _SteeredPair:
         n = hidden.shape[0]
         if self._vsteer_capture is not None:
             self._vsteer_capture[:n].copy_(hidden + residual)
+        if self._vsteer_sas_activation is not None:  # static per layer: fixed at wrap time
+            residual = (residual.float() + self._vsteer_sas_delta(hidden + residual, n)).to(residual.dtype)
         residual = self._vsteer_apply(hidden, residual, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
         return hidden, residual
 
 
-class _SteeredSingle:
+class _SteeredSingle(_SasDelta):
     """Mixin for blocks that return the residual stream itself."""
 
     def forward(self, *args, **kwargs):
@@ -68,6 +93,8 @@ class _SteeredSingle:
         n = hidden.shape[0]
         if self._vsteer_capture is not None:
             self._vsteer_capture[:n].copy_(hidden)
+        if self._vsteer_sas_activation is not None:
+            hidden = (hidden.float() + self._vsteer_sas_delta(hidden, n)).to(hidden.dtype)
         return self._vsteer_apply(hidden, None, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
 
 
@@ -130,6 +157,15 @@ def find_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
     )
 
 
+class SasBuffers(NamedTuple):
+    """One SAE layer's SAS state: weights padded with a zero feature ``d_sae``, the per-slot bank
+    of ``lambda * s`` and the step's feature union (None for TopK)."""
+
+    d_sae: int
+    bank: torch.Tensor  # [num_slots + 1, d_sae + 1] float32; column d_sae stays zero
+    union: torch.Tensor | None  # [max_support] int64, padded with d_sae
+
+
 class SteeringBuffers(NamedTuple):
     """Device buffers shared by the wrapped layers (allocated once)."""
 
@@ -138,6 +174,7 @@ class SteeringBuffers(NamedTuple):
     index: torch.Tensor  # [max_tokens] int32 slot per token; slot 0 = identity
     capture: dict[int, torch.Tensor]  # layer -> [max_tokens, hidden] in the model dtype
     activity: StepActivity  # read by eager layers only
+    sas: dict[int, SasBuffers]  # SAE layer -> its SAS state
 
 
 def wrap_decoder_layers(
@@ -151,11 +188,15 @@ def wrap_decoder_layers(
     device: torch.device,
     dtype: torch.dtype,
     eager: bool = False,
+    saes: Mapping[int, "SparseAutoencoder"] | None = None,
+    max_sas_support: int = 1024,
 ) -> SteeringBuffers:
     """Swap each steerable decoder layer's class for its steered subclass; return the buffers.
 
     Mutates ``model`` in place. ``num_slots`` excludes the identity slot 0. ``eager`` (no
     torch.compile, no CUDA graphs) lets layers skip the op on steps that do not use them.
+    ``saes`` (layer -> SAE) gives those layers the SAS op, touching at most ``max_sas_support``
+    features per step (ReLU/JumpReLU).
     """
     present = find_decoder_layers(model)
     wanted = sorted(present) if steerable_layers is None else sorted(set(steerable_layers) & set(present))
@@ -165,6 +206,11 @@ def wrap_decoder_layers(
     capture = {layer: torch.zeros(max_tokens, layout.hidden_size, dtype=dtype, device=device) for layer in sorted(captured)}
     apply = get_steer_backend(device)
     activity = StepActivity()
+    saes = dict(saes or {})
+    missing = sorted(set(saes) - set(wanted))
+    if missing:
+        raise ValueError(f"SAE layers {missing} are not steerable layers of this engine")
+    sas_state: dict[int, SasBuffers] = {}
     for row, layer in enumerate(wanted):
         module = present[layer]
         module.__class__ = _steered_class(type(module), eager)
@@ -178,4 +224,42 @@ def wrap_decoder_layers(
             module._vsteer_capture = None
         module._vsteer_rank = layout.rank
         module._vsteer_apply = apply
-    return SteeringBuffers(tuple(wanted), bank, index, capture, activity)
+        module._vsteer_eager = eager
+        module._vsteer_sas_activation = None
+        if layer in saes:
+            sas_state[layer] = _attach_sae(module, saes[layer], num_slots, max_sas_support, device)
+    return SteeringBuffers(tuple(wanted), bank, index, capture, activity, sas_state)
+
+
+def _attach_sae(module: nn.Module, sae: "SparseAutoencoder", num_slots: int, max_support: int, device: torch.device) -> SasBuffers:
+    """Register one SAE's padded float32 weights and SAS buffers on a wrapped layer."""
+    f = sae.d_sae
+    with torch.no_grad():
+        pad = lambda t: torch.cat([t.detach().float(), t.new_zeros((1, *t.shape[1:])).float()]).to(device)  # noqa: E731
+        weights = {
+            "w_enc_t": pad(sae.W_enc.t()), "b_enc": pad(sae.encoder_bias()), "w_dec": pad(sae.W_dec),
+            "threshold": pad(sae.threshold) if sae.activation == "jumprelu" else None,
+        }
+    bank = torch.zeros(num_slots + 1, f + 1, dtype=torch.float32, device=device)
+    topk = sae.activation == "topk"
+    union = None if topk else torch.full((min(max_support, f),), f, dtype=torch.int64, device=device)
+    for name, tensor in weights.items():
+        if tensor is None:
+            setattr(module, f"_vsteer_sas_{name}", None)
+        else:
+            module.register_buffer(f"_vsteer_sas_{name}", tensor.contiguous(), persistent=False)
+    if topk:  # the full path: leave the padding feature out so it never takes a top-k place
+        module._vsteer_sas_w_enc_t = module._vsteer_sas_w_enc_t[:f]
+        module._vsteer_sas_b_enc = module._vsteer_sas_b_enc[:f]
+        module._vsteer_sas_w_dec = module._vsteer_sas_w_dec[:f]
+        module.register_buffer("_vsteer_sas_bank", bank[:, :f], persistent=False)
+    else:
+        module.register_buffer("_vsteer_sas_bank", bank, persistent=False)
+    if union is None:
+        module._vsteer_sas_union = None
+    else:
+        module.register_buffer("_vsteer_sas_union", union, persistent=False)
+    module._vsteer_sas_activation = sae.activation
+    module._vsteer_sas_k = sae.config.k
+    module._vsteer_sas_fn = get_sas_backend(device)
+    return SasBuffers(f, bank, union)

@@ -49,6 +49,12 @@ class LLM:
         steerable_layers: decoder layers to wrap (default all).
         capture_layers: layers ``capture`` can read (default all steerable layers).
         store: vector-store folder (default ``$VSTEER_VECTOR_STORE`` or ``<cache>/vectors``).
+        saes: SAEs for the ``sas`` op: names in the SAE store (``vsteer sae list``) or paths to
+            SAE files/folders; one per layer. ``sae:<name>/<feature>`` references need no
+            loaded SAE.
+        max_sas_support: features one SAE layer may touch per step (union of the step's sas
+            vector supports; ReLU/JumpReLU). Requests beyond it wait.
+        sae_store: SAE-store folder (default ``$VSTEER_SAE_STORE`` or ``<cache>/saes``).
         max_abs_scale: reject specs with a larger |scale|.
         **engine_kwargs: passed to ``vllm.LLM`` (``dtype``, ``enforce_eager``, ``max_model_len``...).
             On CPU the KV cache defaults to 4 GiB (vLLM would reserve 92% of RAM).
@@ -70,6 +76,9 @@ class LLM:
         capture_layers: Sequence[int] | None = None,
         store: str | os.PathLike | None = None,
         max_abs_scale: float = DEFAULT_MAX_ABS_SCALE,
+        saes: Sequence[str] | None = None,
+        max_sas_support: int = 1024,
+        sae_store: str | os.PathLike | None = None,
         **engine_kwargs: Any,
     ) -> None:
         _pin_v1_runner()
@@ -80,12 +89,15 @@ class LLM:
         info = model_info(path)
         self.model_shape = ModelShape(info.name, info.num_layers, info.hidden_size)
         self.store = VectorStore(Path(store) if store else default_vector_store())
+        self.sae_store, self.saes, sae_paths = _engine_saes(saes or (), sae_store, self.model_shape)
         self.config = SteeringEngineConfig(
             max_slots=max_slots or int(engine_kwargs.get("max_num_seqs") or 256),
             max_ablation_rank=max_ablation_rank,
             steerable_layers=list(steerable_layers) if steerable_layers is not None else None,
             capture_layers=list(capture_layers) if capture_layers is not None else None,
             store=str(self.store.root),
+            saes=sae_paths,
+            max_sas_support=max_sas_support,
         )
         self.max_abs_scale = max_abs_scale
         device = current_platform.device_type
@@ -130,6 +142,9 @@ class LLM:
             max_ablation_rank=self.config.max_ablation_rank,
             max_slots=self.config.max_slots,
             max_abs_scale=self.max_abs_scale,
+            saes=self.saes,
+            sae_store=self.sae_store,
+            max_sas_support=self.config.max_sas_support,
         )
 
     # --- generation -----------------------------------------------------------------------------
@@ -305,6 +320,30 @@ class LLM:
                 raise SpecError(f"got {len(steering)} steering specs for {n} prompts", field="steering")
             return list(steering), True
         return [steering] * n, False
+
+
+def _engine_saes(refs: Sequence[str], root: str | os.PathLike | None, model: ModelShape):
+    """The SAE store, the engine's SAEs by name, and their paths for the worker."""
+    from vsteer.sae import SaeStore, check_sae_for_model, default_sae_store
+
+    sae_store = SaeStore(Path(root) if root else default_sae_store())
+    saes, paths = {}, {}
+    for ref in refs:
+        if ref in sae_store:
+            name, path = ref, sae_store.path(ref)
+            sae = sae_store.get(ref)
+        else:
+            sae = sae_store.resolve(ref)
+            path = Path(ref).expanduser().resolve()
+            name = sae.config.name or path.stem
+        check_sae_for_model(sae, hidden_size=model.hidden_size, num_layers=model.num_layers, model_name=model.name)
+        if name in saes:
+            raise SpecError(f"two SAEs are named {name!r}", field="saes")
+        saes[name], paths[name] = sae, str(path)
+    layers = [sae.layer for sae in saes.values()]
+    if len(set(layers)) != len(layers):
+        raise SpecError(f"the engine takes one SAE per layer, got layers {sorted(layers)}", field="saes")
+    return sae_store, saes, paths
 
 
 def _is_intervention_list(value: Sequence[object]) -> bool:

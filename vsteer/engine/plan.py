@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -26,12 +26,17 @@ from vsteer.spec import (
     AblateOp,
     AddOp,
     SaraOp,
+    SasOp,
     SteeringSpec,
     parse_spec,
 )
 from vsteer.vectors import SteeringVector, VectorStore, load_vector
 
+if TYPE_CHECKING:
+    from vsteer.sae import SaeStore, SparseAutoencoder
+
 EXTRA_ARGS_KEY = "vsteer"
+SAE_FEATURE_PREFIX = "sae:"
 PLAN_VERSION = 1
 _INF = 1 << 62  # "until the end of the sequence"
 
@@ -47,9 +52,11 @@ class ResolvedIntervention:
     positions: str | tuple[int, int] = "all"
     normalize: bool = False
     rows: int = 0  # > 0: a per-position vector whose row p is added at prompt position p
+    sae: str | None = None  # sas: the engine SAE's name
+    support: int = 0  # sas: number of non-zero features of the vector
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "op": self.op,
             "vector": self.vector,
             "layers": list(self.layers),
@@ -58,6 +65,9 @@ class ResolvedIntervention:
             "normalize": self.normalize,
             "rows": self.rows,
         }
+        if self.op == "sas":
+            data.update(sae=self.sae, support=self.support)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping) -> "ResolvedIntervention":
@@ -70,6 +80,8 @@ class ResolvedIntervention:
             positions=tuple(pos) if isinstance(pos, list) else pos,
             normalize=bool(data["normalize"]),
             rows=int(data.get("rows", 0)),
+            sae=data.get("sae"),
+            support=int(data.get("support", 0)),
         )
 
     def active_at(self, start: int, prompt_len: int) -> bool:
@@ -167,6 +179,20 @@ class SteeringPlan:
         """The distinct non-identity slot keys this request needs."""
         return frozenset(s.key for s in self.segments(prompt_len) if s.key is not None)
 
+    def sas_loads(self, prompt_len: int) -> dict[str, dict[int, int]]:
+        """Per non-identity slot key, the SAS support size it brings to each SAE layer."""
+        out: dict[str, dict[int, int]] = {}
+        for seg in self.segments(prompt_len):
+            if seg.key is None:
+                continue
+            load: dict[int, int] = {}
+            for i in seg.active:
+                item = self.interventions[i]
+                if item.op == "sas":
+                    load[item.layers[0]] = load.get(item.layers[0], 0) + item.support
+            out[seg.key] = load
+        return out
+
     def max_slots_needed(self) -> int:
         """The most slots this request can need, over all prompt lengths (checked where the
         segmentation can change: around every range boundary and per-position row count)."""
@@ -211,7 +237,7 @@ def fold_layer(
     right: list[torch.Tensor] = []
     normalize = False
     for item in interventions:
-        if layer not in item.layers:
+        if layer not in item.layers or item.op == "sas":  # sas is not affine: its own bank
             continue
         v = _direction(vectors(item.vector), layer, position if item.rows else 0).to(torch.float64)
         if item.op == "add":
@@ -259,6 +285,9 @@ def resolve_spec(
     max_slots: int | None = None,
     max_abs_scale: float = DEFAULT_MAX_ABS_SCALE,
     allow_paths: bool = True,
+    saes: Mapping[str, "SparseAutoencoder"] | None = None,
+    sae_store: "SaeStore | None" = None,
+    max_sas_support: int | None = None,
 ) -> SteeringPlan | None:
     """Validate a steering request and resolve its vectors into the store.
 
@@ -272,6 +301,9 @@ def resolve_spec(
         max_abs_scale: bound on |scale|.
         allow_paths: whether a vector may be named by a file path (a server must say no: its
             clients name stored vectors, never files on the server).
+        saes: the SAEs loaded in the engine, by name (``sas`` ops must name one of them).
+        sae_store: where ``sae:<name>/<feature>`` references look for SAEs the engine did not load.
+        max_sas_support: the engine's bound on the features one SAS layer touches per step.
 
     Raises:
         SpecError: naming the bad field.
@@ -284,6 +316,9 @@ def resolve_spec(
     out = []
     for i, item in enumerate(parsed.interventions):
         field = f"interventions.{i}"
+        if isinstance(item, SasOp):
+            out.append(_resolve_sas(item, field, saes or {}, store, model, allowed, allow_paths, max_sas_support))
+            continue
         if isinstance(item, SaraOp):
             _check_layers(item.layers or [], model, allowed, f"{field}.layers")
             if not item.layers:
@@ -291,7 +326,10 @@ def resolve_spec(
             source = _sara_source(item, field)
             out.append(ResolvedIntervention("sara", source, tuple(item.layers), item.scale, item.positions, False))
             continue
-        vector = _load_ref(item.vector, item.layers, store=store, field=f"{field}.vector", allow_paths=allow_paths)
+        vector = _load_ref(
+            item.vector, item.layers, store=store, field=f"{field}.vector", allow_paths=allow_paths,
+            saes=saes, sae_store=sae_store,
+        )
         if vector.hidden_size != model.hidden_size:
             raise SpecError(
                 f"vector has hidden size {vector.hidden_size} but {model.name} has {model.hidden_size}",
@@ -320,6 +358,7 @@ def resolve_spec(
         else:
             out.append(ResolvedIntervention("ablate", sha, layers, 1.0, item.positions, False))
     plan = SteeringPlan(tuple(out))
+    _check_sas_first(plan)
     ranks = Counter(layer for item in plan.interventions if item.op == "ablate" for layer in item.layers)
     worst = max(ranks.items(), key=lambda kv: kv[1], default=(None, 0))
     if worst[1] > max_ablation_rank:
@@ -336,6 +375,71 @@ def resolve_spec(
             field="interventions",
         )
     return plan
+
+
+def _resolve_sas(
+    item: SasOp,
+    field: str,
+    saes: Mapping[str, "SparseAutoencoder"],
+    store: VectorStore,
+    model: ModelShape,
+    allowed: set[int],
+    allow_paths: bool,
+    max_sas_support: int | None,
+) -> ResolvedIntervention:
+    sae = saes.get(item.sae)
+    if sae is None:
+        raise SpecError(
+            f"SAE {item.sae!r} is not loaded in this engine (loaded: {sorted(saes)}); start the "
+            "engine with saes=[...] (`vsteer serve --sae ...`)",
+            field=f"{field}.sae",
+        )
+    layer = sae.layer
+    if item.layers is not None and list(item.layers) != [layer]:
+        raise SpecError(f"sas acts at its SAE's layer {layer}, not {item.layers}", field=f"{field}.layers")
+    _check_layers([layer], model, allowed, f"{field}.sae")
+    vector = _load_ref(item.vector, [layer], store=store, field=f"{field}.vector", allow_paths=allow_paths)
+    if vector.hidden_size != sae.d_sae:
+        raise SpecError(
+            f"sas vector has {vector.hidden_size} features but SAE {item.sae!r} has d_sae={sae.d_sae}",
+            field=f"{field}.vector",
+        )
+    if vector.num_positions is not None:
+        raise SpecError("a sas vector is one SAE-space vector, not per-position rows", field=f"{field}.vector")
+    if vector.model is not None and vector.model != model.name:
+        raise SpecError(f"vector was computed for model {vector.model!r}, not {model.name!r}", field=f"{field}.vector")
+    try:
+        s = _direction(vector, layer)
+    except SpecError as exc:
+        raise SpecError(exc.reason, field=f"{field}.vector") from exc
+    support = int((s != 0).sum())
+    if support == 0:
+        raise SpecError("sas vector is all zeros", field=f"{field}.vector")
+    if sae.activation == "topk":
+        support = 0  # TopK encodes every feature anyway; nothing to budget
+    elif max_sas_support is not None and support > max_sas_support:
+        raise SpecError(
+            f"sas vector has {support} non-zero features but the engine's max_sas_support is "
+            f"{max_sas_support} (raise it, or sparsify the vector, e.g. a higher tau)",
+            field=f"{field}.vector",
+        )
+    sha = store.put(vector)
+    return ResolvedIntervention("sas", sha, (layer,), item.scale, item.positions, False, 0, sae=item.sae, support=support)
+
+
+def _check_sas_first(plan: SteeringPlan) -> None:
+    """At one layer the engine applies sas before the affine ops; refuse a spec that says otherwise."""
+    affine_seen: set[int] = set()
+    for i, item in enumerate(plan.interventions):
+        if item.op == "sas":
+            if item.layers[0] in affine_seen:
+                raise SpecError(
+                    f"sas at layer {item.layers[0]} must come before the add/ablate/sara ops at that "
+                    "layer (the engine applies it to the layer output first)",
+                    field=f"interventions.{i}",
+                )
+        else:
+            affine_seen.update(item.layers)
 
 
 def _check_layers(layers: Sequence[int], model: ModelShape, allowed: set[int], field: str) -> None:
@@ -365,8 +469,13 @@ def _load_ref(
     store: VectorStore,
     field: str,
     allow_paths: bool = True,
+    saes: Mapping[str, "SparseAutoencoder"] | None = None,
+    sae_store: "SaeStore | None" = None,
 ) -> SteeringVector:
-    """A vector from an inline list, a name or sha256 in the store, or (if allowed) a file path."""
+    """A vector from an inline list, a name or sha256 in the store, an SAE decoder row
+    (``sae:<name>/<feature>``), or (if allowed) a file path."""
+    if isinstance(ref, str) and ref.startswith(SAE_FEATURE_PREFIX):
+        return _sae_feature_vector(ref, saes or {}, sae_store, field)
     if isinstance(ref, list):
         if layers is None:
             raise SpecError("an inline vector needs explicit 'layers'", field=field.rsplit(".", 1)[0] + ".layers")
@@ -388,4 +497,36 @@ def _load_ref(
     raise SpecError(
         f"unknown vector {ref!r}: not a registered name, a stored sha256, or an existing file",
         field=field,
+    )
+
+
+def _sae_feature_vector(
+    ref: str, saes: Mapping[str, "SparseAutoencoder"], sae_store: "SaeStore | None", field: str
+) -> SteeringVector:
+    """``sae:<name>/<feature>``: the SAE's decoder row for that feature, at the SAE's layer."""
+    body = ref[len(SAE_FEATURE_PREFIX):]
+    name, sep, feature_text = body.rpartition("/")
+    if not sep or not name or not feature_text.strip().isdigit():
+        raise SpecError(f"malformed SAE feature reference {ref!r}; expected 'sae:<sae name>/<feature index>'", field=field)
+    sae = saes.get(name)
+    if sae is None and sae_store is not None:
+        from vsteer._errors import SaeFileError
+
+        try:
+            sae = sae_store.get(name)
+        except SaeFileError as exc:
+            raise SpecError(f"unknown SAE {name!r} in {ref!r}: {exc}", field=field) from exc
+    if sae is None:
+        raise SpecError(f"unknown SAE {name!r} in {ref!r} (known: {sorted(saes)})", field=field)
+    feature = int(feature_text)
+    if not 0 <= feature < sae.d_sae:
+        raise SpecError(f"feature {feature} is out of range: SAE {name!r} has features 0..{sae.d_sae - 1}", field=field)
+    if sae.layer is None:
+        raise SpecError(f"SAE {name!r} does not record the layer it reads", field=field)
+    return SteeringVector(
+        {sae.layer: sae.feature_direction(feature).float()},
+        hidden_size=sae.d_in,
+        model=sae.config.model,
+        method="sae-feature",
+        provenance={"sae": name, "sae_sha256": sae.sha256(), "feature": feature},
     )

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from vsteer.engine.config import SteeringEngineConfig
 from vsteer.engine.layers import SteeringBuffers, wrap_decoder_layers
-from vsteer.engine.plan import EXTRA_ARGS_KEY, Segment, SteeringPlan, fold_layer
+from vsteer._errors import EngineError
+from vsteer.engine.plan import EXTRA_ARGS_KEY, Segment, SteeringPlan, _direction, fold_layer
 from vsteer.engine.slots import LRUSlotManager
 from vsteer.kernels import BankLayout
 from vsteer.vectors import VectorStore
@@ -59,6 +60,7 @@ class SteeringRunnerMixin:
             self.scheduler_config.max_num_batched_tokens,
             self.compilation_config.max_cudagraph_capture_size or 0,
         )
+        saes = _load_engine_saes(cfg.saes, hf.hidden_size)
         self._vsteer_buffers: SteeringBuffers = wrap_decoder_layers(
             self.get_model(),
             layout=self._vsteer_layout,
@@ -69,7 +71,13 @@ class SteeringRunnerMixin:
             device=self.device,
             dtype=self.model_config.dtype,
             eager=self.model_config.enforce_eager,
+            saes=saes,
+            max_sas_support=cfg.max_sas_support,
         )
+        # slot -> SAS layer -> the features its bank row touches; refreshed union per step
+        self._vsteer_slot_support: dict[int, dict[int, np.ndarray]] = {}
+        self._vsteer_union_stamp: tuple | None = None
+        self._vsteer_slot_writes = 0
         self._vsteer_slot_layers: dict[int, frozenset[int]] = {}  # slot -> layers its row changes
         self._vsteer_layer_row = {layer: i for i, layer in enumerate(self._vsteer_buffers.layers)}
         self._vsteer_store = VectorStore(Path(cfg.store))
@@ -139,6 +147,38 @@ class SteeringRunnerMixin:
             rows[i] = fold_layer(items, layer, self._vsteer_store.get, layout, start) if layer in touched else layout.identity_row()
         self._vsteer_buffers.bank[:, slot, :].copy_(rows.to(self.device))
         self._vsteer_slot_layers[slot] = frozenset(touched)
+        self._vsteer_slot_writes += 1
+        support: dict[int, np.ndarray] = {}
+        for layer, sas in self._vsteer_buffers.sas.items():
+            row = torch.zeros(sas.bank.shape[1], dtype=torch.float64)
+            for it in items:
+                if it.op == "sas" and it.layers[0] == layer:
+                    row[: sas.d_sae] += it.scale * _direction(self._vsteer_store.get(it.vector), layer).double()
+            sas.bank[slot].copy_(row.float().to(self.device))
+            support[layer] = np.flatnonzero(row[: sas.d_sae].numpy())
+        self._vsteer_slot_support[slot] = support
+
+    def _vsteer_fill_unions(self) -> None:
+        """Per SAE layer, the union of the supports of this step's slots (padded with d_sae)."""
+        pinned = self._vsteer_slots.pinned_slots
+        stamp = (pinned, self._vsteer_slot_writes)
+        if stamp == self._vsteer_union_stamp:
+            return
+        self._vsteer_union_stamp = stamp
+        for layer, sas in self._vsteer_buffers.sas.items():
+            if sas.union is None:
+                continue
+            parts = [self._vsteer_slot_support[s][layer] for s in pinned if s in self._vsteer_slot_support]
+            union = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+            if len(union) > sas.union.shape[0]:  # the scheduler's budget makes this unreachable
+                raise EngineError(
+                    f"SAS feature union of {len(union)} at layer {layer} exceeds max_sas_support="
+                    f"{sas.union.shape[0]}"
+                )
+            host = np.full(sas.union.shape[0], sas.d_sae, dtype=np.int64)
+            host[: len(union)] = union
+            sas.union.copy_(torch.from_numpy(host))
+            self._vsteer_buffers.activity.sas_len[layer] = len(union)
 
     # --- per step ------------------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *args: Any, **kwargs: Any) -> Any:
@@ -173,6 +213,8 @@ class SteeringRunnerMixin:
             if req_id in captures:
                 self._vsteer_step_captures.append((req_id, off, int(computed[i]), n))
             off += n
+        if self._vsteer_buffers.sas:
+            self._vsteer_fill_unions()
         if self.model_config.enforce_eager:  # only eager layers read it (see StepActivity)
             activity = self._vsteer_buffers.activity
             activity.steer = frozenset().union(*(self._vsteer_slot_layers[s] for s in self._vsteer_slots.pinned_slots))
@@ -217,7 +259,28 @@ class SteeringRunnerMixin:
             "capture_bytes": sum(t.numel() * t.element_size() for t in self._vsteer_buffers.capture.values()),
             "wrapped_layers": list(self._vsteer_buffers.layers),
             "capture_layers": sorted(self._vsteer_buffers.capture),
+            "sas_layers": sorted(self._vsteer_buffers.sas),
+            "sas_union": dict(self._vsteer_buffers.activity.sas_len),
         }
+
+
+def _load_engine_saes(paths: dict[str, str], hidden_size: int) -> dict[int, Any]:
+    """Load the engine's SAEs (name -> path) keyed by the layer they read; one per layer."""
+    if not paths:
+        return {}
+    from vsteer.sae import load_sae
+
+    by_layer: dict[int, Any] = {}
+    for name, path in paths.items():
+        sae = load_sae(path)
+        if sae.d_in != hidden_size:
+            raise EngineError(f"SAE {name!r} has d_in={sae.d_in} but the model's hidden size is {hidden_size}")
+        if sae.layer is None:
+            raise EngineError(f"SAE {name!r} does not record the layer it reads")
+        if sae.layer in by_layer:
+            raise EngineError(f"two SAEs read layer {sae.layer}; the engine takes one SAE per layer")
+        by_layer[sae.layer] = sae
+    return by_layer
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:

@@ -3,7 +3,9 @@
 Mirrors how vLLM enforces ``max_loras``: a waiting request is admitted only if the distinct slot
 keys of the running requests plus its own fit in ``max_slots``. Running requests keep their keys,
 so every step's batch needs at most ``max_slots`` rows and the worker never has to evict a row in
-use. Requests that do not fit wait (FCFS order kept); nothing crashes.
+use. Requests that do not fit wait (FCFS order kept); nothing crashes. The same holds for the SAS
+feature budget: the supports of the running sas configs at one SAE layer add up to at most
+``max_sas_support``, so the step's feature union always fits the engine's buffer.
 """
 
 from __future__ import annotations
@@ -23,9 +25,21 @@ def request_slot_keys(request: Any) -> frozenset[str]:
     if keys is None:
         params = request.sampling_params
         data = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params is not None else None
-        keys = frozenset() if data is None else SteeringPlan.from_extra_args(data).slot_keys(request.num_prompt_tokens)
+        if data is None:
+            keys, loads = frozenset(), {}
+        else:
+            plan = SteeringPlan.from_extra_args(data)
+            keys = plan.slot_keys(request.num_prompt_tokens)
+            loads = {k: v for k, v in plan.sas_loads(request.num_prompt_tokens).items() if v}
         request._vsteer_keys = keys
+        request._vsteer_sas_loads = loads
     return keys
+
+
+def request_sas_loads(request: Any) -> dict[str, dict[int, int]]:
+    """Per slot key of the request, the SAS support it brings to each SAE layer (often empty)."""
+    request_slot_keys(request)
+    return request._vsteer_sas_loads
 
 
 class SteeringScheduler(Scheduler):
@@ -39,11 +53,14 @@ class SteeringScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._vsteer_capacity = SteeringEngineConfig.from_vllm(self.vllm_config.additional_config).max_slots
+        cfg = SteeringEngineConfig.from_vllm(self.vllm_config.additional_config)
+        self._vsteer_capacity = cfg.max_slots
+        self._vsteer_sas_capacity = cfg.max_sas_support
         self._vsteer_held_back = 0  # requests held back in the last step, for metrics
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._vsteer_running_keys: set[str] = set()
+        self._vsteer_running_loads: dict[str, dict[int, int]] = {}
         self._vsteer_seen = 0
         self._vsteer_held_back = 0
         return super().schedule(*args, **kwargs)
@@ -57,11 +74,22 @@ class SteeringScheduler(Scheduler):
         # self.running only grows during the waiting scan; fold in what was appended since.
         for req in self.running[self._vsteer_seen :]:
             self._vsteer_running_keys |= request_slot_keys(req)
+            self._vsteer_running_loads.update(request_sas_loads(req))
         self._vsteer_seen = len(self.running)
-        if len(self._vsteer_running_keys | keys) <= self._vsteer_capacity:
+        if len(self._vsteer_running_keys | keys) <= self._vsteer_capacity and self._sas_fits(request):
             return True
         self._vsteer_held_back += 1
         return False
+
+    def _sas_fits(self, request: Any) -> bool:
+        new = {k: v for k, v in request_sas_loads(request).items() if k not in self._vsteer_running_loads}
+        if not new:
+            return True
+        totals: dict[int, int] = {}
+        for load in (*self._vsteer_running_loads.values(), *new.values()):
+            for layer, n in load.items():
+                totals[layer] = totals.get(layer, 0) + n
+        return max(totals.values()) <= self._vsteer_sas_capacity
 
 
 class SteeringAsyncScheduler(SteeringScheduler, AsyncScheduler):

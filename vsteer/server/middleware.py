@@ -40,6 +40,15 @@ class _Resolver:
         return ModelShape(info.name, info.num_layers, info.hidden_size), VectorStore(Path(engine.store)), engine, raw["max_abs_scale"]
 
     @cached_property
+    def _saes(self):
+        """The served SAEs by name, and the SAE store ``sae:<name>/<feature>`` reads."""
+        from vsteer.sae import SaeStore, load_sae
+
+        raw = json.loads(os.environ[CONFIG_ENV])
+        engine = self._setup[2]
+        return {name: load_sae(path) for name, path in engine.saes.items()}, SaeStore(raw.get("sae_store"))
+
+    @cached_property
     def tenants(self):
         from vsteer.server.tenants import TenantDirectory
 
@@ -53,7 +62,8 @@ class _Resolver:
             spec = self._tenant_refs(spec, tenant)
         plan = resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
                             max_ablation_rank=engine.max_ablation_rank, max_slots=engine.max_slots,
-                            max_abs_scale=max_abs_scale, allow_paths=False)
+                            max_abs_scale=max_abs_scale, allow_paths=False, saes=self._saes[0],
+                            sae_store=self._saes[1], max_sas_support=engine.max_sas_support)
         if plan is not None and any(item.op == "sara" for item in plan.interventions):
             raise SpecError("sara is not served yet (it needs a capture pass per request); use vsteer.LLM",
                             field="interventions")
@@ -62,6 +72,7 @@ class _Resolver:
     def _tenant_refs(self, spec: Any, tenant: Any) -> Any:
         """Replace each vector name with the sha256 it means for this tenant; a vector the tenant
         may not see does not exist for it."""
+        from vsteer.engine.plan import SAE_FEATURE_PREFIX
         from vsteer.spec import parse_spec
 
         parsed = parse_spec(spec)
@@ -71,7 +82,7 @@ class _Resolver:
         items = []
         for i, item in enumerate(parsed.model_dump(mode="json")["interventions"]):
             ref = item.get("vector")
-            if isinstance(ref, str):
+            if isinstance(ref, str) and not ref.startswith(SAE_FEATURE_PREFIX):  # SAE features are public
                 sha = self.tenants.visible(tenant, ref, public)
                 if sha is None:
                     raise NotFoundError(f"unknown vector {ref!r}", field=f"interventions.{i}.vector")

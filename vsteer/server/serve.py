@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
-from vsteer.engine.llm import _SCHEDULER, _WORKERS, _pin_v1_runner
-from vsteer.models import DEFAULT_MODEL, default_vector_store, resolve_model
+from vsteer.engine.llm import _SCHEDULER, _WORKERS, _engine_saes, _pin_v1_runner
+from vsteer.engine.plan import ModelShape
+from vsteer.models import DEFAULT_MODEL, default_vector_store, model_info, resolve_model
 from vsteer.server.middleware import CONFIG_ENV
 
 _MIDDLEWARE = "vsteer.server.middleware.SteeringMiddleware"
@@ -27,7 +28,8 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
 
 
 def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_rank: int,
-               vector_store: Path | None, max_abs_scale: float) -> None:
+               vector_store: Path | None, max_abs_scale: float, saes: Sequence[str] = (),
+               max_sas_support: int = 1024, sae_store: Path | None = None) -> None:
     """Start the server (blocks). ``vllm_args``: ``[MODEL] [vllm serve options]``."""
     from vsteer._errors import EngineError
 
@@ -41,9 +43,13 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
 
     path = resolve_model(model)
     seqs = int(_flag_value(args, "--max-num-seqs") or 256)
+    info = model_info(path)
+    sae_db, _, sae_paths = _engine_saes(saes, sae_store, ModelShape(info.name, info.num_layers, info.hidden_size))
     config = SteeringEngineConfig(max_slots=max_slots or seqs, max_ablation_rank=max_ablation_rank,
-                                  store=str((vector_store or default_vector_store()).absolute()))
-    os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale})
+                                  store=str((vector_store or default_vector_store()).absolute()),
+                                  saes=sae_paths, max_sas_support=max_sas_support)
+    os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
+                                         "sae_store": str(sae_db.root)})
     if _flag_value(args, "--served-model-name") is None and model != path:
         args += ["--served-model-name", model]
     # vLLM's single-process API server entry (the `vllm` CLI looks up a distribution named
