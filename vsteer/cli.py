@@ -211,6 +211,43 @@ def extract_caa(model: str, positive: Path | None, negative: Path | None, items:
     _write(llm, vector, output, name)
 
 
+@extract.command("sas")
+@_model_opt
+@click.option("--sae", "sae_ref", required=True, help="SAE: a name in the SAE store (vsteer sae list) or a path.")
+@click.option("--pairs", required=True, type=_text_file,
+              help='JSONL of {"prompt", "positive", "negative"}: a prompt with a completion showing the behaviour and one showing its opposite.')
+@click.option("--tau", default=0.7, show_default=True, help="Keep features active in at least this fraction of rows.")
+@click.option("--rows", type=click.Choice(["example", "token"]), default="example", show_default=True,
+              help="One code row per example (mean over its completion tokens) or per completion token.")
+@_out_opt
+@_name_opt
+@_eager_opt
+@_dtype_opt
+def extract_sas(model: str, sae_ref: str, pairs: Path, tau: float, rows: str, output: Path, name: str | None,
+                eager: bool, dtype: str) -> None:
+    """SAS (Bayat et al.): a sparse vector in the SAE's feature space; apply it with op "sas"."""
+    from vsteer.methods.sas import ContrastPair, sas_vector
+    from vsteer.sae import SaeStore
+
+    if output.suffix != ".safetensors":
+        raise SpecError("a SAS vector lives in SAE feature space: write it as .safetensors, not a GGUF control vector",
+                        field="--output")
+    items = []
+    for lineno, line in enumerate(_lines(pairs), start=1):
+        row = json.loads(line)
+        if not all(isinstance(row.get(k), str) for k in ("prompt", "positive", "negative")):
+            raise SpecError('each line needs string "prompt", "positive" and "negative"', field=f"--pairs line {lineno}")
+        items.append(ContrastPair(row["prompt"], row["positive"], row["negative"]))
+    store = SaeStore()
+    sae = store.resolve(sae_ref)
+    sae_name = sae_ref if sae_ref in store else (sae.config.name or Path(sae_ref).stem)
+    llm = _extract_engine(model, [sae.layer], eager, dtype)
+    vector = sas_vector(llm, sae, items, tau=tau, rows=rows, sae_name=sae_name, model=llm.model_shape.name)
+    _write(llm, vector, output, name)
+    click.echo(f"support {vector.provenance['support']} of {sae.d_sae} features; use "
+               f'{{"op": "sas", "vector": ..., "sae": "{sae_name}"}}', err=True)
+
+
 @extract.command("actadd")
 @_model_opt
 @click.option("--positive", required=True, help='The positive prompt, e.g. "Love".')
