@@ -43,7 +43,7 @@ class SteeringEngineConfig(BaseModel):
         default=1024,
         ge=1,
         description="Features one SAE layer may touch per step (the union of the supports of the "
-        "step's sas vectors; ReLU/JumpReLU). Requests that would exceed it wait.",
+        "step's sas vectors; ReLU/JumpReLU). Requests that would exceed it wait; a value >= d_sae never binds.",
     )
 
     @classmethod

@@ -53,7 +53,8 @@ class ResolvedIntervention:
     normalize: bool = False
     rows: int = 0  # > 0: a per-position vector whose row p is added at prompt position p
     sae: str | None = None  # sas: the engine SAE's name
-    support: int = 0  # sas: number of non-zero features of the vector
+    support: int = 0  # sas: non-zero features of the vector (0 for TopK: nothing to budget)
+    width: int = 0  # sas: the SAE's d_sae
 
     def to_json(self) -> dict:
         data = {
@@ -66,7 +67,7 @@ class ResolvedIntervention:
             "rows": self.rows,
         }
         if self.op == "sas":
-            data.update(sae=self.sae, support=self.support)
+            data.update(sae=self.sae, support=self.support, width=self.width)
         return data
 
     @classmethod
@@ -82,6 +83,7 @@ class ResolvedIntervention:
             rows=int(data.get("rows", 0)),
             sae=data.get("sae"),
             support=int(data.get("support", 0)),
+            width=int(data.get("width", 0)),
         )
 
     def active_at(self, start: int, prompt_len: int) -> bool:
@@ -178,6 +180,10 @@ class SteeringPlan:
     def slot_keys(self, prompt_len: int) -> frozenset[str]:
         """The distinct non-identity slot keys this request needs."""
         return frozenset(s.key for s in self.segments(prompt_len) if s.key is not None)
+
+    def sas_widths(self) -> dict[int, int]:
+        """SAE layer -> d_sae, for the layers this plan's sas ops use."""
+        return {it.layers[0]: it.width for it in self.interventions if it.op == "sas"}
 
     def sas_loads(self, prompt_len: int) -> dict[str, dict[int, int]]:
         """Per non-identity slot key, the SAS support size it brings to each SAE layer."""
@@ -424,7 +430,9 @@ def _resolve_sas(
             field=f"{field}.vector",
         )
     sha = store.put(vector)
-    return ResolvedIntervention("sas", sha, (layer,), item.scale, item.positions, False, 0, sae=item.sae, support=support)
+    return ResolvedIntervention(
+        "sas", sha, (layer,), item.scale, item.positions, False, 0, sae=item.sae, support=support, width=sae.d_sae
+    )
 
 
 def _check_sas_first(plan: SteeringPlan) -> None:

@@ -26,13 +26,15 @@ def request_slot_keys(request: Any) -> frozenset[str]:
         params = request.sampling_params
         data = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params is not None else None
         if data is None:
-            keys, loads = frozenset(), {}
+            keys, loads, widths = frozenset(), {}, {}
         else:
             plan = SteeringPlan.from_extra_args(data)
             keys = plan.slot_keys(request.num_prompt_tokens)
             loads = {k: v for k, v in plan.sas_loads(request.num_prompt_tokens).items() if v}
+            widths = plan.sas_widths()
         request._vsteer_keys = keys
         request._vsteer_sas_loads = loads
+        request._vsteer_sas_widths = widths
     return keys
 
 
@@ -82,14 +84,21 @@ class SteeringScheduler(Scheduler):
         return False
 
     def _sas_fits(self, request: Any) -> bool:
+        """Whether the supports of the running sas configs plus the new ones stay within the
+        budget at every SAE layer (a sum: conservative where supports overlap). A budget of
+        d_sae or more never binds: the union cannot exceed d_sae."""
         new = {k: v for k, v in request_sas_loads(request).items() if k not in self._vsteer_running_loads}
         if not new:
             return True
+        widths = request._vsteer_sas_widths
         totals: dict[int, int] = {}
         for load in (*self._vsteer_running_loads.values(), *new.values()):
             for layer, n in load.items():
                 totals[layer] = totals.get(layer, 0) + n
-        return max(totals.values()) <= self._vsteer_sas_capacity
+        return all(
+            totals.get(layer, 0) <= self._vsteer_sas_capacity or self._vsteer_sas_capacity >= width
+            for layer, width in widths.items()
+        )
 
 
 class SteeringAsyncScheduler(SteeringScheduler, AsyncScheduler):
