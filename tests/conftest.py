@@ -67,14 +67,16 @@ def sae_store_dir(tmp_path_factory, hf_model, tokenizer, model_path) -> Path:
 def eager_llm(model_path, store_dir, sae_store_dir):
     from vsteer.engine.llm import LLM
 
-    return LLM(model_path, enforce_eager=True, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir, **ENGINE_KW)
+    return LLM(model_path, enforce_eager=True, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir,
+               effect_saes=["test-relu"], **ENGINE_KW)
 
 
 @pytest.fixture(scope="session")
 def compiled_llm(model_path, store_dir, sae_store_dir):
     from vsteer.engine.llm import LLM
 
-    return LLM(model_path, enforce_eager=False, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir, **ENGINE_KW)
+    return LLM(model_path, enforce_eager=False, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir,
+               effect_saes=["test-relu"], **ENGINE_KW)
 
 
 @pytest.fixture(scope="session")

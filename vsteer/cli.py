@@ -312,6 +312,9 @@ def extract_sara(model: str, attract: str, repel: str, layer: int, output: Path,
 from vsteer.cli_vectors import vectors  # noqa: E402  (a thin group with no heavy imports)
 
 cli.add_command(vectors)
+from vsteer.cli_effects import effects  # noqa: E402  (vLLM is imported by the subcommands that need it)
+
+cli.add_command(effects)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,11 @@ class SteeringEngineConfig(BaseModel):
         description="SAEs for the sas op: name -> SAE path (any layout vsteer.sae.load_sae reads); "
         "at most one per layer. Memory per SAE: (2 x d_sae x hidden + (max_slots + 1) x d_sae) x 4 bytes.",
     )
+    effect_saes: list[str] = Field(
+        default_factory=list,
+        description="Names among ``saes`` whose layer also sums SAE codes per request for feature-effect "
+        "measurement. Memory per SAE: (max_num_seqs + 1) x d_sae x 4 bytes.",
+    )
     max_sas_support: int = Field(
         default=1024,
         ge=1,

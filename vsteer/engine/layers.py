@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vsteer._errors import UnsupportedArchitectureError
-from vsteer.kernels import BankLayout, get_sas_backend, get_steer_backend
+from vsteer.kernels import BankLayout, get_sas_backend, get_steer_backend, sae_activate
 
 if TYPE_CHECKING:
     from vsteer.sae import SparseAutoencoder
@@ -50,6 +50,7 @@ class StepActivity:
         self.steer: frozenset[int] = frozenset()
         self.capture: bool = False
         self.sas_len: dict[int, int] = {}  # SAS layer -> size of the step's feature union
+        self.accumulate: bool = False  # some token of the step adds to an effect row
 
 
 class _SasDelta:
@@ -71,7 +72,23 @@ class _SasDelta:
         )
 
 
-class _SteeredPair(_SasDelta):
+class _EffectSums:
+    """Feature-effect accumulation (DESIGN.md section 6) for layers whose SAE measures effects:
+    ``sums[row] += f(h)`` for every token, ``h`` the residual BEFORE this layer's steering, ``row``
+    the token's effect row (0 = not measured; its sums are never read). Full encode: effects
+    are read over every feature."""
+
+    def _vsteer_accumulate(self, stream: torch.Tensor, n: int) -> None:
+        if self._vsteer_eager and not self._vsteer_activity.accumulate:
+            return
+        f = self._vsteer_acc_features
+        pre = stream.float() @ self._vsteer_sas_w_enc_t[:f].t() + self._vsteer_sas_b_enc[:f]
+        threshold = self._vsteer_sas_threshold[:f] if self._vsteer_sas_threshold is not None else None
+        codes = sae_activate(pre, self._vsteer_sas_activation, threshold, self._vsteer_sas_k)
+        self._vsteer_acc_sums.index_add_(0, self._vsteer_acc_index[:n], codes)
+
+
+class _SteeredPair(_SasDelta, _EffectSums):
     """Mixin for ``(hidden, residual)`` layers: steer the returned residual, out of place."""
 
     def forward(self, *args, **kwargs):
@@ -79,13 +96,15 @@ class _SteeredPair(_SasDelta):
         n = hidden.shape[0]
         if self._vsteer_capture is not None:
             self._vsteer_capture[:n].copy_(hidden + residual)
+        if self._vsteer_acc_sums is not None:  # static per layer
+            self._vsteer_accumulate(hidden + residual, n)
         if self._vsteer_sas_activation is not None:  # static per layer: fixed at wrap time
             residual = (residual.float() + self._vsteer_sas_delta(hidden + residual, n)).to(residual.dtype)
         residual = self._vsteer_apply(hidden, residual, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
         return hidden, residual
 
 
-class _SteeredSingle(_SasDelta):
+class _SteeredSingle(_SasDelta, _EffectSums):
     """Mixin for blocks that return the residual stream itself."""
 
     def forward(self, *args, **kwargs):
@@ -93,6 +112,8 @@ class _SteeredSingle(_SasDelta):
         n = hidden.shape[0]
         if self._vsteer_capture is not None:
             self._vsteer_capture[:n].copy_(hidden)
+        if self._vsteer_acc_sums is not None:
+            self._vsteer_accumulate(hidden, n)
         if self._vsteer_sas_activation is not None:
             hidden = (hidden.float() + self._vsteer_sas_delta(hidden, n)).to(hidden.dtype)
         return self._vsteer_apply(hidden, None, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
@@ -107,7 +128,11 @@ class _SkipUnusedLayer:
 
     def forward(self, *args, **kwargs):
         act = self._vsteer_activity
-        if self._vsteer_layer in act.steer or (act.capture and self._vsteer_capture is not None):
+        if (
+            self._vsteer_layer in act.steer
+            or (act.capture and self._vsteer_capture is not None)
+            or (act.accumulate and self._vsteer_acc_sums is not None)
+        ):
             return super().forward(*args, **kwargs)
         return super(self._vsteer_mixin, self).forward(*args, **kwargs)
 
@@ -164,6 +189,7 @@ class SasBuffers(NamedTuple):
     d_sae: int
     bank: torch.Tensor  # [num_slots + 1, d_sae + 1] float32; column d_sae stays zero
     union: torch.Tensor | None  # [max_support] int64, padded with d_sae
+    effect_sums: torch.Tensor | None  # [effect_rows + 1, d_sae] float32 (effect layers only)
 
 
 class SteeringBuffers(NamedTuple):
@@ -175,6 +201,7 @@ class SteeringBuffers(NamedTuple):
     capture: dict[int, torch.Tensor]  # layer -> [max_tokens, hidden] in the model dtype
     activity: StepActivity  # read by eager layers only
     sas: dict[int, SasBuffers]  # SAE layer -> its SAS state
+    effect_index: torch.Tensor  # [max_tokens] int64 effect row per token; 0 = not measured
 
 
 def wrap_decoder_layers(
@@ -190,13 +217,16 @@ def wrap_decoder_layers(
     eager: bool = False,
     saes: Mapping[int, "SparseAutoencoder"] | None = None,
     max_sas_support: int = 1024,
+    effect_layers: frozenset[int] = frozenset(),
+    effect_rows: int = 0,
 ) -> SteeringBuffers:
     """Swap each steerable decoder layer's class for its steered subclass; return the buffers.
 
     Mutates ``model`` in place. ``num_slots`` excludes the identity slot 0. ``eager`` (no
     torch.compile, no CUDA graphs) lets layers skip the op on steps that do not use them.
     ``saes`` (layer -> SAE) gives those layers the SAS op, touching at most ``max_sas_support``
-    features per step (ReLU/JumpReLU).
+    features per step (ReLU/JumpReLU). ``effect_layers`` (a subset of the SAE layers) also sum
+    the SAE codes of each token into its effect row (``effect_rows`` rows besides row 0).
     """
     present = find_decoder_layers(model)
     wanted = sorted(present) if steerable_layers is None else sorted(set(steerable_layers) & set(present))
@@ -210,7 +240,10 @@ def wrap_decoder_layers(
     missing = sorted(set(saes) - set(wanted))
     if missing:
         raise ValueError(f"SAE layers {missing} are not steerable layers of this engine")
+    if not set(effect_layers) <= set(saes):
+        raise ValueError(f"effect layers {sorted(set(effect_layers) - set(saes))} have no SAE")
     sas_state: dict[int, SasBuffers] = {}
+    effect_index = torch.zeros(max_tokens, dtype=torch.int64, device=device)
     for row, layer in enumerate(wanted):
         module = present[layer]
         module.__class__ = _steered_class(type(module), eager)
@@ -226,9 +259,17 @@ def wrap_decoder_layers(
         module._vsteer_apply = apply
         module._vsteer_eager = eager
         module._vsteer_sas_activation = None
+        if layer not in effect_layers:
+            module._vsteer_acc_sums = None
         if layer in saes:
             sas_state[layer] = _attach_sae(module, saes[layer], num_slots, max_sas_support, device)
-    return SteeringBuffers(tuple(wanted), bank, index, capture, activity, sas_state)
+            if layer in effect_layers:
+                sums = torch.zeros(effect_rows + 1, saes[layer].d_sae, dtype=torch.float32, device=device)
+                module.register_buffer("_vsteer_acc_sums", sums, persistent=False)
+                module.register_buffer("_vsteer_acc_index", effect_index, persistent=False)
+                module._vsteer_acc_features = saes[layer].d_sae
+                sas_state[layer] = sas_state[layer]._replace(effect_sums=sums)
+    return SteeringBuffers(tuple(wanted), bank, index, capture, activity, sas_state, effect_index)
 
 
 def _attach_sae(module: nn.Module, sae: "SparseAutoencoder", num_slots: int, max_support: int, device: torch.device) -> SasBuffers:
@@ -262,4 +303,4 @@ def _attach_sae(module: nn.Module, sae: "SparseAutoencoder", num_slots: int, max
     module._vsteer_sas_activation = sae.activation
     module._vsteer_sas_k = sae.config.k
     module._vsteer_sas_fn = get_sas_backend(device)
-    return SasBuffers(f, bank, union)
+    return SasBuffers(f, bank, union, None)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from vsteer._errors import EngineError, SpecError
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
 from vsteer.engine.plan import EXTRA_ARGS_KEY, ModelShape, SteeringPlan, resolve_spec
-from vsteer.engine.runner import CAPTURE_ARGS_KEY
+from vsteer.engine.runner import CAPTURE_ARGS_KEY, EFFECTS_ARGS_KEY
 from vsteer.models import default_vector_store, model_info, resolve_model
 from vsteer.spec import DEFAULT_MAX_ABS_SCALE
 from vsteer.vectors import SteeringVector, VectorStore, load_vector
@@ -55,6 +55,8 @@ class LLM:
         max_sas_support: features one SAE layer may touch per step (union of the step's sas
             vector supports; ReLU/JumpReLU). Requests beyond it wait.
         sae_store: SAE-store folder (default ``$VSTEER_SAE_STORE`` or ``<cache>/saes``).
+        effect_saes: names among ``saes`` whose layer sums SAE codes per request during
+            generation, for feature-effect measurement (``vsteer.effects``).
         max_abs_scale: reject specs with a larger |scale|.
         **engine_kwargs: passed to ``vllm.LLM`` (``dtype``, ``enforce_eager``, ``max_model_len``...).
             On CPU the KV cache defaults to 4 GiB (vLLM would reserve 92% of RAM).
@@ -79,6 +81,7 @@ class LLM:
         saes: Sequence[str] | None = None,
         max_sas_support: int = 1024,
         sae_store: str | os.PathLike | None = None,
+        effect_saes: Sequence[str] = (),
         **engine_kwargs: Any,
     ) -> None:
         _pin_v1_runner()
@@ -98,7 +101,11 @@ class LLM:
             store=str(self.store.root),
             saes=sae_paths,
             max_sas_support=max_sas_support,
+            effect_saes=list(effect_saes),
         )
+        unknown = sorted(set(effect_saes) - set(self.saes))
+        if unknown:
+            raise SpecError(f"effect_saes {unknown} are not among saes {sorted(self.saes)}", field="effect_saes")
         self.max_abs_scale = max_abs_scale
         device = current_platform.device_type
         if device not in _WORKERS:
@@ -195,6 +202,9 @@ class LLM:
             if plan is not None:
                 sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: plan.to_extra_args()}
                 item["cache_salt"] = f"vsteer-{plan.hash}"
+            effects = (sp.extra_args or {}).get(EFFECTS_ARGS_KEY)
+            if effects is not None:  # every position must run through the model to be summed
+                item["cache_salt"] = f"vsteer-effects-{effects['key']}"
             inputs.append(item)
             per_params.append(sp)
         return self.engine.generate(inputs, per_params, use_tqdm=use_tqdm)
@@ -306,6 +316,11 @@ class LLM:
     def stats(self) -> dict:
         """Steering slot statistics from the (first) worker."""
         return self.engine.collective_rpc("vsteer_stats")[0]
+
+    def take_effects(self, keys: Sequence[str]) -> dict[str, dict]:
+        """Per-request SAE-code sums of finished effect requests, by their key (see
+        ``vsteer.effects``): ``{key: {"sums": {layer: float32 [d_sae]}, "count": int, "partial": bool}}``."""
+        return self.engine.collective_rpc("vsteer_take_effects", args=(list(keys),))[0]
 
     def get_tokenizer(self) -> Any:
         return self.engine.get_tokenizer()

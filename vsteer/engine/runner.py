@@ -28,6 +28,10 @@ from vsteer.kernels import BankLayout
 from vsteer.vectors import VectorStore
 
 CAPTURE_ARGS_KEY = "vsteer_capture"
+#: ``extra_args[EFFECTS_ARGS_KEY] = {"key": str, "start": int, "tokens": int}``: sum the SAE codes
+#: at every effect layer over absolute positions [start, prompt_len + tokens), then hand them out
+#: under ``key`` (``vsteer_take_effects``).
+EFFECTS_ARGS_KEY = "vsteer_effects"
 
 
 @dataclass
@@ -35,6 +39,15 @@ class _RequestSteering:
     segments: list[Segment]
     keys: frozenset[str]
     single_key: str | None | bool  # the key when one segment covers everything, else False
+
+
+@dataclass
+class _Effect:
+    key: str
+    row: int
+    start: int
+    end: int
+    done: int  # positions below this were summed (a recomputed prefix is not summed twice)
 
 
 @dataclass
@@ -60,7 +73,11 @@ class SteeringRunnerMixin:
             self.scheduler_config.max_num_batched_tokens,
             self.compilation_config.max_cudagraph_capture_size or 0,
         )
-        saes = _load_engine_saes(cfg.saes, hf.hidden_size)
+        saes, names = _load_engine_saes(cfg.saes, hf.hidden_size)
+        unknown = sorted(set(cfg.effect_saes) - set(names))
+        if unknown:
+            raise EngineError(f"effect_saes {unknown} are not among the engine's SAEs {sorted(names)}")
+        effect_rows = self.scheduler_config.max_num_seqs
         self._vsteer_buffers: SteeringBuffers = wrap_decoder_layers(
             self.get_model(),
             layout=self._vsteer_layout,
@@ -73,7 +90,16 @@ class SteeringRunnerMixin:
             eager=self.model_config.enforce_eager,
             saes=saes,
             max_sas_support=cfg.max_sas_support,
+            effect_layers=frozenset(names[n] for n in cfg.effect_saes),
+            effect_rows=effect_rows if cfg.effect_saes else 0,
         )
+        self._vsteer_effect_layers = sorted(names[n] for n in cfg.effect_saes)
+        self._vsteer_effects: dict[str, _Effect] = {}
+        self._vsteer_effect_free = list(range(effect_rows, 0, -1)) if cfg.effect_saes else []
+        self._vsteer_effect_results: dict[str, dict] = {}
+        self._vsteer_effect_host = np.zeros(max_tokens, dtype=np.int64)
+        self._vsteer_effect_prev = 0
+        self._vsteer_step_effects: list[str] = []
         # slot -> SAS layer -> the features its bank row touches; refreshed union per step
         self._vsteer_slot_support: dict[int, dict[int, np.ndarray]] = {}
         self._vsteer_union_stamp: tuple | None = None
@@ -122,11 +148,38 @@ class SteeringRunnerMixin:
             self._vsteer_requests[req_id] = _RequestSteering(
                 segments, frozenset(s.key for s in segments if s.key), single
             )
+        eff = extra.get(EFFECTS_ARGS_KEY)
+        if eff is not None:
+            self._vsteer_start_effect(req_id, eff, prompt_len)
         cap = extra.get(CAPTURE_ARGS_KEY)
         if cap is not None:
             self._vsteer_captures[req_id] = _Capture([int(x) for x in cap["layers"]], cap["path"], prompt_len)
 
+    def _vsteer_start_effect(self, req_id: str, spec: dict, prompt_len: int) -> None:
+        if not self._vsteer_effect_layers:
+            raise EngineError("this engine measures no feature effects (start it with effect_saes=[...])")
+        row = self._vsteer_effect_free.pop()  # max_num_seqs rows: a running request always has one
+        for sas in self._vsteer_buffers.sas.values():
+            if sas.effect_sums is not None:
+                sas.effect_sums[row].zero_()
+        start = int(spec.get("start", 0))
+        self._vsteer_effects[req_id] = _Effect(str(spec["key"]), row, start, prompt_len + int(spec["tokens"]), start)
+
+    def _vsteer_finish_effect(self, req_id: str) -> None:
+        """Hand out a request's sums (``partial`` if it ended before its last position)."""
+        eff = self._vsteer_effects.pop(req_id)
+        sums = {layer: sas.effect_sums[eff.row].cpu().clone() for layer, sas in self._vsteer_buffers.sas.items()
+                if sas.effect_sums is not None}
+        self._vsteer_effect_results[eff.key] = {"sums": sums, "count": eff.done - eff.start, "partial": eff.done < eff.end}
+        self._vsteer_effect_free.append(eff.row)
+
+    def vsteer_take_effects(self, keys: list[str]) -> dict[str, dict]:
+        """Pop the finished effect sums of ``keys`` ({key: {"sums": {layer: [d_sae]}, "count", "partial"}})."""
+        return {k: self._vsteer_effect_results.pop(k) for k in keys if k in self._vsteer_effect_results}
+
     def _vsteer_forget(self, req_id: str) -> None:
+        if req_id in self._vsteer_effects:
+            self._vsteer_finish_effect(req_id)
         self._vsteer_captures.pop(req_id, None)
         st = self._vsteer_requests.pop(req_id, None)
         for key in st.keys if st else ():
@@ -215,6 +268,8 @@ class SteeringRunnerMixin:
             off += n
         if self._vsteer_buffers.sas:
             self._vsteer_fill_unions()
+        if self._vsteer_effects or self._vsteer_effect_prev:
+            self._vsteer_fill_effect_index(num_scheduled_tokens)
         if self.model_config.enforce_eager:  # only eager layers read it (see StepActivity)
             activity = self._vsteer_buffers.activity
             activity.steer = frozenset().union(*(self._vsteer_slot_layers[s] for s in self._vsteer_slots.pinned_slots))
@@ -225,10 +280,39 @@ class SteeringRunnerMixin:
             self._vsteer_buffers.index[:end].copy_(self._vsteer_index_stage[:end], non_blocking=True)
         self._vsteer_prev_tokens = off if any_steered else 0
 
+    def _vsteer_fill_effect_index(self, num_scheduled_tokens: np.ndarray) -> None:
+        idx = self._vsteer_effect_host
+        computed = self.input_batch.num_computed_tokens_cpu
+        self._vsteer_step_effects = []
+        off = 0
+        for i, req_id in enumerate(self.input_batch.req_ids):
+            n = int(num_scheduled_tokens[i])
+            idx[off : off + n] = 0
+            eff = self._vsteer_effects.get(req_id)
+            if eff is not None:
+                first = int(computed[i])
+                lo, hi = max(first, eff.done), min(first + n, eff.end)
+                if lo < hi:
+                    idx[off + lo - first : off + hi - first] = eff.row
+                    eff.done = hi
+                if eff.done >= eff.end:
+                    self._vsteer_step_effects.append(req_id)
+            off += n
+        end = max(off, self._vsteer_effect_prev)
+        idx[off:end] = 0
+        self._vsteer_buffers.effect_index[:end].copy_(torch.from_numpy(idx[:end]), non_blocking=True)
+        self._vsteer_effect_prev = off if self._vsteer_effects else 0
+        self._vsteer_buffers.activity.accumulate = bool(self._vsteer_effects)
+
     def execute_model(self, *args: Any, **kwargs: Any) -> Any:
         out = super().execute_model(*args, **kwargs)
         if self._vsteer_step_captures:
             self._vsteer_read_captures()
+        if self._vsteer_step_effects:
+            for req_id in self._vsteer_step_effects:
+                if req_id in self._vsteer_effects:
+                    self._vsteer_finish_effect(req_id)
+            self._vsteer_step_effects = []
         return out
 
     def _vsteer_read_captures(self) -> None:
@@ -264,10 +348,10 @@ class SteeringRunnerMixin:
         }
 
 
-def _load_engine_saes(paths: dict[str, str], hidden_size: int) -> dict[int, Any]:
-    """Load the engine's SAEs (name -> path) keyed by the layer they read; one per layer."""
+def _load_engine_saes(paths: dict[str, str], hidden_size: int) -> tuple[dict[int, Any], dict[str, int]]:
+    """Load the engine's SAEs (name -> path): {layer: SAE} (one per layer) and {name: layer}."""
     if not paths:
-        return {}
+        return {}, {}
     from vsteer.sae import load_sae
 
     by_layer: dict[int, Any] = {}
@@ -280,7 +364,7 @@ def _load_engine_saes(paths: dict[str, str], hidden_size: int) -> dict[int, Any]
         if sae.layer in by_layer:
             raise EngineError(f"two SAEs read layer {sae.layer}; the engine takes one SAE per layer")
         by_layer[sae.layer] = sae
-    return by_layer
+    return by_layer, {name: sae.layer for name, sae in zip(paths, by_layer.values())}
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:

@@ -35,6 +35,10 @@ class _SteeredWorkerMixin:
         """Steering slot statistics of this worker (call through ``collective_rpc``)."""
         return self.model_runner.vsteer_stats()
 
+    def vsteer_take_effects(self, keys: list[str]) -> dict:
+        """Finished feature-effect sums by key (call through ``collective_rpc``)."""
+        return self.model_runner.vsteer_take_effects(keys)
+
 
 class SteeredCPUWorker(_SteeredWorkerMixin, CPUWorker):
     """CPU worker with per-request steering."""

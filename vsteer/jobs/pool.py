@@ -11,14 +11,27 @@ from __future__ import annotations
 import importlib
 import os
 from collections import deque
+from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator
 
 #: Environment forwarded to the actors (vLLM on CPU reads these at engine start).
 FORWARDED_ENV = (
     "VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE",
-    "VLLM_NO_USAGE_STATS", "VLLM_DO_NOT_TRACK", "VSTEER_CACHE", "VSTEER_VECTOR_STORE",
+    "VLLM_NO_USAGE_STATS", "VLLM_DO_NOT_TRACK", "VSTEER_CACHE", "VSTEER_VECTOR_STORE", "VSTEER_SAE_STORE",
     "VSTEER_FAULT_CRASH_CHUNK", "VLLM_USE_V2_MODEL_RUNNER",
 )
+
+
+def maybe_crash(index: int) -> None:
+    """Fault injection for tests of actor loss: ``VSTEER_FAULT_CRASH_CHUNK="<chunk>:<marker file>"``
+    makes the first actor that takes that chunk exit abruptly (the marker file makes it once)."""
+    spec = os.environ.get("VSTEER_FAULT_CRASH_CHUNK")
+    if not spec:
+        return
+    chunk, _, marker = spec.partition(":")
+    if int(chunk) == index and marker and not os.path.exists(marker):
+        Path(marker).write_text("crashed\n")
+        os._exit(17)
 
 
 def _resolve(path: str):

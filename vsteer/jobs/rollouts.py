@@ -26,6 +26,7 @@ from vsteer.jobs.io import (
     write_jsonl_atomic,
     write_output,
 )
+from vsteer.jobs.pool import maybe_crash
 from vsteer.jobs.rows import parse_row, sample_seed
 
 MANIFEST_VERSION = 1
@@ -251,20 +252,8 @@ def _progress(total: int | None, initial: int, *, enabled: bool):
 
 def generate_chunk_task(llm: Any, rows: list[tuple[int, Any]], run_seed: int, index: int) -> tuple[list[dict], list[dict]]:
     """``generate_chunk`` as run by a pool actor (with the test-only fault hook)."""
-    _maybe_crash(index)
+    maybe_crash(index)
     return generate_chunk(llm, rows, run_seed)
-
-
-def _maybe_crash(index: int) -> None:
-    """Fault injection for tests of actor loss: ``VSTEER_FAULT_CRASH_CHUNK="<chunk>:<marker file>"``
-    makes the first actor that takes that chunk exit abruptly (the marker file makes it once)."""
-    spec = os.environ.get("VSTEER_FAULT_CRASH_CHUNK")
-    if not spec:
-        return
-    chunk, _, marker = spec.partition(":")
-    if int(chunk) == index and marker and not os.path.exists(marker):
-        Path(marker).write_text("crashed\n")
-        os._exit(17)
 
 
 def ray_executor(job: RolloutJob, workers: int, *, cpus_per_worker: float = 1, gpus_per_worker: float = 0,

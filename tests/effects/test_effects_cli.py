@@ -1,0 +1,44 @@
+"""`vsteer effects measure | fit | target` as real subprocesses, then the targeted vector steers."""
+
+from __future__ import annotations
+
+import json
+
+from vllm import SamplingParams
+
+from tests.test_cli import run
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("{")))
+
+
+def test_measure_fit_target_then_steer(tmp_path, eager_llm, sae_store_dir, monkeypatch):
+    from vsteer.effects.data import load_effects
+
+    monkeypatch.setenv("VSTEER_SAE_STORE", str(sae_store_dir))
+    monkeypatch.setenv("VSTEER_VECTOR_STORE", str(eager_llm.store.root))
+    out = tmp_path / "fx"
+    proc = run("effects", "measure", "--sae", "test-relu", "--out", str(out), "--features", "0:12", "--scale", "6",
+               "--rollouts", "2", "--baseline-rollouts", "4", "--tokens", "4", "--chunk-size", "6", "--eager",
+               "--dtype", "float32", "--max-num-seqs", "32")
+    summary = _summary(proc.stdout)
+    assert summary["complete"] and summary["chunks"] == 2 and "Top effects of vector 0" in proc.stdout
+    data = load_effects(out)
+    assert data.X.shape == (12, 576) and data.layer == 10 and data.scales.tolist() == [6.0] * 12
+    again = _summary(run("effects", "measure", "--sae", "test-relu", "--out", str(out), "--features", "0:12", "--scale", "6",
+                           "--rollouts", "2", "--baseline-rollouts", "4", "--tokens", "4", "--chunk-size", "6", "--eager",
+                           "--dtype", "float32", "--max-num-seqs", "32").stdout)
+    assert again["resumed"] == 2 and again["rollouts"] == 0  # a rerun finds everything done
+    approx = tmp_path / "approx.safetensors"
+    run("effects", "fit", str(out), "--out", str(approx), "--method", "lstsq", "--test-fraction", "0.25", "--no-plot")
+    vec = tmp_path / "target.safetensors"
+    feature = int(data.Y.norm(dim=0).argmax())  # a feature the measured vectors did move
+    run("effects", "target", "--approximator", str(approx), "--feature", str(feature), "--sae", "test-relu",
+        "--output", str(vec), "--name", "target-f3")
+    spec = {"interventions": [{"op": "add", "vector": "target-f3", "scale": 40.0}]}
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    steered, plain = eager_llm.generate(["I think"] * 2, params, steering=[spec, None])
+    assert steered.outputs[0].token_ids != plain.outputs[0].token_ids
+    bad = run("effects", "measure", "--sae", "test-relu", "--out", str(tmp_path / "bad"), check=False)
+    assert bad.returncode != 0 and "--scale" in bad.stderr

@@ -1,0 +1,261 @@
+"""Effect-measurement jobs: many vectors, in chunks, checkpointed, resumable, optionally on Ray.
+
+A job folder holds ``job.json`` (the settings; a rerun with other settings is refused unless told to
+start over), ``baseline.safetensors`` (the unsteered mean codes), ``chunks/chunk-<i>.safetensors``
+(per chunk of vectors: directions, scales, mean codes, positions counted; written atomically, so a
+chunk is either done or not) and, once every chunk is done, ``effects.safetensors`` in the format
+of ``vsteer.effects.data`` (directions ``X`` and effects ``Y = steered - baseline``).
+
+Stopping at any point (Ctrl-C, a crash, a lost node) loses at most the chunks in flight; the rerun
+skips finished chunks, so nothing is counted twice. On Ray, a chunk whose actor dies is retried on a
+fresh actor (``vsteer.jobs.pool.EnginePool``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from vsteer._errors import EngineError
+from vsteer.effects.measure import RolloutConfig, rollout_sums
+from vsteer.jobs.pool import maybe_crash
+
+JOB_VERSION = 1
+
+
+class EffectsJob(BaseModel):
+    """What to measure. Saved as ``job.json``; equal settings mean a rerun resumes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2"
+    sae: str = Field(description="SAE (name in the SAE store or path); the steering layer is its layer.")
+    vectors: Literal["decoder", "random", "file"] = "decoder"
+    features: list[int] | None = Field(default=None, description="decoder: which rows (default all).")
+    count: int | None = Field(default=None, description="random: how many unit directions.")
+    vectors_file: str | None = Field(default=None, description="file: safetensors with 'directions' [N, d].")
+    vector_seed: int = 0
+    scale: float | None = Field(default=None, description="One scale for every vector (else auto_scale).")
+    auto_scale: bool = Field(default=False, description="Pick each vector's scale from the steered LM loss.")
+    scale_candidates: list[float] = Field(default_factory=lambda: [float(s) for s in range(0, 201, 20)])
+    loss_rise: float = 0.5
+    loss_texts: list[str] | None = None
+    prompts: list[str] = Field(default_factory=lambda: ["I think"])
+    rollouts: int = 64
+    baseline_rollouts: int = 256
+    tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.3
+    seed: int = 0
+    start: int = 1
+    method: Literal["fused", "two_pass"] = "fused"
+    chunk_size: int = 32
+    engine: dict[str, Any] = Field(default_factory=dict, description="Extra vsteer.LLM keyword arguments.")
+
+    def rollout_config(self) -> RolloutConfig:
+        return RolloutConfig(prompts=tuple(self.prompts), rollouts=self.rollouts, baseline_rollouts=self.baseline_rollouts,
+                             tokens=self.tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                             seed=self.seed, start=self.start)
+
+    def manifest(self) -> dict:
+        data = self.model_dump(mode="json")
+        data.pop("engine")  # how the engine runs does not change what is measured
+        return {"version": JOB_VERSION, **data}
+
+
+def job_directions(job: EffectsJob, sae: Any) -> torch.Tensor:
+    """The unit directions to measure, ``[N, d_model]``, deterministic for the job."""
+    if job.vectors == "decoder":
+        rows = list(range(sae.d_sae)) if job.features is None else job.features
+        bad = [f for f in rows if not 0 <= f < sae.d_sae]
+        if bad:
+            raise ValueError(f"feature {bad[0]} is out of range: the SAE has features 0..{sae.d_sae - 1}")
+        d = sae.W_dec.detach()[rows].float()
+    elif job.vectors == "random":
+        if not job.count or job.count < 1:
+            raise ValueError("vectors='random' needs count >= 1")
+        d = torch.randn(job.count, sae.d_in, generator=torch.Generator().manual_seed(job.vector_seed))
+    else:
+        if not job.vectors_file:
+            raise ValueError("vectors='file' needs vectors_file")
+        d = load_file(job.vectors_file)["directions"].float()
+        if d.ndim != 2 or d.shape[1] != sae.d_in:
+            raise ValueError(f"{job.vectors_file}: directions must be [N, {sae.d_in}], got {tuple(d.shape)}")
+    norms = d.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError("a direction to measure is all zeros")
+    return d / norms
+
+
+def _engine_sae(llm: Any) -> Any:
+    return next(iter(llm.saes.values()))
+
+
+def baseline_task(llm: Any, job_json: str) -> dict[str, torch.Tensor]:
+    job = EffectsJob.model_validate_json(job_json)
+    sae = _engine_sae(llm)
+    sums, counts = rollout_sums(llm, sae, [None], job.rollout_config(), job.baseline_rollouts, method=job.method)
+    return {"mean": sums[0] / counts[0], "tokens": counts}
+
+
+def chunk_task(llm: Any, job_json: str, index: int, directions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One chunk on one engine: scales (fixed or chosen from the LM loss), then the rollouts."""
+    maybe_crash(index)
+    job = EffectsJob.model_validate_json(job_json)
+    sae = _engine_sae(llm)
+    if job.auto_scale:
+        from vsteer.effects.scales import DEFAULT_LOSS_TEXTS, select_scales
+
+        scales = select_scales(llm, directions, sae.layer, job.loss_texts or DEFAULT_LOSS_TEXTS,
+                               candidates=job.scale_candidates, rise=job.loss_rise)
+    else:
+        scales = torch.full((len(directions),), float(job.scale))
+    from vsteer.effects.measure import probe_specs
+
+    sums, counts = rollout_sums(llm, sae, probe_specs(llm, directions, scales, sae.layer), job.rollout_config(),
+                                job.rollouts, method=job.method)
+    return {"directions": directions, "scales": scales, "mean": sums / counts.clamp(min=1)[:, None], "tokens": counts}
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _llm_kwargs(job: EffectsJob) -> dict:
+    return {"model": job.model, "saes": [job.sae], "effect_saes": [_sae_name(job.sae)], **job.engine}
+
+
+def _sae_name(ref: str) -> str:
+    from vsteer.sae import SaeStore
+
+    store = SaeStore()
+    return ref if ref in store else (store.resolve(ref).config.name or Path(ref).stem)
+
+
+def run_effects_job(
+    job: EffectsJob,
+    out_dir: str | os.PathLike,
+    *,
+    workers: int = 0,
+    cpus_per_worker: float = 1,
+    gpus_per_worker: float = 0,
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_chunks: int | None = None,
+    llm: Any = None,
+) -> dict:
+    """Run or resume ``job`` into ``out_dir``; ``workers`` > 0 fans chunks out over a Ray pool.
+
+    ``max_chunks`` stops after that many new chunks (as an interruption would). ``llm``: an
+    engine to use in-process instead of building one (it must load the job's SAE as an effect
+    SAE). Returns a summary; the effects are in ``out_dir/effects.safetensors`` once complete.
+    """
+    from tqdm import tqdm
+
+    from vsteer.sae import SaeStore
+
+    out = Path(out_dir)
+    if job.scale is None and not job.auto_scale:
+        raise ValueError("give a scale, or auto_scale=True")
+    chunks_dir = out / "chunks"
+    manifest_path = out / "job.json"
+    manifest = job.manifest()
+    if overwrite and out.exists():
+        for p in [*chunks_dir.glob("*.safetensors"), out / "baseline.safetensors", out / "effects.safetensors", manifest_path]:
+            p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text())
+        if previous != manifest:
+            changed = sorted(k for k in set(manifest) | set(previous) if previous.get(k) != manifest.get(k))
+            raise EngineError(f"{out} holds a run with other settings ({', '.join(changed)}); rerun the same "
+                              "command to resume, or pass overwrite (--overwrite) to start again")
+    else:
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+
+    sae = SaeStore().resolve(job.sae)
+    directions = job_directions(job, sae)
+    bounds = [(i, s, min(s + job.chunk_size, len(directions))) for i, s in enumerate(range(0, len(directions), job.chunk_size))]
+    done = {i for i, _, _ in bounds if (chunks_dir / f"chunk-{i:06d}.safetensors").exists()}
+    todo = [(i, (job.model_dump_json(), i, directions[s:e].clone())) for i, s, e in bounds if i not in done]
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+    need_baseline = not (out / "baseline.safetensors").exists()
+    job_json = job.model_dump_json()
+
+    pool = None
+    if workers > 0:
+        from vsteer.jobs.pool import EnginePool
+
+        pool = EnginePool(workers, _llm_kwargs(job), cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                          address=ray_address)
+
+        def run(items: list) -> Iterator[tuple[Any, dict]]:
+            yield from pool.map("vsteer.effects.job._dispatch", items)
+    else:
+        if llm is None:
+            from vsteer.engine.llm import LLM
+
+            llm = LLM(**_llm_kwargs(job))
+
+        def run(items: list) -> Iterator[tuple[Any, dict]]:
+            for key, args in items:
+                yield key, _dispatch(llm, *args)
+
+    items = ([("baseline", ("baseline", job_json))] if need_baseline else []) + [(i, ("chunk", *a)) for i, a in todo]
+    per_item = {"baseline": job.baseline_rollouts, **{i: len(a[2]) * job.rollouts for i, a in todo}}
+    bar = tqdm(total=len(bounds), initial=len(done), unit="chunk", disable=not progress, dynamic_ncols=True)
+    started, rollouts = time.monotonic(), 0
+    try:
+        for key, result in run(items):
+            path = out / "baseline.safetensors" if key == "baseline" else chunks_dir / f"chunk-{key:06d}.safetensors"
+            _save_atomic(result, path)
+            rollouts += per_item[key]
+            if key != "baseline":
+                bar.update(1)
+            bar.set_postfix_str(f"{rollouts / max(time.monotonic() - started, 1e-9):.1f} rollouts/s")
+    finally:
+        bar.close()
+        retries = pool.retries if pool is not None else 0
+        if pool is not None:
+            pool.shutdown()
+    finished = sorted(i for i, _, _ in bounds if (chunks_dir / f"chunk-{i:06d}.safetensors").exists())
+    summary = {"chunks": len(bounds), "done": len(finished), "resumed": len(done), "retries": retries,
+               "rollouts": rollouts, "seconds": round(time.monotonic() - started, 2),
+               "rollouts_per_s": round(rollouts / max(time.monotonic() - started, 1e-9), 2), "complete": False}
+    if len(finished) == len(bounds):
+        _assemble(job, out, bounds, sae)
+        summary["complete"] = True
+    return summary
+
+
+def _dispatch(llm: Any, kind: str, *args: Any) -> dict:
+    return baseline_task(llm, *args) if kind == "baseline" else chunk_task(llm, *args)
+
+
+def _assemble(job: EffectsJob, out: Path, bounds: list, sae: Any) -> None:
+    from vsteer.effects.data import save_effects
+    from vsteer.models import model_info, resolve_model
+
+    base = load_file(out / "baseline.safetensors")
+    parts = [load_file(out / "chunks" / f"chunk-{i:06d}.safetensors") for i, _, _ in bounds]
+    X = torch.cat([p["directions"] for p in parts])
+    Y = torch.cat([p["mean"] for p in parts]) - base["mean"]
+    meta = {"model": model_info(resolve_model(job.model)).name, "sae": job.sae, "layer": sae.layer, "method": job.method,
+            "tokens": torch.cat([p["tokens"] for p in parts]).tolist(), "baseline_tokens": int(base["tokens"][0]),
+            "job": job.manifest()}
+    save_effects(out, X.float(), Y.float(), meta, scales=torch.cat([p["scales"] for p in parts]).float())

@@ -1,0 +1,181 @@
+"""Feature effects of steering vectors (SAE-TS paper eq. 2; DESIGN.md section 6).
+
+effect(v) = mean over every token of the steered rollouts of f(h_L) minus the same mean over the
+unsteered rollouts, ``f`` the SAE at layer L and ``h_L`` the residual at the output of layer L
+before the steering there (what re-running the text through the unsteered model reads).
+
+Two ways to get the means, on the same rollouts:
+
+- ``fused`` (default): every request carries its own vector and an effect row; the engine sums
+  ``f(h)`` per request during generation, at the SAE's layer, before the add. Nothing but the
+  sums leaves the engine and there is no second pass. The engine only runs a token through the
+  model once the next one is asked for, so a rollout of T tokens is generated with T + 1 and
+  summed over its first T.
+- ``two_pass`` (the reference): generate T tokens, then read the finished texts' residuals with
+  ``capture`` and encode them on the host. It also serves SAEs at another layer than the steering.
+
+Rollout r of every vector (and of the baseline) uses prompt ``r % len(prompts)`` and sampling seed
+``seed + r``: common random numbers, so vector and baseline rollouts differ by the steering only.
+Positions counted: the whole rollout text (prompt and generated tokens) from ``start`` on; the
+default ``start = 1`` leaves out position 0, whose residual is the attention-sink outlier of
+every sequence.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import torch
+
+from vsteer.vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from vsteer.sae import SparseAutoencoder
+
+Method = Literal["fused", "two_pass"]
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How rollouts are sampled (defaults follow the SAE-TS reference, but with fewer rollouts)."""
+
+    prompts: tuple[str, ...] = ("I think",)
+    rollouts: int = 64  # per vector (paper: 896 = 14 prompts x 64)
+    baseline_rollouts: int = 256  # unsteered (paper: 8,960)
+    tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.3
+    seed: int = 0
+    start: int = 1  # first absolute position counted
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(not p for p in self.prompts):
+            raise ValueError("rollouts need at least one non-empty prompt")
+        if self.rollouts < 1 or self.baseline_rollouts < 1 or self.tokens < 1:
+            raise ValueError("rollouts, baseline_rollouts and tokens must be >= 1")
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {self.start}")
+
+
+@dataclass
+class EffectResult:
+    """Mean SAE codes per vector, the baseline mean and the effects (their difference)."""
+
+    steered: torch.Tensor  # [N, d_sae] float64
+    baseline: torch.Tensor  # [d_sae] float64
+    tokens: torch.Tensor  # [N] positions counted per vector
+    baseline_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effects(self) -> torch.Tensor:
+        return (self.steered - self.baseline).float()
+
+
+def _params(config: RolloutConfig, r: int, max_tokens: int, extra: dict | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+        seed=config.seed + r, ignore_eos=True, extra_args=extra,
+    )
+
+
+def probe_specs(llm: Any, directions: torch.Tensor, scales: torch.Tensor, layer: int) -> list[dict | None]:
+    specs: list[dict | None] = []
+    for d, s in zip(directions, scales):
+        sha = llm.store.put(SteeringVector({layer: d.float()}, hidden_size=d.shape[0], method="effects-probe"))
+        specs.append({"interventions": [{"op": "add", "vector": sha, "layers": [layer], "scale": float(s)}]})
+    return specs
+
+
+def rollout_sums(
+    llm: Any,
+    sae: "SparseAutoencoder",
+    specs: Sequence[dict | None],
+    config: RolloutConfig,
+    rollouts: int,
+    *,
+    method: Method = "fused",
+    effect_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of ``f(h)`` and number of positions, per spec, over ``rollouts`` rollouts each.
+
+    All ``len(specs) x rollouts`` requests go into one ``generate`` call (the engine batches them;
+    every request carries its own steering)."""
+    prompts = [config.prompts[r % len(config.prompts)] for _ in specs for r in range(rollouts)]
+    steering = [spec for spec in specs for _ in range(rollouts)]
+    n = len(specs)
+    sums = torch.zeros(n, sae.d_sae, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.int64)
+    if method == "fused":
+        keys = [uuid.uuid4().hex for _ in prompts]
+        effects = {"start": config.start, "tokens": config.tokens}
+        params = [_params(config, r, config.tokens + 1, {"vsteer_effects": {**effects, "key": k}})
+                  for (r, k) in zip((r for _ in specs for r in range(rollouts)), keys)]
+        llm.generate(prompts, params, steering=steering)
+        got = llm.take_effects(keys)
+        layer = sae.layer if effect_layer is None else effect_layer
+        for j, key in enumerate(keys):
+            item = got.get(key)
+            if item is None or item["partial"]:
+                raise RuntimeError(f"the engine returned no complete effect sums for rollout {j}")
+            sums[j // rollouts] += item["sums"][layer].double()
+            counts[j // rollouts] += item["count"]
+        return sums, counts
+    if method != "two_pass":
+        raise ValueError(f"method must be 'fused' or 'two_pass', got {method!r}")
+    params = [_params(config, r, config.tokens) for _ in specs for r in range(rollouts)]
+    outs = llm.generate(prompts, params, steering=steering)
+    texts = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+    acts = llm.capture(texts, [sae.layer])
+    with torch.no_grad():
+        for j, cap in enumerate(acts):
+            codes = sae.encode(cap[sae.layer][config.start:].float())
+            sums[j // rollouts] += codes.double().sum(0)
+            counts[j // rollouts] += codes.shape[0]
+    return sums, counts
+
+
+def measure_effects(
+    llm: Any,
+    sae: "SparseAutoencoder",
+    directions: torch.Tensor,
+    scales: torch.Tensor | float,
+    config: RolloutConfig = RolloutConfig(),
+    *,
+    layer: int | None = None,
+    method: Method = "fused",
+    baseline: tuple[torch.Tensor, int] | None = None,
+) -> EffectResult:
+    """Effects of adding ``scales[i] * directions[i]`` at ``layer`` (default: the SAE's layer).
+
+    Args:
+        llm: a ``vsteer.LLM`` with ``sae`` among its ``effect_saes`` (fused) or any (two_pass).
+        directions: ``[N, d_model]``.
+        scales: one scale or ``[N]``.
+        baseline: a precomputed unsteered ``(mean [d_sae], tokens)`` to reuse across calls.
+    """
+    layer = sae.layer if layer is None else layer
+    if method == "fused" and layer != sae.layer:
+        raise ValueError(f"fused effects need the SAE at the steered layer ({sae.layer}), not {layer}; use two_pass")
+    directions = torch.as_tensor(directions, dtype=torch.float32)
+    if directions.ndim != 2:
+        raise ValueError(f"directions must be [N, d_model], got {tuple(directions.shape)}")
+    scales_t = torch.full((len(directions),), float(scales)) if isinstance(scales, (int, float)) else torch.as_tensor(scales, dtype=torch.float32)
+    if scales_t.shape != (len(directions),):
+        raise ValueError(f"scales must be one number or [N={len(directions)}], got {tuple(scales_t.shape)}")
+    sums, counts = rollout_sums(llm, sae, probe_specs(llm, directions, scales_t, layer), config, config.rollouts, method=method)
+    if baseline is None:
+        base_sum, base_count = rollout_sums(llm, sae, [None], config, config.baseline_rollouts, method=method)
+        baseline = (base_sum[0] / base_count[0], int(base_count[0]))
+    return EffectResult(
+        steered=sums / counts.clamp(min=1)[:, None],
+        baseline=baseline[0].double(),
+        tokens=counts,
+        baseline_tokens=baseline[1],
+        meta={"layer": layer, "method": method, "sae_layer": sae.layer, "config": config.__dict__ | {"prompts": list(config.prompts)}},
+    )
