@@ -6,7 +6,9 @@ over its completion tokens; a feature is "active" in an example if it fires on a
 completion tokens). Then, per side: keep the features active in at least a fraction ``tau`` of the
 rows, average each kept feature over the rows where it is active; drop features kept on both
 sides; ``s = v+ - v-`` (METHODS.md, SAS). The paper's exact row convention (per example or per
-token) is not public; ``rows="token"`` gives the per-token variant.
+token) is not public; ``rows="token"`` gives the per-token variant. Absolute position 0 is never
+read (its residual is the attention-sink outlier of every sequence), so with an empty prompt the
+completion's first token is left out.
 
 Apply it with ``{"op": "sas", "vector": ..., "sae": <name>, "scale": lambda}``.
 """
@@ -71,13 +73,15 @@ def completion_codes(llm: Any, sae: "SparseAutoencoder", prompts: Sequence[str],
             raise ValueError("SAS got an empty completion")
         head = tok(prompt)["input_ids"] if prompt else []
         tail = tok(completion, add_special_tokens=not head)["input_ids"]
+        if len(head) + len(tail) < 2:
+            raise ValueError(f"completion {completion!r} of an empty prompt needs at least two tokens")
         inputs.append(head + tail)
         starts.append(len(head))
     acts = llm.capture(inputs, [sae.layer])
     out = []
     with torch.no_grad():
         for cap, start in zip(acts, starts):
-            codes = sae.encode(cap[sae.layer][start:].float())
+            codes = sae.encode(cap[sae.layer][max(start, 1):].float())  # never position 0 (attention sink)
             out.append(codes.mean(dim=0, keepdim=True) if rows == "example" else codes)
     return torch.cat(out)
 
