@@ -33,3 +33,26 @@ def publish(title: str, json_path: Path, data: dict, body: list[str], *, machine
     json_path.write_text(json.dumps({"command": command, "machine": machine, "date": date, **data}, indent=2))
     header = [title, "", f"Command: `{command}`  ", f"Machine: {machine}  ", f"Date: {date}", ""]
     write_section(title, "\n".join(header + body).rstrip("\n") + "\n\n", results_md)
+
+
+def cpu_env(threads: int) -> None:
+    """Environment for an in-process vLLM-CPU benchmark; call before torch or vLLM is imported."""
+    import os
+    import tempfile
+
+    os.environ.update(OMP_NUM_THREADS=str(threads), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
+                      VLLM_NO_USAGE_STATS="1", VLLM_USE_V2_MODEL_RUNNER="0")
+    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp())
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # engines get kv_cache_memory_bytes instead
+
+
+def stored_sae(ref: str, script: str):
+    """The SAE ``ref`` (store name or path), or exit telling how to train the default one."""
+    import sys
+
+    from vsteer.sae import SaeStore
+
+    store = SaeStore()
+    if ref not in store and not Path(ref).exists():
+        sys.exit(f"{script}: no SAE {ref!r} in {store.root}; train it first with `python benchmarks/sae_train.py`")
+    return store.resolve(ref)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish  # noqa: E402
+from _results import cpu_env, publish, stored_sae  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Feature-effect measurement throughput (CPU)"
@@ -49,10 +49,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = ap.parse_args()
-    os.environ.update(OMP_NUM_THREADS=str(args.threads), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
-                      VLLM_NO_USAGE_STATS="1", VLLM_USE_V2_MODEL_RUNNER="0")
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp())
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    cpu_env(args.threads)
 
     import torch
     import vllm
@@ -60,13 +57,9 @@ def main() -> None:
     from vsteer.effects.measure import RolloutConfig, probe_specs, rollout_sums
     from vsteer.engine.llm import LLM
     from vsteer.models import prepare_default_model
-    from vsteer.sae import SaeStore
 
     torch.set_num_threads(args.threads)
-    store = SaeStore()
-    if args.sae not in store:
-        sys.exit(f"effects_throughput: no SAE {args.sae!r} in {store.root}; train it first with `python benchmarks/sae_train.py`")
-    sae = store.get(args.sae)
+    sae = stored_sae(args.sae, "effects_throughput")
     model_path = str(prepare_default_model())
     config = RolloutConfig(rollouts=args.rollouts, tokens=args.tokens)
     n_rollouts = args.vectors * args.rollouts

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish  # noqa: E402
+from _results import cpu_env, publish, stored_sae  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## SAS throughput (CPU)"
@@ -53,25 +53,17 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = ap.parse_args()
     supports = [int(s) for s in args.supports.split(",")]
-    os.environ.update(OMP_NUM_THREADS=str(args.threads), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
-                      VLLM_NO_USAGE_STATS="1", VLLM_USE_V2_MODEL_RUNNER="0")
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp())
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    cpu_env(args.threads)
 
     import torch
     import vllm
 
     from vsteer.engine.llm import LLM
     from vsteer.models import prepare_default_model
-    from vsteer.sae import SaeStore
     from vsteer.vectors import SteeringVector
 
     torch.set_num_threads(args.threads)
-    store = SaeStore()
-    if args.sae not in store and not Path(args.sae).exists():
-        sys.exit(f"sas_throughput: no SAE {args.sae!r} in {store.root}; train it first with "
-                 "`python benchmarks/sae_train.py` (or `vsteer sae train`)")
-    sae = store.resolve(args.sae)
+    sae = stored_sae(args.sae, "sas_throughput")
     layer, d_sae = sae.layer, sae.d_sae
     model_path = str(prepare_default_model())
     n = args.num_prompts
