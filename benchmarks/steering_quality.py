@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish  # noqa: E402
+from _results import publish
 
 HERE = Path(__file__).resolve().parent
 TITLE = "## Steering quality (SAE-TS protocol, local scorer)"
@@ -86,14 +86,15 @@ def main() -> None:
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
                f"{args.dtype}, eager")
     lines = [
-        f"SAE-TS protocol (METHODS.md) on SmolLM2-135M-Instruct, numbers from the **{scorer_label(summary['scorer'])}**, "
+        (f"SAE-TS protocol (METHODS.md) on SmolLM2-135M-Instruct, numbers from the **{scorer_label(summary['scorer'])}**, "
         "not an LLM judge: behaviour = calibrated log-probability of the concept words after \"The text above is "
         "about\" (about 0.02 for typical off-topic text, 0.98 for typical on-topic text); coherence = the unsteered "
-        "model's per-token perplexity between natural (1) and word-shuffled (0) reference texts, times the "
+        "model's per-token perplexity between that of its own unsteered samples (1) and of the same samples with "
+        "their words shuffled (0), times the "
         "distinct-3-gram fraction. Scales are in each method's own units (CAA: x unit vector, residual norm ~150 "
         "at layer 10; ActAdd: coefficient c; SARA: c). "
         f"Run time: engine start {t_engine:.0f} s, {n_requests} steered/unsteered generations + scoring "
-        f"{t_eval:.0f} s. Plots: {', '.join(plots) if plots else 'none (matplotlib missing)'}.",
+        f"{t_eval:.0f} s. Plots: {', '.join(plots) if plots else 'none (matplotlib missing)'}."),
         "",
         *markdown_tables(summary),
         "",
@@ -124,7 +125,7 @@ def _examples(work: Path, summary: dict, concept: str) -> list[str]:
 
 
 def _quote(text: str) -> str:
-    return "`I think" + " ".join(text.split()).replace("`", "'") + "`"
+    return "`" + " ".join(("I think" + text).split()).replace("`", "'") + "`"
 
 
 if __name__ == "__main__":

@@ -315,6 +315,9 @@ cli.add_command(vectors)
 from vsteer.cli_effects import effects  # noqa: E402  (vLLM is imported by the subcommands that need it)
 
 cli.add_command(effects)
+from vsteer.cli_eval import eval_group  # noqa: E402
+
+cli.add_command(eval_group)
 
 
 def main(argv: list[str] | None = None) -> int:
