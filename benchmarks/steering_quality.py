@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="raw run folder (results.jsonl, resumable); default: a fresh temporary folder")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
+    ap.add_argument("--sae", default="smollm2-l15-4k", help="SAE of the sae and sas methods")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
@@ -54,19 +55,21 @@ def main() -> None:
 
     import torch
 
-    from vsteer.cli_eval import parse_scales
+    from vsteer.cli_eval import SAE_METHODS, parse_scales
     from vsteer.engine.llm import LLM
     from vsteer.eval import LocalScorer, get_method, load_concepts, run_eval
     from vsteer.eval.harness import markdown_tables, scorer_label
 
     concepts = load_concepts([c.strip() for c in args.concepts.split(",") if c.strip()])
-    methods = [get_method(m.strip()) for m in args.methods.split(",") if m.strip()]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [get_method(m, sae=args.sae) if m in SAE_METHODS else get_method(m) for m in names]
     scales = parse_scales(tuple(args.scales))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vsteer-steering-quality-"))
 
     t0 = time.time()
     llm = LLM("smollm2", enforce_eager=True, dtype=args.dtype, max_model_len=512, max_num_seqs=args.max_num_seqs,
-              enable_prefix_caching=True, kv_cache_memory_bytes=2**30, store=tempfile.mkdtemp(prefix="vsteer-sq-store-"))
+              enable_prefix_caching=True, kv_cache_memory_bytes=2**30, store=tempfile.mkdtemp(prefix="vsteer-sq-store-"),
+              saes=[args.sae] if "sas" in names else None)
     t_engine = time.time() - t0
     scorer = LocalScorer(llm)
     t1 = time.time()
@@ -92,7 +95,7 @@ def main() -> None:
         "model's per-token perplexity between that of its own unsteered samples (1) and of the same samples with "
         "their words shuffled (0), times the "
         "distinct-3-gram fraction. Scales are in each method's own units (CAA: x unit vector, residual norm ~150 "
-        "at layer 10; ActAdd: coefficient c; SARA: c). "
+        "at layer 10; ActAdd: coefficient c; SARA: c; SAE feature: x decoder row; SAS: lambda). "
         f"Run time: engine start {t_engine:.0f} s, {n_requests} steered/unsteered generations + scoring "
         f"{t_eval:.0f} s. Plots: {', '.join(plots) if plots else 'none (matplotlib missing)'}."),
         "",

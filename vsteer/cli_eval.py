@@ -69,6 +69,10 @@ def methods_cmd() -> None:
         click.echo(f"{name:8s} {m.description} (default scales {', '.join(f'{s:g}' for s in m.default_scales)})")
 
 
+#: Methods that take the SAE option.
+SAE_METHODS = ("sae", "sas")
+
+
 @eval_group.command("run")
 @click.option("--concepts", default="wedding,london,love,anger,french", show_default=True,
               help="Comma-separated concept names (`vsteer eval concepts`).")
@@ -100,11 +104,13 @@ def methods_cmd() -> None:
 @click.option("--max-num-seqs", default=128, show_default=True)
 @click.option("--max-model-len", default=1024, show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the matplotlib plots.")
+@click.option("--sae", default="smollm2-l15-4k", show_default=True,
+              help="SAE of the sae and sas methods (name in the SAE store, `vsteer sae list`).")
 def run_cmd(concepts: str, concepts_file: str | None, methods: str, scales: tuple[str, ...], n: int, max_tokens: int,
             prompt: str, seed: int, temperature: float, top_p: float, top_k: int, scorer_name: str,
             judge_url: str | None, judge_model: str | None, judge_api_key: str | None, judge_concurrency: int,
             out_dir: Path, model: str, eager: bool, dtype: str, max_num_seqs: int, max_model_len: int,
-            no_plots: bool) -> None:
+            no_plots: bool, sae: str) -> None:
     """Generate, score and summarise a (concept x method x scale) sweep."""
     from vsteer.eval.concepts import load_concepts
     from vsteer.eval.harness import markdown_tables, run_eval
@@ -114,7 +120,8 @@ def run_cmd(concepts: str, concepts_file: str | None, methods: str, scales: tupl
         concept_objs = load_concepts(_csv(concepts), path=concepts_file)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0]), param_hint="--concepts") from None
-    method_objs = [get_method(m) for m in _csv(methods)]  # unknown methods fail before the engine starts
+    names = _csv(methods)
+    method_objs = [get_method(m, sae=sae) if m in SAE_METHODS else get_method(m) for m in names]  # fail before the engine starts
     sweep = parse_scales(scales)
     if scorer_name == "judge" and not (judge_url and judge_model):
         raise click.UsageError("--scorer judge needs --judge-url and --judge-model")
@@ -127,7 +134,7 @@ def run_cmd(concepts: str, concepts_file: str | None, methods: str, scales: tupl
     from vsteer.engine.llm import LLM
 
     llm = LLM(model, enforce_eager=eager, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-              enable_prefix_caching=True)
+              enable_prefix_caching=True, saes=[sae] if "sas" in names else None)
     if scorer is None:
         from vsteer.eval.scorers import LocalScorer
 

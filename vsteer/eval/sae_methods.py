@@ -34,7 +34,8 @@ class SaeFeatureMethod(SteeringMethod):
 
     name = "sae"
     description = "SAE feature steering: decoder row of the feature most active on positive vs negative texts"
-    default_scales = (0.0, 4.0, 8.0, 12.0, 16.0)
+    # decoder rows are unit norm in trained SAEs; the residual norm at a middle layer of SmolLM2 is ~150
+    default_scales = (0.0, 24.0, 48.0, 96.0, 144.0)
 
     def __init__(self, sae: str = DEFAULT_SAE) -> None:
         self.sae = sae
