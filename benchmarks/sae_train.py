@@ -12,7 +12,9 @@ with the SAE's reconstruction spliced in at the layer vs with the layer's output
 The SAE is stored in the default SAE store (``$VSTEER_SAE_STORE`` or ``<cache>/saes``) as
 ``--name`` (default ``smollm2-l15-4k``), replacing an earlier one.
 
-Run:  python benchmarks/sae_train.py   (writes results/sae-train.json and a RESULTS.md section)
+Run:  python benchmarks/sae_train.py    (TopK k=32; writes results/sae-train-topk.json and a RESULTS.md section)
+      python benchmarks/sae_train.py --activation relu --name smollm2-l15-4k-relu --work-dir W --resume
+      (ReLU + L1 on the activations a first run with --work-dir W collected)
 """
 
 from __future__ import annotations
@@ -29,31 +31,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import publish
 
 HERE = Path(__file__).resolve().parent
-SECTION = "## SAE training (CPU)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--width", type=int, default=4096)
-    ap.add_argument("--tokens", type=int, default=200_000, help="training activations to collect")
-    ap.add_argument("--activation", choices=["relu", "topk"], default="relu")
+    ap.add_argument("--tokens", type=int, default=300_000, help="training activations to collect")
+    ap.add_argument("--activation", choices=["topk", "relu"], default="topk")
     ap.add_argument("--k", type=int, default=None, help="TopK k (default 32)")
-    ap.add_argument("--l1", type=float, default=5.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--l1", type=float, default=2.0, help="ReLU only")
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=None, help="default: --epochs passes")
-    ap.add_argument("--epochs", type=float, default=4.0)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--gen-tokens", type=int, default=192)
     ap.add_argument("--eval-tokens", type=int, default=20_000)
     ap.add_argument("--eval-texts", type=int, default=64)
-    ap.add_argument("--dtype", default="float32", help="engine dtype (generation and capture)")
+    ap.add_argument("--dtype", default="bfloat16", help="engine dtype (generation and capture); the model is stored in bfloat16")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="smollm2-l15-4k")
     ap.add_argument("--work-dir", type=Path, default=None, help="activations + checkpoints (default: a temporary folder)")
     ap.add_argument("--resume", action="store_true", help="keep what --work-dir holds (times then cover only the rest)")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
+    ap.add_argument("--no-publish", action="store_true", help="print only: no JSON, no RESULTS.md section")
     args = ap.parse_args()
     os.environ.update(OMP_NUM_THREADS=str(args.threads), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                       VLLM_NO_USAGE_STATS="1")
@@ -78,7 +79,7 @@ def main() -> None:
     engine_s = time.perf_counter() - started
     sae, report = train_model_sae(
         llm, args.layer, width=args.width, tokens=args.tokens, work_dir=work, activation=args.activation, k=k,
-        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, l1_coefficient=args.l1, seed=args.seed,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, l1_coefficient=args.l1, seed=args.seed,
         gen_tokens=args.gen_tokens, eval_tokens=args.eval_tokens, eval_texts=args.eval_texts, name=args.name,
         resume=args.resume,
     )
@@ -94,7 +95,7 @@ def main() -> None:
                f"vLLM {vllm.__version__}, {args.dtype} engine, eager")
     lines = [
         (f"SmolLM2-135M-Instruct, layer {args.layer} (resid_post), width {args.width}, {args.activation} ({sparsity}). "
-        f"Training text: the model's own continuations (temperature 1, top-p 0.95, up to {args.gen_tokens} tokens) of "
+        f"Training text: the model's own continuations (temperature 1, no truncation, up to {args.gen_tokens} tokens) of "
         f"the 90% of `vsteer/sae/data/prompts.txt` not held out, chat template for 3/4 of them, raw text otherwise; "
         f"{report['train_tokens']:,} activations captured inside vLLM (first token dropped, duplicate prompt tokens skipped). "
         f"{tr['steps']} Adam steps x {args.batch_size} tokens (lr {args.lr}). Evaluation: {ev['tokens']:,} activations and "
@@ -107,8 +108,12 @@ def main() -> None:
     lines += [f"| {m} | {v} |" for m, v in eval_table(report)]
     lines += ["", (f"Wall time: engine start {engine_s:.0f} s, collecting activations {report['collect_seconds']:.0f} s "
               f"(generation + capture, train and held-out), training {report['train_seconds']:.0f} s, evaluation "
-              f"{report['eval_seconds']:.0f} s; total {total_s:.0f} s.")]
-    publish(SECTION, args.out_dir / "sae-train.json",
+              f"{report['eval_seconds']:.0f} s; total {total_s:.0f} s."
+              + (" With --resume: activations already in --work-dir were reused, so the collection time covers only"
+                 " what was missing." if args.resume else ""))]
+    if args.no_publish:
+        return
+    publish(f"## SAE training (CPU, {args.activation})", args.out_dir / f"sae-train-{args.activation}.json",
             {"settings": {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()}, "report": report,
              "engine_seconds": round(engine_s, 1), "total_seconds": round(total_s, 1), "sae_sha256": sae.sha256()},
             lines, machine=machine)

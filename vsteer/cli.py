@@ -318,6 +318,9 @@ cli.add_command(effects)
 from vsteer.cli_eval import eval_group  # noqa: E402
 
 cli.add_command(eval_group)
+from vsteer.cli_sae import sae  # noqa: E402
+
+cli.add_command(sae)
 
 
 def main(argv: list[str] | None = None) -> int:
