@@ -46,14 +46,21 @@ def get_steer_backend(device: torch.device | str) -> SteerFn:
         RuntimeError: ``VSTEER_STEER_BACKEND=triton`` but Triton/CUDA unusable.
         ValueError: unknown ``VSTEER_STEER_BACKEND`` value.
     """
+    return _pick(device, steer_residual_torch, _triton_fn)
+
+
+def _pick(device: torch.device | str, reference: Callable[..., torch.Tensor],
+          triton_fn: Callable[[], Optional[Callable[..., torch.Tensor]]]) -> Callable[..., torch.Tensor]:
+    """The Triton implementation on a usable CUDA device, else the torch reference
+    (``$VSTEER_STEER_BACKEND`` may force either)."""
     dev = torch.device(device)
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"{BACKEND_ENV} must be auto|torch|triton, got {choice!r}")
     if choice == "torch":
-        return steer_residual_torch
+        return reference
     usable = dev.type == "cuda" and torch.cuda.is_available()
-    fn = _triton_fn() if usable else None
+    fn = triton_fn() if usable else None
     if fn is not None:
         return fn
     if choice == "triton":
@@ -61,7 +68,7 @@ def get_steer_backend(device: torch.device | str) -> SteerFn:
             f"{BACKEND_ENV}=triton but Triton cannot be used on {dev} "
             f"(cuda available: {torch.cuda.is_available()})"
         )
-    return steer_residual_torch
+    return reference
 
 
 def _sas_triton_fn() -> Optional[SasFn]:
@@ -84,19 +91,4 @@ def get_sas_backend(device: torch.device | str) -> SasFn:
         RuntimeError: ``VSTEER_STEER_BACKEND=triton`` but Triton/CUDA unusable.
         ValueError: unknown ``VSTEER_STEER_BACKEND`` value.
     """
-    dev = torch.device(device)
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"{BACKEND_ENV} must be auto|torch|triton, got {choice!r}")
-    if choice == "torch":
-        return sas_delta_torch
-    usable = dev.type == "cuda" and torch.cuda.is_available()
-    fn = _sas_triton_fn() if usable else None
-    if fn is not None:
-        return fn
-    if choice == "triton":
-        raise RuntimeError(
-            f"{BACKEND_ENV}=triton but Triton cannot be used on {dev} "
-            f"(cuda available: {torch.cuda.is_available()})"
-        )
-    return sas_delta_torch
+    return _pick(device, sas_delta_torch, _sas_triton_fn)

@@ -190,22 +190,11 @@ def import_(path: Path, name: str, layer: int | None, model: str | None, overwri
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``sae`` group alone (``python -m vsteer.cli_sae``), errors as in ``vsteer.cli.main``."""
-    from vsteer._errors import VsteerError
+    from vsteer.cli import main as cli_main
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    try:
-        sae.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        return 1
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except VsteerError as exc:
-        click.echo(f"{type(exc).__name__}: {exc}", err=True)
-        return 1
-    return 0
+    return cli_main(["sae", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from vsteer._errors import SaeFileError, VectorFileError
 from vsteer.models import default_cache_dir
 from vsteer.sae.formats import CONFIG_FILE, load_sae, save_sae
 from vsteer.sae.model import SparseAutoencoder
-from vsteer.vectors._store import _check_name
+from vsteer.vectors._store import _check_name, _FileLockGuard
 
 __all__ = ["SAE_STORE_ENV", "SaeStore", "default_sae_store"]
 
@@ -222,28 +222,9 @@ class SaeStore:
     def _taken(self, name: str) -> SaeFileError:
         return SaeFileError(f"an SAE named {name!r} is already stored; pass overwrite=True to replace it", key=name)
 
-    def _locked(self) -> _Locked:
-        return _Locked(self._file_lock, str(self.root / _LOCK_FILE))
+    def _locked(self) -> _FileLockGuard:
+        return _FileLockGuard(self._file_lock, str(self.root / _LOCK_FILE), error=SaeFileError, what="SAE store")
 
     def __repr__(self) -> str:
         return f"SaeStore(root={str(self.root)!r})"
 
-
-class _Locked:
-    """Hold the store's file lock; a timeout or an unwritable folder becomes a SaeFileError."""
-
-    def __init__(self, lock: filelock.FileLock, path: str) -> None:
-        self._lock, self._path = lock, path
-
-    def __enter__(self) -> None:
-        try:
-            self._lock.acquire()
-        except filelock.Timeout as exc:
-            raise SaeFileError(
-                f"another process has held the SAE store lock for over {_LOCK_TIMEOUT_S:.0f} s", path=self._path
-            ) from exc
-        except OSError as exc:
-            raise SaeFileError(f"cannot lock the SAE store: {exc}", path=self._path) from exc
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._lock.release()

@@ -586,20 +586,21 @@ class VectorStore:
 
 
 class _FileLockGuard:
-    """Hold the store's file lock; a timeout or an unwritable folder becomes a VectorFileError."""
+    """Hold a store's file lock; a timeout or an unwritable folder becomes ``error`` (a
+    VectorFileError unless the store says otherwise)."""
 
-    def __init__(self, lock: filelock.FileLock, path: str) -> None:
-        self._lock, self._path = lock, path
+    def __init__(self, lock: filelock.FileLock, path: str, *, error: type = VectorFileError, what: str = "store") -> None:
+        self._lock, self._path, self._error, self._what = lock, path, error, what
 
     def __enter__(self) -> None:
         try:
             self._lock.acquire()
         except filelock.Timeout as exc:
-            raise VectorFileError(
-                f"another process has held the store lock for over {_LOCK_TIMEOUT_S:.0f} s", path=self._path
+            raise self._error(
+                f"another process has held the {self._what} lock for over {_LOCK_TIMEOUT_S:.0f} s", path=self._path
             ) from exc
         except OSError as exc:
-            raise VectorFileError(f"cannot lock the store: {exc}", path=self._path) from exc
+            raise self._error(f"cannot lock the {self._what}: {exc}", path=self._path) from exc
 
     def __exit__(self, *exc_info: object) -> None:
         self._lock.release()
