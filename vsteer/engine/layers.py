@@ -91,34 +91,43 @@ class _EffectSums:
         self._vsteer_acc_sums.index_add_(0, self._vsteer_acc_index[:n], codes)
 
 
-class _SteeredPair(_SasDelta, _EffectSums):
+class _PreSteer(_SasDelta, _EffectSums):
+    """What a layer does with its output before the slot op: capture it, sum its SAE codes,
+    and return the SAS change (None where the layer has no SAS). Which of these a layer does is
+    fixed when it is wrapped, so the branches below are static for torch.compile."""
+
+    def _vsteer_pre(self, stream: torch.Tensor, n: int) -> torch.Tensor | None:
+        if self._vsteer_capture is not None:
+            self._vsteer_capture[:n].copy_(stream)
+        if self._vsteer_acc_sums is not None:
+            self._vsteer_accumulate(stream, n)
+        return self._vsteer_sas_delta(stream, n) if self._vsteer_sas_activation is not None else None
+
+
+class _SteeredPair(_PreSteer):
     """Mixin for ``(hidden, residual)`` layers: steer the returned residual, out of place."""
 
     def forward(self, *args, **kwargs):
         hidden, residual = super().forward(*args, **kwargs)
         n = hidden.shape[0]
-        if self._vsteer_capture is not None:
-            self._vsteer_capture[:n].copy_(hidden + residual)
-        if self._vsteer_acc_sums is not None:  # static per layer
-            self._vsteer_accumulate(hidden + residual, n)
-        if self._vsteer_sas_activation is not None:  # static per layer: fixed at wrap time
-            residual = (residual.float() + self._vsteer_sas_delta(hidden + residual, n)).to(residual.dtype)
+        if self._vsteer_reads_stream:
+            delta = self._vsteer_pre(hidden + residual, n)  # the stream is summed once
+            if delta is not None:
+                residual = (residual.float() + delta).to(residual.dtype)
         residual = self._vsteer_apply(hidden, residual, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
         return hidden, residual
 
 
-class _SteeredSingle(_SasDelta, _EffectSums):
+class _SteeredSingle(_PreSteer):
     """Mixin for blocks that return the residual stream itself."""
 
     def forward(self, *args, **kwargs):
         hidden = super().forward(*args, **kwargs)
         n = hidden.shape[0]
-        if self._vsteer_capture is not None:
-            self._vsteer_capture[:n].copy_(hidden)
-        if self._vsteer_acc_sums is not None:
-            self._vsteer_accumulate(hidden, n)
-        if self._vsteer_sas_activation is not None:
-            hidden = (hidden.float() + self._vsteer_sas_delta(hidden, n)).to(hidden.dtype)
+        if self._vsteer_reads_stream:
+            delta = self._vsteer_pre(hidden, n)
+            if delta is not None:
+                hidden = (hidden.float() + delta).to(hidden.dtype)
         return self._vsteer_apply(hidden, None, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
 
 
@@ -272,6 +281,10 @@ def wrap_decoder_layers(
                 module.register_buffer("_vsteer_acc_index", effect_index, persistent=False)
                 module._vsteer_acc_features = saes[layer].d_sae
                 sas_state[layer] = sas_state[layer]._replace(effect_sums=sums)
+        module._vsteer_reads_stream = (
+            module._vsteer_capture is not None or module._vsteer_acc_sums is not None
+            or module._vsteer_sas_activation is not None
+        )
     return SteeringBuffers(tuple(wanted), bank, index, capture, activity, sas_state, effect_index)
 
 

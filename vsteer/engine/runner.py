@@ -98,6 +98,7 @@ class SteeringRunnerMixin:
         self._vsteer_effect_free = list(range(effect_rows, 0, -1)) if cfg.effect_saes else []
         self._vsteer_effect_results: dict[str, dict] = {}
         self._vsteer_effect_host = np.zeros(max_tokens, dtype=np.int64)
+        self._vsteer_effect_stage = torch.from_numpy(self._vsteer_effect_host)  # shares the host array
         self._vsteer_effect_prev = 0
         self._vsteer_step_effects: list[str] = []
         # slot -> SAS layer -> the features its bank row touches; refreshed union per step
@@ -300,7 +301,7 @@ class SteeringRunnerMixin:
             off += n
         end = max(off, self._vsteer_effect_prev)
         idx[off:end] = 0
-        self._vsteer_buffers.effect_index[:end].copy_(torch.from_numpy(idx[:end]), non_blocking=True)
+        self._vsteer_buffers.effect_index[:end].copy_(self._vsteer_effect_stage[:end], non_blocking=True)
         self._vsteer_effect_prev = off if self._vsteer_effects else 0
         self._vsteer_buffers.activity.accumulate = bool(self._vsteer_effects)
 
