@@ -2,6 +2,7 @@
 
     vsteer eval run --concepts wedding,london,love --methods caa,actadd,sara --n 16 --out eval-out
     vsteer eval run ... --scales 0,32,64 --scales sara=0,1,2      # one sweep for all, or per method
+    vsteer eval run ... --methods sae,sae-ts,sas --approximator approx.safetensors
     vsteer eval run ... --scorer judge --judge-url http://127.0.0.1:8000/v1 --judge-model big
     vsteer eval concepts | vsteer eval methods
 """
@@ -62,15 +63,28 @@ def concepts_cmd(path: str | None) -> None:
 @eval_group.command("methods")
 def methods_cmd() -> None:
     """List the available steering methods."""
-    from vsteer.eval.methods import available_methods, get_method
+    from vsteer.eval.methods import available_methods, method_summary
 
     for name in available_methods():
-        m = get_method(name)
-        click.echo(f"{name:8s} {m.description} (default scales {', '.join(f'{s:g}' for s in m.default_scales)})")
+        description, scales = method_summary(name)
+        click.echo(f"{name:8s} {description} (default scales {', '.join(f'{s:g}' for s in scales)})")
 
 
 #: Methods that take the SAE option.
-SAE_METHODS = ("sae", "sas")
+SAE_METHODS = ("sae", "sae-ts", "sas")
+
+
+def build_methods(names: list[str], *, sae: str, approximator: str | None = None) -> list:
+    """The named methods, with the SAE (and SAE-TS approximator) options where they apply."""
+    from vsteer.eval.methods import get_method
+
+    def options(name: str) -> dict:
+        key = name.strip().lower()
+        if key == "sae-ts":
+            return {"sae": sae, "approximator": approximator}
+        return {"sae": sae} if key in SAE_METHODS else {}
+
+    return [get_method(m, **options(m)) for m in names]
 
 
 @eval_group.command("run")
@@ -105,23 +119,23 @@ SAE_METHODS = ("sae", "sas")
 @click.option("--max-model-len", default=1024, show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the matplotlib plots.")
 @click.option("--sae", default="smollm2-l15-4k", show_default=True,
-              help="SAE of the sae and sas methods (name in the SAE store, `vsteer sae list`).")
+              help="SAE of the sae, sae-ts and sas methods (name in the SAE store, `vsteer sae list`).")
+@click.option("--approximator", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="sae-ts: effect approximator file (`vsteer effects fit`) measured with --sae.")
 def run_cmd(concepts: str, concepts_file: str | None, methods: str, scales: tuple[str, ...], n: int, max_tokens: int,
             prompt: str, seed: int, temperature: float, top_p: float, top_k: int, scorer_name: str,
             judge_url: str | None, judge_model: str | None, judge_api_key: str | None, judge_concurrency: int,
             out_dir: Path, model: str, eager: bool, dtype: str, max_num_seqs: int, max_model_len: int,
-            no_plots: bool, sae: str) -> None:
+            no_plots: bool, sae: str, approximator: str | None) -> None:
     """Generate, score and summarise a (concept x method x scale) sweep."""
     from vsteer.eval.concepts import load_concepts
     from vsteer.eval.harness import markdown_tables, run_eval
-    from vsteer.eval.methods import get_method
-
     try:
         concept_objs = load_concepts(_csv(concepts), path=concepts_file)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0]), param_hint="--concepts") from None
     names = _csv(methods)
-    method_objs = [get_method(m, sae=sae) if m in SAE_METHODS else get_method(m) for m in names]  # fail before the engine starts
+    method_objs = build_methods(names, sae=sae, approximator=approximator)  # fail before the engine starts
     sweep = parse_scales(scales)
     if scorer_name == "judge" and not (judge_url and judge_model):
         raise click.UsageError("--scorer judge needs --judge-url and --judge-model")

@@ -20,7 +20,8 @@ Built in:
   the steered prompt, 2 tokens for "I think"). On the default model SARA moves topics little at
   any layer tried (3, 6, 9, 12, 15).
 
-SAE-based methods, ``sae`` (SAE feature steering) and ``sas``, are in ``vsteer.eval.sae_methods``;
+SAE-based methods, ``sae`` (SAE feature steering), ``sae-ts`` (SAE-targeted steering) and ``sas``,
+are in ``vsteer.eval.sae_methods``;
 other methods can be added with ``register_method``.
 
 Asking for a method that is not registered raises ``MethodUnavailableError`` listing the
@@ -158,6 +159,22 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _factory(name: str) -> MethodFactory:
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise MethodUnavailableError(
+            f"steering method {name!r} is not available; available methods: {', '.join(available_methods())} "
+            "(register others with vsteer.eval.methods.register_method)")
+    return _REGISTRY[key]
+
+
+def method_summary(name: str) -> tuple[str, tuple[float, ...]]:
+    """A registered method's description and default sweep, without building it (some methods
+    need options, e.g. ``sae-ts`` its approximator)."""
+    factory = _factory(name)
+    return getattr(factory, "description", ""), tuple(getattr(factory, "default_scales", ()))
+
+
 def get_method(name: str | SteeringMethod, **options: Any) -> SteeringMethod:
     """Build the method called ``name`` (an instance is returned as it is).
 
@@ -166,12 +183,7 @@ def get_method(name: str | SteeringMethod, **options: Any) -> SteeringMethod:
     """
     if isinstance(name, SteeringMethod):
         return name
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise MethodUnavailableError(
-            f"steering method {name!r} is not available; available methods: {', '.join(available_methods())} "
-            "(register others with vsteer.eval.methods.register_method)")
-    return _REGISTRY[key](**options)
+    return _factory(name)(**options)
 
 
 def build_spec(llm: Any, method: str | SteeringMethod, concept: Concept, scale: float) -> dict | None:
@@ -184,4 +196,4 @@ register_method("caa", CaaMethod)
 register_method("actadd", ActAddMethod)
 register_method("sara", SaraMethod)
 
-from vsteer.eval import sae_methods  # noqa: E402,F401  (registers "sae" and "sas")
+from vsteer.eval import sae_methods  # noqa: E402,F401  (registers "sae", "sae-ts" and "sas")
