@@ -74,6 +74,9 @@ def test_job_interrupted_and_resumed_counts_every_chunk_once(eager_llm, sae, sae
     assert first["done"] == 1 and not first["complete"] and not (tmp_path / "a" / "effects.safetensors").exists()
     second = run_effects_job(job, tmp_path / "a", llm=eager_llm, progress=False)
     assert second == {**second, "done": 3, "resumed": 1, "complete": True}
+    # the running totals add up both runs, and every rollout is counted once
+    assert second["total"]["runs"] == 2 and second["total"]["rollouts"] == first["rollouts"] + second["rollouts"] == 5 * 3 + 4
+    assert second["total"]["seconds"] >= first["seconds"] + second["seconds"] - 0.02
     whole = run_effects_job(job, tmp_path / "b", llm=eager_llm, progress=False)
     a, b = load_effects(tmp_path / "a"), load_effects(tmp_path / "b")
     assert a.X.shape == (5, 576) and a.Y.shape == (5, sae.d_sae)

@@ -5,6 +5,7 @@ start over), ``baseline.safetensors`` (the unsteered mean codes), ``chunks/chunk
 (per chunk of vectors: directions, scales, mean codes, positions counted; written atomically, so a
 chunk is either done or not) and, once every chunk is done, ``effects.safetensors`` in the format
 of ``vsteer.effects.data`` (directions ``X`` and effects ``Y = steered - baseline``).
+``timing.json`` keeps the measuring time and rollouts summed over every run of the job.
 
 Stopping at any point (Ctrl-C, a crash, a lost node) loses at most the chunks in flight; the rerun
 skips finished chunks, so nothing is counted twice. On Ray, a chunk whose actor dies is retried on a
@@ -175,7 +176,8 @@ def run_effects_job(
     manifest_path = out / "job.json"
     manifest = job.manifest()
     if overwrite and out.exists():
-        for p in [*chunks_dir.glob("*.safetensors"), out / "baseline.safetensors", out / "effects.safetensors", manifest_path]:
+        for p in [*chunks_dir.glob("*.safetensors"), out / "baseline.safetensors", out / "effects.safetensors",
+                  manifest_path, out / "timing.json"]:
             p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if manifest_path.exists():
@@ -234,13 +236,24 @@ def run_effects_job(
         if pool is not None:
             pool.shutdown()
     finished = sorted(i for i, _, _ in bounds if (chunks_dir / f"chunk-{i:06d}.safetensors").exists())
+    seconds = time.monotonic() - started
     summary = {"chunks": len(bounds), "done": len(finished), "resumed": len(done), "retries": retries,
-               "rollouts": rollouts, "seconds": round(time.monotonic() - started, 2),
-               "rollouts_per_s": round(rollouts / max(time.monotonic() - started, 1e-9), 2), "complete": False}
+               "rollouts": rollouts, "seconds": round(seconds, 2),
+               "rollouts_per_s": round(rollouts / max(seconds, 1e-9), 2), "complete": False,
+               "total": _add_timing(out / "timing.json", seconds, rollouts)}
     if len(finished) == len(bounds):
         _assemble(job, out, bounds, sae)
         summary["complete"] = True
     return summary
+
+
+def _add_timing(path: Path, seconds: float, rollouts: int) -> dict:
+    """Add this run's time and rollouts to the job's running totals (``timing.json``) and return them."""
+    total = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "rollouts": 0, "runs": 0}
+    total = {"seconds": round(total["seconds"] + seconds, 2), "rollouts": total["rollouts"] + rollouts,
+             "runs": total["runs"] + 1}
+    path.write_text(json.dumps(total))
+    return total
 
 
 def _dispatch(llm: Any, kind: str, *args: Any) -> dict:
