@@ -8,9 +8,10 @@ times the distinct-3-gram fraction). Metric per (concept, method): max over scal
 mean(behaviour) x mean(coherence). All cells run as batched `generate` calls in which every
 request carries its own steering (see vsteer/eval/harness.py).
 
-Run:  python benchmarks/steering_quality.py   (CPU, ~5-8 min; writes results/steering-quality.{json,png},
+Run:  python benchmarks/steering_quality.py   (CPU, 1 thread: ~15 min for 6 methods x 5 concepts; writes results/steering-quality.{json,png},
 results/steering-quality-best.png and the "Steering quality" section of benchmarks/RESULTS.md)
-Add methods later with --methods caa,actadd,sara,sae (once registered in vsteer.eval.methods).
+Methods: --methods caa,actadd,sara,sae,sae-ts,sas (any registered in vsteer.eval.methods); sae-ts needs
+--approximator (python benchmarks/sae_ts_approximator.py writes one for the default SAE).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="raw run folder (results.jsonl, resumable); default: a fresh temporary folder")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
-    ap.add_argument("--sae", default="smollm2-l15-4k", help="SAE of the sae and sas methods")
+    ap.add_argument("--sae", default="smollm2-l15-4k", help="SAE of the sae, sae-ts and sas methods")
+    ap.add_argument("--approximator", default=None,
+                    help="sae-ts: effect approximator file (python benchmarks/sae_ts_approximator.py writes one)")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
@@ -55,14 +58,14 @@ def main() -> None:
 
     import torch
 
-    from vsteer.cli_eval import SAE_METHODS, parse_scales
+    from vsteer.cli_eval import build_methods, parse_scales
     from vsteer.engine.llm import LLM
-    from vsteer.eval import LocalScorer, get_method, load_concepts, run_eval
+    from vsteer.eval import LocalScorer, load_concepts, run_eval
     from vsteer.eval.harness import markdown_tables, scorer_label
 
     concepts = load_concepts([c.strip() for c in args.concepts.split(",") if c.strip()])
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    methods = [get_method(m, sae=args.sae) if m in SAE_METHODS else get_method(m) for m in names]
+    methods = build_methods(names, sae=args.sae, approximator=args.approximator)
     scales = parse_scales(tuple(args.scales))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vsteer-steering-quality-"))
 
@@ -95,7 +98,7 @@ def main() -> None:
         "model's per-token perplexity between that of its own unsteered samples (1) and of the same samples with "
         "their words shuffled (0), times the "
         "distinct-3-gram fraction. Scales are in each method's own units (CAA: x unit vector, residual norm ~150 "
-        "at layer 10; ActAdd: coefficient c; SARA: c; SAE feature: x decoder row; SAS: lambda). "
+        "at layer 10; ActAdd: coefficient c; SARA: c; SAE feature: x decoder row; SAE-TS: x unit vector; SAS: lambda). "
         f"Run time: engine start {t_engine:.0f} s, {n_requests} steered/unsteered generations + scoring "
         f"{t_eval:.0f} s. Plots: {', '.join(plots) if plots else 'none (matplotlib missing)'}."),
         "",
