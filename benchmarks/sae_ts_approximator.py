@@ -65,7 +65,7 @@ def main() -> None:
     import vllm
 
     from vsteer.effects import EffectApproximator, EffectData, load_effects, targeted_vector, train_test_split
-    from vsteer.effects.job import EffectsJob, _llm_kwargs, run_effects_job
+    from vsteer.effects.job import EffectsJob, engine_kwargs, run_effects_job
     from vsteer.effects.measure import RolloutConfig, measure_effects
     from vsteer.effects.report import plot_approximator_fit
     from vsteer.engine.llm import LLM
@@ -80,7 +80,7 @@ def main() -> None:
                        chunk_size=args.chunk_size, engine={"enforce_eager": False, "max_num_seqs": 256})
             for a, b in parts]
     t0 = time.time()
-    llm = LLM(**_llm_kwargs(jobs[0]), store=tempfile.mkdtemp(prefix="vsteer-sae-ts-store-"), kv_cache_memory_bytes=2 * 2**30)
+    llm = LLM(**engine_kwargs(jobs[0]), store=tempfile.mkdtemp(prefix="vsteer-sae-ts-store-"), kv_cache_memory_bytes=2 * 2**30)
     t_engine = time.time() - t0
     job_summaries = []
     for job, (a, b) in zip(jobs, parts):

@@ -34,6 +34,33 @@ def subprocess_env() -> dict:
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": _KV_GIB}
 
 
+def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_name: str, max_model_len: int = 512,
+                  max_num_seqs: int = 16):
+    """Run `vsteer serve` (eager, float32) on a free loopback port; yields its base URL, stops it
+    afterwards, and checks no API key reached its log."""
+    import subprocess
+    import sys
+
+    from vsteer.server.process import free_port, stop, wait_until_healthy
+
+    port = free_port()
+    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store)}
+    cmd = [sys.executable, "-m", "vsteer.cli", "serve", *extra_args, model_path, "--served-model-name", served_model_name,
+           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs)]
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        stop(proc)
+        raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from exc
+    yield base
+    stop(proc)
+    assert b"sk-" not in log.read_bytes(), "an API key reached the server log"
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     from vsteer.models import prepare_default_model

@@ -11,35 +11,23 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
+from vsteer._cli_common import echo_listing, echo_table, store_option
+
 __all__ = ["main", "sae"]
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _store_option(func: _F) -> _F:
-    return click.option(
-        "--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), envvar="VSTEER_SAE_STORE",
-        show_envvar=True, default=None,
-        help="SAE store folder [default: <cache>/saes, the cache being $VSTEER_CACHE or ~/.cache/vsteer].",
-    )(func)
+_store_option = store_option(
+    "VSTEER_SAE_STORE", "SAE store folder [default: <cache>/saes, the cache being $VSTEER_CACHE or ~/.cache/vsteer].")
 
 
 def _open_store(store_dir: Path | None) -> Any:
     from vsteer.sae.store import SaeStore
 
     return SaeStore(Path(os.path.expanduser(store_dir)) if store_dir is not None else None)
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
 def eval_table(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -124,7 +112,7 @@ def train(model: str, layer: int, width: int, tokens: int, name: str, activation
         from vsteer.sae.formats import save_sae
 
         save_sae(trained, out)
-    _table([("METRIC", "VALUE"), *eval_table(report)])
+    echo_table([("METRIC", "VALUE"), *eval_table(report)])
     click.echo(f"stored {name!r} in {path} (sha256 {trained.sha256()[:12]}); report in {Path(work) / 'report.json'}", err=True)
 
 
@@ -144,20 +132,13 @@ def list_saes(store_dir: Path | None, as_json: bool) -> None:
                          "activation": c.activation + (f"(k={c.k})" if c.k else "")})
         except SaeFileError as exc:
             rows.append({"name": name, "error": str(exc)})
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo(f"no SAEs in {store.root}", err=True)
-        return
-    table = [("NAME", "MODEL", "LAYER", "D_IN", "D_SAE", "ACTIVATION")]
-    for r in rows:
-        if "error" in r:
-            table.append((r["name"], "?", "?", "?", "?", "(unreadable)"))
-        else:
-            table.append((r["name"], r["model"] or "-", "-" if r["layer"] is None else str(r["layer"]), str(r["d_in"]),
-                          str(r["d_sae"]), r["activation"]))
-    _table(table)
+    echo_listing(
+        rows, as_json=as_json, empty=f"no SAEs in {store.root}",
+        header=("NAME", "MODEL", "LAYER", "D_IN", "D_SAE", "ACTIVATION"),
+        cells=lambda r: (r["name"], r["model"] or "-", "-" if r["layer"] is None else str(r["layer"]), str(r["d_in"]),
+                         str(r["d_sae"]), r["activation"]),
+        unreadable=lambda r: (r["name"],),
+    )
 
 
 @sae.command("info")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import click
+
+from vsteer._cli_common import echo_listing, store_option
 
 from vsteer._errors import VectorFileError
 from vsteer.vectors import VectorStore
@@ -20,20 +22,8 @@ __all__ = ["vectors"]
 
 STORE_ENV = "VSTEER_VECTOR_STORE"
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _store_option(func: _F) -> _F:
-    # One definition of the option (and its help), shared by every subcommand.
-    return click.option(
-        "--store",
-        "store_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        envvar=STORE_ENV,
-        show_envvar=True,
-        default=None,
-        help="Vector store folder [default: <cache>/vectors, the cache being $VSTEER_CACHE or ~/.cache/vsteer].",
-    )(func)
+_store_option = store_option(
+    STORE_ENV, "Vector store folder [default: <cache>/vectors, the cache being $VSTEER_CACHE or ~/.cache/vsteer].")
 
 
 def _open_store(store_dir: Path | None) -> VectorStore:
@@ -77,28 +67,13 @@ def list_vectors(store_dir: Path | None, as_json: bool) -> None:
         except VectorFileError as exc:
             # One damaged file should not hide the others.
             rows.append({"sha256": sha, "error": str(exc)})
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo(f"no vectors in {store.root}", err=True)
-        return
-    table = [("NAMES", "SHA256", "MODEL", "HIDDEN", "LAYERS", "METHOD")]
-    for row in rows:
-        if "error" in row:
-            table.append(("-", row["sha256"][:12], "?", "?", "?", "(unreadable)"))
-            continue
-        table.append((
-            ",".join(row["names"]) or "-",
-            row["sha256"][:12],
-            row["model"] or "-",
-            str(row["hidden_size"]),
-            _layers_text(row["layers"]),
-            row["method"],
-        ))
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    echo_listing(
+        rows, as_json=as_json, empty=f"no vectors in {store.root}",
+        header=("NAMES", "SHA256", "MODEL", "HIDDEN", "LAYERS", "METHOD"),
+        cells=lambda r: (",".join(r["names"]) or "-", r["sha256"][:12], r["model"] or "-", str(r["hidden_size"]),
+                         _layers_text(r["layers"]), r["method"]),
+        unreadable=lambda r: ("-", r["sha256"][:12]),
+    )
 
 
 @vectors.command("show")

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import http.server
 import json
-import subprocess
-import sys
 import threading
 
 import pytest
 
-from tests.conftest import subprocess_env
+from tests.conftest import serve_process
 from vsteer.eval import (
     JudgeParseError,
     JudgeResponseError,
@@ -27,7 +25,7 @@ from vsteer.eval import (
     parse_score,
     run_eval,
 )
-from vsteer.server.process import free_port, stop, wait_until_healthy
+from vsteer.server.process import free_port
 
 SERVED = "smollm2-judge"
 
@@ -171,22 +169,8 @@ def test_scores_are_monotone_in_the_obvious_cases(eager_llm, scorer, tmp_path):
 @pytest.fixture(scope="module")
 def judge_server(model_path, eager_llm, tmp_path_factory):
     """A real `vsteer serve` of the default model on loopback."""
-    log = tmp_path_factory.mktemp("judge") / "server.log"
-    port = free_port()
-    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(eager_llm.store.root)}
-    cmd = [sys.executable, "-m", "vsteer.cli", "serve", model_path, "--served-model-name", SERVED, "--host",
-           "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "1024",
-           "--max-num-seqs", "8"]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base, proc)
-    except (RuntimeError, TimeoutError) as exc:
-        stop(proc)
-        raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from exc
-    yield base
-    stop(proc)
+    yield from serve_process(model_path, tmp_path_factory.mktemp("judge") / "server.log", store=eager_llm.store.root,
+                             served_model_name=SERVED, max_model_len=1024, max_num_seqs=8)
 
 
 def test_judge_scorer_against_a_real_vsteer_serve(judge_server, eager_llm, tmp_path):

@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 from vllm import SamplingParams
 
-from tests.conftest import subprocess_env
-from vsteer.server.process import free_port, stop, wait_until_healthy
+from tests.conftest import serve_process
 
 MODEL = "smollm2"
 
 
 def start_server(model_path, log, extra_args=(), *, store):
     """Start `vsteer serve` on a free loopback port; yields its base URL, stops it afterwards."""
-    port = free_port()
-    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store)}
-    cmd = [sys.executable, "-m", "vsteer.cli", "serve", *extra_args, model_path, "--served-model-name", MODEL,
-           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
-           "--max-num-seqs", "16"]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base, proc)
-    except (RuntimeError, TimeoutError) as exc:
-        stop(proc)
-        raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from exc
-    yield base
-    stop(proc)
-    assert b"sk-" not in log.read_bytes(), "an API key reached the server log"
+    yield from serve_process(model_path, log, extra_args, store=store, served_model_name=MODEL)
 
 
 @pytest.fixture(scope="module")

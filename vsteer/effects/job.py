@@ -135,7 +135,8 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _llm_kwargs(job: EffectsJob) -> dict:
+def engine_kwargs(job: EffectsJob) -> dict:
+    """``vsteer.LLM`` keyword arguments for the engine that runs ``job`` (its SAE as an effect SAE)."""
     return {"model": job.model, "saes": [job.sae], "effect_saes": [_sae_name(job.sae)], **job.engine}
 
 
@@ -203,7 +204,7 @@ def run_effects_job(
     if workers > 0:
         from vsteer.jobs.pool import EnginePool
 
-        pool = EnginePool(workers, _llm_kwargs(job), cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        pool = EnginePool(workers, engine_kwargs(job), cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                           address=ray_address)
 
         def run(items: list) -> Iterator[tuple[Any, dict]]:
@@ -212,7 +213,7 @@ def run_effects_job(
         if llm is None:
             from vsteer.engine.llm import LLM
 
-            llm = LLM(**_llm_kwargs(job))
+            llm = LLM(**engine_kwargs(job))
 
         def run(items: list) -> Iterator[tuple[Any, dict]]:
             for key, args in items:

@@ -299,9 +299,7 @@ def _attach_sae(module: nn.Module, sae: "SparseAutoencoder", num_slots: int, max
         }
     bank = torch.zeros(num_slots + 1, f + 1, dtype=torch.float32, device=device)
     topk = sae.activation == "topk"
-    union = torch.full((min(max_support, f),), f, dtype=torch.int64, device=device)
-    if topk:
-        union = None
+    union = None if topk else torch.full((min(max_support, f),), f, dtype=torch.int64, device=device)
     for name, tensor in weights.items():
         if tensor is None:
             setattr(module, f"_vsteer_sas_{name}", None)

@@ -88,7 +88,7 @@ class SaeTsMethod(SteeringMethod):
         path = Path(approximator)
         if not path.is_file():
             raise SpecError(f"no approximator file at {str(path)!r}", field="approximator")
-        self.sae, self.lam, self.path = sae, float(lam), path
+        self.sae, self.lam = sae, float(lam)
         self.approx = EffectApproximator.load(path)
         if self.approx.sae is not None and Path(self.approx.sae).name != sae:
             raise SpecError(f"{str(path)!r} was fitted on effects read by SAE {self.approx.sae!r}, not {sae!r}",

@@ -597,7 +597,7 @@ class _FileLockGuard:
             self._lock.acquire()
         except filelock.Timeout as exc:
             raise self._error(
-                f"another process has held the {self._what} lock for over {_LOCK_TIMEOUT_S:.0f} s", path=self._path
+                f"another process has held the {self._what} lock for over {self._lock.timeout:.0f} s", path=self._path
             ) from exc
         except OSError as exc:
             raise self._error(f"cannot lock the {self._what}: {exc}", path=self._path) from exc

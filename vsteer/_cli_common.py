@@ -1,0 +1,45 @@
+"""Pieces the store-backed CLI groups (``vsteer vectors``, ``vsteer sae``) share."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def store_option(envvar: str, help: str) -> Callable[[_F], _F]:
+    """``--store`` (a folder, also read from ``envvar``), passed to the command as ``store_dir``."""
+    return click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), envvar=envvar,
+                        show_envvar=True, default=None, help=help)
+
+
+def echo_table(rows: Sequence[tuple[str, ...]]) -> None:
+    """Print ``rows`` (the first is the header) as left-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def echo_listing(rows: list[dict[str, Any]], *, as_json: bool, empty: str, header: tuple[str, ...],
+                 cells: Callable[[dict[str, Any]], tuple[str, ...]],
+                 unreadable: Callable[[dict[str, Any]], tuple[str, ...]]) -> None:
+    """A store listing: JSON, or a table of ``cells(row)``. A row with ``"error"`` (an entry that
+    could not be read) shows ``unreadable(row)``'s leading columns, ``?`` and ``(unreadable)``.
+    ``empty`` goes to stderr when there are no rows."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(empty, err=True)
+        return
+
+    def damaged(r: dict[str, Any]) -> tuple[str, ...]:
+        lead = unreadable(r)
+        return (*lead, *["?"] * (len(header) - len(lead) - 1), "(unreadable)")
+
+    echo_table([header, *(damaged(r) if "error" in r else cells(r) for r in rows)])
