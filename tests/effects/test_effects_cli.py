@@ -25,6 +25,8 @@ def test_measure_fit_target_then_steer(tmp_path, eager_llm, sae_store_dir, monke
     summary = _summary(proc.stdout)
     assert summary["complete"] and summary["chunks"] == 2 and "Top effects of vector 0" in proc.stdout
     data = load_effects(out)
+    # the probes live in the job's own vector store, not in the user's
+    assert len(list((out / "probe-vectors").glob("*.safetensors"))) == 12
     assert data.X.shape == (12, 576) and data.layer == 10 and data.scales.tolist() == [6.0] * 12
     again = _summary(run("effects", "measure", "--sae", "test-relu", "--out", str(out), "--features", "0:12", "--scale", "6",
                            "--rollouts", "2", "--baseline-rollouts", "4", "--tokens", "4", "--chunk-size", "6", "--eager",

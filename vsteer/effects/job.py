@@ -5,7 +5,8 @@ start over), ``baseline.safetensors`` (the unsteered mean codes), ``chunks/chunk
 (per chunk of vectors: directions, scales, mean codes, positions counted; written atomically, so a
 chunk is either done or not) and, once every chunk is done, ``effects.safetensors`` in the format
 of ``vsteer.effects.data`` (directions ``X`` and effects ``Y = steered - baseline``).
-``timing.json`` keeps the measuring time and rollouts summed over every run of the job.
+``timing.json`` keeps the measuring time and rollouts summed over every run of the job, and
+``probe-vectors/`` the vectors the engine steered with (a job-private vector store).
 
 Stopping at any point (Ctrl-C, a crash, a lost node) loses at most the chunks in flight; the rerun
 skips finished chunks, so nothing is counted twice. On Ray, a chunk whose actor dies is retried on a
@@ -30,6 +31,8 @@ from vsteer.effects.measure import RolloutConfig, rollout_sums
 from vsteer.jobs.pool import maybe_crash
 
 JOB_VERSION = 1
+#: Vector store of a job's probe vectors, inside its folder.
+PROBE_STORE = "probe-vectors"
 
 
 class EffectsJob(BaseModel):
@@ -135,9 +138,13 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def engine_kwargs(job: EffectsJob) -> dict:
-    """``vsteer.LLM`` keyword arguments for the engine that runs ``job`` (its SAE as an effect SAE)."""
-    return {"model": job.model, "saes": [job.sae], "effect_saes": [_sae_name(job.sae)], **job.engine}
+def engine_kwargs(job: EffectsJob, out_dir: str | os.PathLike | None = None) -> dict:
+    """``vsteer.LLM`` keyword arguments for the engine that runs ``job`` (its SAE as an effect SAE).
+
+    With ``out_dir``, the probe vectors go to ``<out_dir>/probe-vectors`` instead of the user's
+    vector store (thousands of anonymous vectors there would bury the user's own)."""
+    store = {"store": str(Path(out_dir).resolve() / PROBE_STORE)} if out_dir is not None else {}
+    return {"model": job.model, "saes": [job.sae], "effect_saes": [_sae_name(job.sae)], **store, **job.engine}
 
 
 def _sae_name(ref: str) -> str:
@@ -204,7 +211,7 @@ def run_effects_job(
     if workers > 0:
         from vsteer.jobs.pool import EnginePool
 
-        pool = EnginePool(workers, engine_kwargs(job), cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        pool = EnginePool(workers, engine_kwargs(job, out), cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                           address=ray_address)
 
         def run(items: list) -> Iterator[tuple[Any, dict]]:
@@ -213,7 +220,7 @@ def run_effects_job(
         if llm is None:
             from vsteer.engine.llm import LLM
 
-            llm = LLM(**engine_kwargs(job))
+            llm = LLM(**engine_kwargs(job, out))
 
         def run(items: list) -> Iterator[tuple[Any, dict]]:
             for key, args in items:
