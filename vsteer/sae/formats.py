@@ -7,7 +7,11 @@ Layouts read by :func:`load_sae` (detected from the file names):
   (``{"format": "vsteer.sae", "format_version": 1, "config": SaeConfig.to_json()}``).
 - SAELens: a folder with ``cfg.json`` and ``sae_weights.safetensors`` (same tensor names and
   orientation; JumpReLU as ``threshold`` or ``log_threshold``). Both the pre-6.0 flat config and
-  the 6.x config with a ``metadata`` block are read.
+  the 6.x config with a ``metadata`` block are read. A TopK folder with
+  ``rescale_acts_by_decoder_norm`` (SAELens 6's training default) has the decoder norms folded into
+  the weights at load, which is exact; keys that change the math in ways vsteer cannot honour
+  (``normalize_activations``, ``reshape_activations``, other hook points, transcoders and other
+  architectures) are refused, naming the key.
 - Gemma Scope: ``params.npz`` with ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``
   (JumpReLU, ``b_dec`` not subtracted from the input).
 
@@ -298,6 +302,21 @@ def load_saelens(
                            "(vsteer reads the residual stream)", path=where, key="reshape_activations")
 
     activation, k = _saelens_activation(raw, where)
+    # SAELens 6 TopK: ``rescale_acts_by_decoder_norm`` (on by default in its training config) multiplies the
+    # pre-activations by the decoder row norms before the top-k and divides the activations by them before
+    # decoding. Read it from the top level only: that is where SAELens' own config classes read it (a copy in
+    # ``metadata.training_architecture_details`` describes training, and SAELens ignores it when loading).
+    rescale = raw.get("rescale_acts_by_decoder_norm", False)
+    if rescale is None:
+        rescale = False
+    if not isinstance(rescale, bool):
+        raise SaeFileError(f"rescale_acts_by_decoder_norm must be true or false, got {rescale!r}",
+                           path=where, key="rescale_acts_by_decoder_norm")
+    if rescale and activation != "topk":
+        raise SaeFileError(
+            f"rescale_acts_by_decoder_norm=true is only defined for TopK SAEs, not {activation!r} "
+            f"(architecture {raw.get('architecture', 'standard')!r}); vsteer will not guess what it means here",
+            path=where, key="rescale_acts_by_decoder_norm")
 
     hook_name = get("hook_name", get("hook_point"))
     if hook_name is None:
@@ -334,6 +353,7 @@ def load_saelens(
             "sae_lens_training_version": get("sae_lens_training_version"),
             "neuronpedia_id": get("neuronpedia_id"),
             "dataset_path": get("dataset_path"),
+            "rescale_acts_by_decoder_norm": "folded into W_enc, b_enc and W_dec at load" if rescale else None,
         }.items() if v is not None
     }
     config = _make_config(
@@ -354,7 +374,29 @@ def load_saelens(
     if activation != "jumprelu":
         tensors.pop("threshold", None)  # a ReLU / TopK SAE has no thresholds
     known = {k2: v for k2, v in tensors.items() if k2 in _TENSORS}
-    return _build(config, known, str(weights_path), required=required)
+    sae = _build(config, known, str(weights_path), required=required)
+    if rescale:
+        _fold_decoder_norm(sae)
+    return sae
+
+
+def _fold_decoder_norm(sae: SparseAutoencoder) -> None:
+    """Fold SAELens' ``rescale_acts_by_decoder_norm`` into the weights, exactly (up to rounding).
+
+    SAELens (``TopKSAE.encode`` / ``decode``, ``sae_lens/saes/topk_sae.py``) computes, with
+    ``n = ||W_dec[j]||`` per feature and ``x' = x - b_dec * apply_b_dec_to_input``:
+    ``f = TopK((x' @ W_enc + b_enc) * n)`` and ``x_hat = (f / n) @ W_dec + b_dec``.
+    With ``W_enc[:, j] *= n_j``, ``b_enc[j] *= n_j``, ``W_dec[j] /= n_j`` the plain TopK SAE gives
+    the same ``f`` (same pre-activations, so the same top-k set) and the same ``x_hat``; ``b_dec``
+    is untouched, so the ``apply_b_dec_to_input`` offset (``b_dec @ W_enc``, now scaled) scales
+    with the rest. This is SAELens' own fold (``_fold_norm_topk``, used when it saves an inference
+    model), including its clamp of zero norms to 1e-8 (such a feature then never contributes).
+    """
+    with torch.no_grad():
+        norm = sae.W_dec.double().norm(dim=-1).clamp(min=1e-8)
+        sae.W_enc.copy_((sae.W_enc.double() * norm).to(sae.W_enc.dtype))
+        sae.b_enc.copy_((sae.b_enc.double() * norm).to(sae.b_enc.dtype))
+        sae.W_dec.copy_((sae.W_dec.double() / norm[:, None]).to(sae.W_dec.dtype))
 
 
 def _saelens_activation(raw: Mapping[str, Any], where: str) -> tuple[str, int | None]:
