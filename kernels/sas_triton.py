@@ -157,11 +157,13 @@ if HAVE_TRITON:
         tl.store(out_ptr + offs_t[:, None] * stride_o + offs_d[None, :], acc, mask=mask_t[:, None] & mask_d[None, :])
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return max(lo, min(hi, p))
+#: Tile sizes, constants on purpose. The token count ``T`` is symbolic when vLLM traces the model
+#: and vLLM drops dynamo's guards, so a block size computed from ``T`` in Python would be fixed at
+#: whatever size was traced and reused for every other size. ``U`` (the union buffer) has a fixed
+#: size in a compiled engine but is kept off the choice too, so nothing here depends on a shape.
+#: 32 token rows suit decode batches and chunked prefill alike; ``tl.dot`` needs every dim >= 16.
+ENCODE_BLOCK_T, ENCODE_BLOCK_U, ENCODE_BLOCK_D = 32, 64, 32
+DECODE_BLOCK_T, DECODE_BLOCK_U, DECODE_BLOCK_D = 32, 32, 64
 
 
 def _check_args(h, index, bank, w_enc_t, b_enc, w_dec, threshold, union, activation) -> tuple[int, int, int]:
@@ -248,23 +250,20 @@ def sas_delta_triton(
     jump = activation == "jumprelu"
     thr = threshold if jump else b_enc  # any valid pointer when unused
 
-    block_t = _pow2_clamp(T, 16, 64)
-    block_u = _pow2_clamp(U, 16, 64)
     c = torch.empty((T, U), dtype=torch.float32, device=h.device)
-    _sas_encode_kernel[(triton.cdiv(T, block_t), triton.cdiv(U, block_u))](
+    _sas_encode_kernel[(triton.cdiv(T, ENCODE_BLOCK_T), triton.cdiv(U, ENCODE_BLOCK_U))](
         h, index, bank, w_enc_t, b_enc, thr, union, c,
         T, U, d,
         h.stride(0), index.stride(0), bank.stride(0), w_enc_t.stride(0), b_enc.stride(0), thr.stride(0),
         union.stride(0), c.stride(0),
-        JUMP=jump, BLOCK_T=block_t, BLOCK_U=block_u, BLOCK_D=32,
+        JUMP=jump, BLOCK_T=ENCODE_BLOCK_T, BLOCK_U=ENCODE_BLOCK_U, BLOCK_D=ENCODE_BLOCK_D,
         num_warps=4,
     )
-    block_d = 64
-    _sas_decode_kernel[(triton.cdiv(T, block_t), triton.cdiv(d, block_d))](
+    _sas_decode_kernel[(triton.cdiv(T, DECODE_BLOCK_T), triton.cdiv(d, DECODE_BLOCK_D))](
         c, w_dec, union, out,
         T, U, d,
         c.stride(0), w_dec.stride(0), union.stride(0), out.stride(0),
-        BLOCK_T=block_t, BLOCK_U=min(block_u, 32), BLOCK_D=block_d,
+        BLOCK_T=DECODE_BLOCK_T, BLOCK_U=DECODE_BLOCK_U, BLOCK_D=DECODE_BLOCK_D,
         num_warps=4,
     )
     return out

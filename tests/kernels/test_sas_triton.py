@@ -258,6 +258,55 @@ def test_triton_kernel_in_interpreter_matches_reference():
     assert proc.returncode == 0 and "INTERPRET_OK" in proc.stdout, proc.stderr[-4000:]
 
 
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from triton.runtime.interpreter import InterpretedFunction
+    from vsteer.kernels.sas_reference import sas_delta_torch
+    from vsteer.kernels.sas_triton import sas_delta_triton
+    from tests.kernels.test_sas_triton import make_case
+
+    # On a GPU dynamo wraps a Triton JITFunction launch in its own graph node. Under
+    # TRITON_INTERPRET=1 a kernel is an InterpretedFunction that dynamo does not know and would trace
+    # into (and fail on), so its launch runs outside dynamo here: a graph break at the launch, with
+    # everything around it (shapes, grid, block sizes, scratch allocation) traced as in the engine.
+    for name in ("run", "__call__"):
+        setattr(InterpretedFunction, name, torch._dynamo.disable(getattr(InterpretedFunction, name)))
+
+    compiled = torch.compile(sas_delta_triton, backend="aot_eager")
+    h, index, bank, we, be, wd, thr, union = make_case(70, 48, 100, 40, 4, torch.float32, seed=11, device="cpu",
+                                                       support=24)
+    for step, T in enumerate((7, 70, 3)):
+        x = h[:T]
+        torch._dynamo.mark_dynamic(x, 0)  # the token dimension, dynamic as in vLLM's traced model
+        got = compiled(x, index, bank, we, be, wd, thr, union, activation="jumprelu")
+        want = sas_delta_torch(x, index, bank, we, be, wd, thr, union, activation="jumprelu")
+        assert got.shape == (T, 48)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(want.abs().max())))
+        assert got[index[:T] != 0].abs().sum() > 0
+        bank[1 + step].mul_(-2.0)  # bank contents written after compilation take effect
+    # One compiled entry served every token count: nothing in the traced Python (block sizes
+    # included) guarded on T, so vLLM dropping the guards cannot freeze a size-dependent choice.
+    entries = _debug_get_cache_entry_list(sas_delta_triton.__code__)
+    assert len(entries) == 1, f"{len(entries)} compiled entries: something guards on the token count"
+    print("COMPILE_OK")
+    """
+)
+
+
+@pytest.mark.skipif(not _HAVE_TRITON, reason="triton not installed")
+def test_triton_kernel_under_torch_compile_one_graph_for_all_token_counts():
+    """sas_delta_triton under torch.compile with a dynamic token count, kernels in Triton's
+    interpreter: one compiled function at T = 7, 70 and 3 matches the reference, no recompile."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], check=False, env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "COMPILE_OK" in proc.stdout, proc.stderr[-4000:]
+
+
 # ------------------------------------------------- backend pick (CPU)
 
 
