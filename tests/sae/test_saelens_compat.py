@@ -17,6 +17,8 @@ import torch
 
 from sae_lens import (
     SAE,
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
     GatedSAE,
     GatedSAEConfig,
     JumpReLUSAE,
@@ -142,6 +144,32 @@ def test_topk_inference_save_is_read_the_same(tmp_path: Path) -> None:
         torch.testing.assert_close(a.encode(x), b.encode(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b(x), SAE.load_from_disk(str(tmp_path / "inference"))(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batchtopk_inference_save_reads_as_jumprelu(tmp_path: Path) -> None:
+    """A BatchTopK SAE trained with the rescale is saved for inference as a JumpReLU SAE with the
+    norms folded in; the rescale then appears only in ``metadata.training_architecture_details``
+    (which describes training and must not be applied again). Its trainer checkpoint (architecture
+    ``batchtopk``) is refused."""
+    sl = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, metadata=meta()))
+    assert sl.cfg.rescale_acts_by_decoder_norm
+    randomise(sl, seed=9)
+    sl.topk_threshold = torch.tensor(0.4, dtype=torch.double)
+    sl.save_inference_model(tmp_path / "inference")
+    cfg = json.loads((tmp_path / "inference" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and "rescale_acts_by_decoder_norm" not in cfg
+    assert cfg["metadata"]["training_architecture_details"]["rescale_acts_by_decoder_norm"] is True
+    ref = SAE.load_from_disk(str(tmp_path / "inference"))
+    sae = load_sae(tmp_path / "inference")
+    assert sae.activation == "jumprelu"
+    x = inputs(seed=10)
+    with torch.no_grad():
+        f_ref = ref.encode(x)
+        assert int((f_ref != 0).sum()) > 0
+        torch.testing.assert_close(sae.encode(x), f_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae(x), ref(x), rtol=1e-5, atol=1e-5)
+    sl.save_model(tmp_path / "checkpoint")
+    _refused(tmp_path / "checkpoint", "architecture", "batchtopk")
 
 
 def test_topk_without_rescale_matches_saelens(tmp_path: Path) -> None:
