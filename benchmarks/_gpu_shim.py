@@ -113,14 +113,52 @@ def environment() -> dict[str, object]:
     return info
 
 
+#: Pure-Python packages pytest needs (with their metadata, so pytest-timeout's entry point is seen).
+PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py", "pytest_timeout")
+
+
+def pack_pytest(folder: str | os.PathLike[str]) -> Path:
+    """Copy this interpreter's pytest and its pure-Python dependencies into ``folder`` (to carry to
+    a machine that has no pytest and no package registry; gpu_evidence.sh puts
+    ``.cache/gpu-pydeps`` on ``PYTHONPATH`` when it exists). Python < 3.11 there also needs
+    ``tomli`` and ``exceptiongroup``, which are copied when this interpreter has them."""
+    import importlib.metadata as md
+    import importlib.util
+
+    dest = Path(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (*PYTEST_PACKAGES, "tomli", "exceptiongroup"):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            if name in ("tomli", "exceptiongroup"):
+                continue
+            raise RuntimeError(f"{name} is not importable here: cannot pack it")
+        src = Path(spec.origin)
+        if src.name == "__init__.py":
+            shutil.copytree(src.parent, dest / src.parent.name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / src.name)
+    for dist in ("pytest", "pluggy", "iniconfig", "packaging", "pygments", "pytest-timeout"):
+        try:
+            info = Path(str(md.distribution(dist)._path))  # type: ignore[attr-defined]
+        except md.PackageNotFoundError:
+            continue
+        shutil.copytree(info, dest / info.name, dirs_exist_ok=True)
+    return dest
+
+
 if __name__ == "__main__":
     # python benchmarks/_gpu_shim.py [DIR]             create a shim, print the folder
     # python benchmarks/_gpu_shim.py environment       print environment() as JSON
     # python benchmarks/_gpu_shim.py pytest ARGS...    run pytest (vsteer through the shim on PYTHONPATH)
+    # python benchmarks/_gpu_shim.py pack-pytest [DIR] copy pytest here to DIR (.cache/gpu-pydeps)
     if len(sys.argv) > 1 and sys.argv[1] == "environment":
         import json
 
         print(json.dumps(environment(), indent=2))
+    elif len(sys.argv) > 1 and sys.argv[1] == "pack-pytest":
+        print(pack_pytest(sys.argv[2] if len(sys.argv) > 2 else REPO / ".cache" / "gpu-pydeps"))
     elif len(sys.argv) > 1 and sys.argv[1] == "pytest":
         import pytest
 

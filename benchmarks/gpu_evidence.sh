@@ -4,8 +4,9 @@
 # For a GPU machine with torch + Triton and NOTHING else: no vLLM, no package registry, vsteer
 # not installed. This script installs nothing. vsteer is imported from this source tree through
 # a temporary import shim (benchmarks/_gpu_shim.py: a stand-in `vsteer` package whose `kernels`
-# is a symlink to the top-level kernels/ folder, removed on exit). pytest must already be
-# importable for step (a); without it (a) fails and (b), (c) still run.
+# is a symlink to the top-level kernels/ folder, removed on exit). pytest must be importable
+# for step (a) (installed there, or a copy carried in .cache/gpu-pydeps: see below); without it
+# (a) fails and (b), (c) still run.
 #
 #   (a) every `gpu`-marked test (pytest -m gpu over the test files that have such tests)
 #   (b) benchmarks/gpu_kernels.py      steer / SAS op bandwidth vs a measured copy, T = 1..8192
@@ -37,6 +38,11 @@ SHIM=$(mktemp -d "${TMPDIR:-/tmp}/vsteer-shim.XXXXXX")
 trap 'rm -rf "$SHIM"' EXIT
 "$PY" benchmarks/_gpu_shim.py "$SHIM" >/dev/null || { echo "cannot create the import shim in $SHIM" >&2; exit 1; }
 export PYTHONPATH="$SHIM" VSTEER_USE_SHIM=1 PYTHONDONTWRITEBYTECODE=1
+# A machine without pytest: carry a copy made elsewhere with
+# `python benchmarks/_gpu_shim.py pack-pytest` (pure Python, into .cache/gpu-pydeps).
+if [ -d .cache/gpu-pydeps ]; then
+    PYTHONPATH="$PYTHONPATH:$PWD/.cache/gpu-pydeps"
+fi
 
 declare -A RC
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $DEST/NAME.log, remember the status
