@@ -39,9 +39,13 @@ def log_file(*, written: bool = False) -> Path | None:
     return Path(path)
 
 
-def logging_config(path: Path) -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` dict that sends vLLM's and every other logger to ``path``."""
-    return {
+def logging_config(path: Path, *, serving: bool = False) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` dict that sends vLLM's and every other logger to ``path``.
+
+    ``serving``: uvicorn's own lines (where it listens, start-up, shutdown) also go to stderr, and
+    access-log lines too, but only for responses with status >= 400 (vLLM hands this config to
+    uvicorn as well)."""
+    config = {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"plain": {"format": _FORMAT}},
@@ -52,11 +56,21 @@ def logging_config(path: Path) -> dict[str, Any]:
         "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
         "root": {"handlers": ["file"], "level": "INFO"},
     }
+    if serving:
+        config["filters"] = {"errors_only": {"()": "vsteer._logging.ErrorsOnlyAccessFilter"}}
+        config["handlers"]["console"] = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                                         "formatter": "plain"}
+        config["handlers"]["console_errors"] = {**config["handlers"]["console"], "filters": ["errors_only"]}
+        config["loggers"]["uvicorn.error"] = {"handlers": ["file", "console"], "level": "INFO", "propagate": False}
+        config["loggers"]["uvicorn.access"] = {"handlers": ["file", "console_errors"], "level": "INFO",
+                                               "propagate": False}
+    return config
 
 
-def quiet_logging(verbose: bool = False) -> Path | None:
+def quiet_logging(verbose: bool = False, *, serving: bool = False) -> Path | None:
     """Send library logs and warnings to a new log file and return its path (None when verbose:
-    then ``VSTEER_LOG=debug`` also sets ``VLLM_LOGGING_LEVEL=DEBUG``). Call before vLLM is imported."""
+    then ``VSTEER_LOG=debug`` also sets ``VLLM_LOGGING_LEVEL=DEBUG``). ``serving``: see
+    :func:`logging_config`. Call before vLLM is imported."""
     if verbose_requested(verbose):
         if os.environ.get(LOG_ENV, "").strip().lower() == "debug":
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG")
@@ -67,7 +81,7 @@ def quiet_logging(verbose: bool = False) -> Path | None:
     folder = default_cache_dir() / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"vsteer-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    config = logging_config(path)
+    config = logging_config(path, serving=serving)
     config_path = folder / f".logging-{os.getpid()}.json"
     config_path.write_text(json.dumps(config))
     os.environ.update({"VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_CONFIG_PATH": str(config_path), FILE_ENV: str(path)})

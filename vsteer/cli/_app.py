@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
 import click
@@ -40,16 +39,18 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     path is printed once (see --verbose).
     """
     _quiet_defaults()
-    path = quiet_logging(verbose)
+    path = quiet_logging(verbose, serving=ctx.invoked_subcommand == "serve")
     sub = next((a for a in ctx.args if not a.startswith("-")), None)
     if path is not None and ({(ctx.invoked_subcommand, None), (ctx.invoked_subcommand, sub)} & _ENGINE_COMMANDS):
         click.echo(f"vsteer: logs in {path}", err=True)
 
 
-def main(argv: Sequence[str] | None = None, *, root: click.Group | None = None) -> int:
-    """Entry point: run the CLI, print ``ErrorName: message`` for vsteer errors and exit 1."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI; a vsteer error prints ``ErrorName: message`` and exits 1. Other
+    errors print one line naming the log file that holds the traceback (the traceback itself
+    with ``--verbose``)."""
     try:
-        (root or cli).main(args=list(argv) if argv is not None else None, prog_name="vsteer", standalone_mode=False)
+        cli.main(args=list(argv) if argv is not None else None, prog_name="vsteer", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 1
@@ -72,11 +73,3 @@ def main(argv: Sequence[str] | None = None, *, root: click.Group | None = None) 
 def _log_hint() -> str:
     path = log_file(written=True)
     return "" if path is None else f" (engine logs: {path})"
-
-
-def run_group(group: click.Group, argv: Sequence[str] | None = None) -> int:
-    """Run one command group alone, as ``main`` runs the whole CLI."""
-    root = click.Group(name="vsteer", params=cli.params, callback=cli.callback)
-    root.add_command(group)
-    return main([group.name or "", *(sys.argv[1:] if argv is None else argv)], root=root)
-

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
-from vsteer._logging import ErrorsOnlyAccessFilter, log_file
 
 __all__ = ["serve"]
 
@@ -36,6 +34,8 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
 
     MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
     of the OpenAI client) or "vllm_xargs": {"steering": "<JSON>"}. Options after MODEL go to vLLM.
+    Quiet by default: vLLM's logs go to the log file; uvicorn's start-up lines (where it listens)
+    and access lines of error responses (status >= 400) still print.
     """
     from vsteer.server.serve import serve_main
     from vsteer.server.tenants import TENANTS_ENV, TenantsFile
@@ -43,9 +43,6 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
     if tenants is not None:
         os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(tenants.read_text()).model_dump_json()
     vllm_args = (*vllm_args, *_cpu_dtype_args(vllm_args))
-    if log_file() is not None:
-        # Quiet: uvicorn still prints where it listens, and access lines only for error responses.
-        logging.getLogger("uvicorn.access").addFilter(ErrorsOnlyAccessFilter())
     serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
                max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store)
 
