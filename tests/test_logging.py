@@ -25,6 +25,7 @@ def test_serving_config_prints_only_error_access_lines(tmp_path, capsys):
         access.handle(_access(404))
         logging.getLogger("uvicorn.error").info("Uvicorn running on http://127.0.0.1:8000")
         logging.getLogger("vllm.engine").info("engine detail")
+        logging.getLogger("vllm.entrypoints.launchers.api_server.entry").info("Starting vLLM server on http://127.0.0.1:8000")
         for handler in logging.getLogger().handlers:
             handler.flush()
     finally:
@@ -40,6 +41,8 @@ def test_serving_config_prints_only_error_access_lines(tmp_path, capsys):
     err = capsys.readouterr().err
     assert '"POST /v1/completions HTTP/1.1" 404' in err and " 200" not in err
     assert "Uvicorn running on http://127.0.0.1:8000" in err and "engine detail" not in err
+    assert "Starting vLLM server on http://127.0.0.1:8000" in err
+    assert not any(line[:1].isdigit() for line in err.splitlines() if "127.0.0.1:5000" not in line)  # no timestamps
     text = path.read_text()
     assert "engine detail" in text and '" 200' in text and '" 404' in text
 

@@ -22,6 +22,7 @@ __all__ = ["LOG_ENV", "ErrorsOnlyAccessFilter", "log_file", "quiet_logging", "ve
 
 LOG_ENV = "VSTEER_LOG"
 FILE_ENV = "VSTEER_LOG_FILE"
+_SERVER_ENTRY_LOGGER = "vllm.entrypoints.launchers.api_server.entry"
 _FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
@@ -42,7 +43,8 @@ def log_file(*, written: bool = False) -> Path | None:
 def logging_config(path: Path, *, serving: bool = False) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` dict that sends vLLM's and every other logger to ``path``.
 
-    ``serving``: uvicorn's own lines (where it listens, start-up, shutdown) also go to stderr, and
+    ``serving``: vLLM's "Starting vLLM server on http://..." and uvicorn's start-up and shutdown
+    lines also go to stderr, and
     access-log lines too, but only for responses with status >= 400 (vLLM hands this config to
     uvicorn as well)."""
     config = {
@@ -58,10 +60,12 @@ def logging_config(path: Path, *, serving: bool = False) -> dict[str, Any]:
     }
     if serving:
         config["filters"] = {"errors_only": {"()": "vsteer._logging.ErrorsOnlyAccessFilter"}}
+        config["formatters"]["brief"] = {"format": "%(message)s"}
         config["handlers"]["console"] = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
-                                         "formatter": "plain"}
+                                         "formatter": "brief"}
         config["handlers"]["console_errors"] = {**config["handlers"]["console"], "filters": ["errors_only"]}
-        config["loggers"]["uvicorn.error"] = {"handlers": ["file", "console"], "level": "INFO", "propagate": False}
+        for name in ("uvicorn.error", _SERVER_ENTRY_LOGGER):  # the latter: "Starting vLLM server on http://..."
+            config["loggers"][name] = {"handlers": ["file", "console"], "level": "INFO", "propagate": False}
         config["loggers"]["uvicorn.access"] = {"handlers": ["file", "console_errors"], "level": "INFO",
                                                "propagate": False}
     return config

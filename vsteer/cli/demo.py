@@ -19,6 +19,11 @@ __all__ = ["demo"]
 def demo(layer: int, scale: float, max_tokens: int, eager: bool, dtype: str) -> None:
     """Steer the embedded SmolLM2 both ways with a love-minus-hate vector computed inside vLLM,
     and score each completion."""
+    import os
+
     from vsteer.demo import run_demo
+
+    # One batch, then exit: the engine runs in this process (no engine-core subprocess to start).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
     run_demo(layer=layer, scale=scale, max_tokens=max_tokens, eager=eager, dtype=dtype)
