@@ -4,6 +4,7 @@ adapter over :mod:`vsteer.methods`)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -33,6 +34,8 @@ def _extract_engine(model: str, layers: list[int], eager: bool, dtype: str | Non
     from vsteer._progress import step
     from vsteer.engine.llm import LLM
 
+    # One capture pass, then exit: the engine runs in this process (no engine-core subprocess).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with step("starting the engine"):
         llm = LLM(model, enforce_eager=eager, capture_layers=layers, max_model_len=2048,
                   **({"dtype": dtype} if dtype else {}))
