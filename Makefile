@@ -1,11 +1,15 @@
 # Two commands do all the set-up: `make demo` runs steered generation, `make test` the tests.
-.PHONY: setup demo test
+# `make test-fast` is the edit-test loop: the suite without the compiled engine and without Ray.
+.PHONY: setup demo test test-fast
 
 setup:
 	bash scripts/setup.sh
 
 demo: setup
-	HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/vsteer demo
+	.venv/bin/vsteer demo
 
 test: setup
 	bash scripts/test.sh
+
+test-fast: setup
+	bash scripts/test.sh -m "not compiled and not ray and not gpu"

@@ -64,7 +64,7 @@ def main() -> None:
     import torch
     import vllm
 
-    from vsteer.cli_sae import eval_table
+    from vsteer.cli.sae import eval_table
     from vsteer.engine.llm import LLM
     from vsteer.models import prepare_default_model
     from vsteer.sae.store import SaeStore

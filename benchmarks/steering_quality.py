@@ -58,7 +58,7 @@ def main() -> None:
 
     import torch
 
-    from vsteer.cli_eval import build_methods, parse_scales
+    from vsteer.cli.eval import build_methods, parse_scales
     from vsteer.engine.llm import LLM
     from vsteer.eval import LocalScorer, load_concepts, run_eval
     from vsteer.eval.harness import markdown_tables, scorer_label

@@ -44,7 +44,9 @@ def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_n
     from vsteer.server.process import free_port, stop, wait_until_healthy
 
     port = free_port()
-    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store)}
+    # VSTEER_LOG=info: vLLM's full log in `log` (quiet mode would send it to the log file), so the
+    # API-key check below reads everything the server logged.
+    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store), "VSTEER_LOG": "info"}
     cmd = [sys.executable, "-m", "vsteer.cli", "serve", *extra_args, model_path, "--served-model-name", served_model_name,
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
            "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs)]

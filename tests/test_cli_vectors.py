@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import vsteer.cli
 from vsteer._errors import VectorFileError
-from vsteer.cli_vectors import vectors
+from vsteer.cli.vectors import vectors
 from vsteer.vectors import SteeringVector, VectorStore, load_vector, save_vector
 
 

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from vsteer.cli_effects import effects
+from vsteer.cli.effects import effects
 from vsteer.effects import (
     EffectApproximator,
     EffectsFileError,

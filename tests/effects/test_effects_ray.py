@@ -3,9 +3,13 @@ single-process run."""
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from tests.conftest import ENGINE_KW
+
+pytestmark = pytest.mark.ray
 
 
 def test_two_actors_equal_single_process_even_after_losing_one(eager_llm, sae_store_dir, tmp_path, monkeypatch):

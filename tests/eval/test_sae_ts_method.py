@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from vsteer._errors import SpecError
-from vsteer.cli_eval import eval_group
+from vsteer.cli.eval import eval_group
 from vsteer.effects import EffectApproximator
 from vsteer.effects.measure import RolloutConfig, measure_effects
 from vsteer.eval import get_method, load_concepts

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import ENGINE_KW
 from tests.jobs.test_rollouts import assert_same_records
 from vsteer.jobs import RolloutJob, ray_executor, run_job
 from vsteer.jobs.io import read_jsonl
+
+pytestmark = pytest.mark.ray
 
 
 def test_two_actors_give_the_single_process_rows_even_after_losing_one(reference, dataset, model_path, eager_llm, tmp_path, monkeypatch):

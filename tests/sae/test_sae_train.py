@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vsteer.cli_sae import sae as sae_group
+from vsteer.cli.sae import sae as sae_group
 from vsteer.sae.model import SaeConfig, SparseAutoencoder
 from vsteer.sae.train import evaluate_sae, fold, spliced_lm_loss, train_sae
 
@@ -153,10 +153,10 @@ def test_python_m_cli_sae(tmp_path):
     from vsteer.sae.store import SaeStore
 
     SaeStore(tmp_path).add("one", SparseAutoencoder(SaeConfig(d_in=8, d_sae=16, layer=2)))
-    out = subprocess.run([sys.executable, "-m", "vsteer.cli_sae", "list", "--store", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "vsteer.cli", "sae", "list", "--store", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[1].split() == ["one", "-", "2", "8", "16", "relu"]
-    err = subprocess.run([sys.executable, "-m", "vsteer.cli_sae", "info", "nope", "--store", str(tmp_path)],
+    err = subprocess.run([sys.executable, "-m", "vsteer.cli", "sae", "info", "nope", "--store", str(tmp_path)],
                          check=False, capture_output=True, text=True)
     assert err.returncode == 1 and err.stderr.startswith("SaeFileError: unknown SAE 'nope'")
 

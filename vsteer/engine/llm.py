@@ -108,6 +108,11 @@ class LLM:
             raise SpecError(f"effect_saes {unknown} are not among saes {sorted(self.saes)}", field="effect_saes")
         self.max_abs_scale = max_abs_scale
         device = current_platform.device_type
+        if device == "cpu" and "dtype" not in engine_kwargs:
+            from vsteer._cpu import default_cpu_dtype, note_cpu_dtype
+
+            if (cpu_dtype := default_cpu_dtype()) is not None:
+                engine_kwargs["dtype"] = cpu_dtype; note_cpu_dtype(cpu_dtype)  # noqa: E702
         if device not in _WORKERS:
             raise EngineError(f"vsteer supports CPU and CUDA devices, not {device!r}")
         if device == "cpu" and not ({"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)) \

@@ -24,6 +24,7 @@ from vsteer.eval.methods import (
     get_method,
     register_method,
 )
+from vsteer.eval import sae_methods  # noqa: F401,I001  (registers "sae", "sae-ts" and "sas" with methods)
 from vsteer.eval.scorers import (
     JudgeError,
     JudgeParseError,

@@ -21,7 +21,8 @@ Built in:
   any layer tried (3, 6, 9, 12, 15).
 
 SAE-based methods, ``sae`` (SAE feature steering), ``sae-ts`` (SAE-targeted steering) and ``sas``,
-are in ``vsteer.eval.sae_methods``;
+are in ``vsteer.eval.sae_methods``, which registers them here (the package ``vsteer.eval``
+imports it, so they are registered whenever any ``vsteer.eval`` module is imported);
 other methods can be added with ``register_method``.
 
 Asking for a method that is not registered raises ``MethodUnavailableError`` listing the
@@ -195,5 +196,3 @@ def build_spec(llm: Any, method: str | SteeringMethod, concept: Concept, scale: 
 register_method("caa", CaaMethod)
 register_method("actadd", ActAddMethod)
 register_method("sara", SaraMethod)
-
-from vsteer.eval import sae_methods  # noqa: E402,F401  (registers "sae", "sae-ts" and "sas")

@@ -13,9 +13,8 @@ from typing import Any
 
 import click
 
-from vsteer._cli_common import echo_listing, store_option
-
 from vsteer._errors import VectorFileError
+from vsteer.cli._common import echo_listing, store_option
 from vsteer.vectors import VectorStore
 
 __all__ = ["vectors"]

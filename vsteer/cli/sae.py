@@ -2,7 +2,7 @@
 
 A thin adapter over :mod:`vsteer.sae` (:func:`~vsteer.sae.train.train_model_sae`,
 :class:`~vsteer.sae.store.SaeStore`, :func:`~vsteer.sae.formats.load_sae`). Errors are vsteer
-errors, printed by ``vsteer.cli.main`` (or :func:`main` here) as ``ErrorName: message``. Results
+errors, printed by ``vsteer.cli.main`` as ``ErrorName: message``. Results
 go to stdout, notes to stderr. Nothing heavy is imported until a command runs.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from vsteer._cli_common import echo_listing, echo_table, store_option
+from vsteer.cli._common import echo_listing, echo_table, store_option
 
-__all__ = ["main", "sae"]
+__all__ = ["sae"]
 
 _store_option = store_option(
     "VSTEER_SAE_STORE", "SAE store folder [default: <cache>/saes, the cache being $VSTEER_CACHE or ~/.cache/vsteer].")
@@ -167,16 +167,3 @@ def import_(path: Path, name: str, layer: int | None, model: str | None, overwri
     folder = store.add(name, loaded, overwrite=overwrite)
     c = loaded.config
     click.echo(f"stored {name!r} in {folder} ({c.activation}, d_in {c.d_in}, d_sae {c.d_sae}, layer {c.layer})", err=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``sae`` group alone (``python -m vsteer.cli_sae``), errors as in ``vsteer.cli.main``."""
-    from vsteer.cli import main as cli_main
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    return cli_main(["sae", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The default dtype on CPU: float32 where the CPU has no native bfloat16.
+
+vLLM's ``dtype="auto"`` takes the model's own dtype (bfloat16 for most current checkpoints). On a
+CPU without AVX-512 BF16 or AMX, bfloat16 matmuls are emulated and several times slower than
+float32 (SmolLM2-135M: 43 tok/s in bfloat16 vs 202 tok/s in float32 on such a CPU), so vsteer
+picks float32 there unless the user chose a dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+__all__ = ["BF16_FLAGS", "cpu_flags", "default_cpu_dtype", "has_native_bf16", "note_cpu_dtype"]
+
+#: /proc/cpuinfo flags of an x86 CPU with native bfloat16 arithmetic.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_announced = False
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags from ``cpuinfo`` (None where the file cannot be read, e.g. not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return frozenset()
+
+
+def has_native_bf16(flags: Iterable[str] | None = None) -> bool:
+    """Whether the CPU computes bfloat16 natively. ``flags``: the CPU's feature flags (default:
+    read from /proc/cpuinfo; where they cannot be read, torch's CPU capability decides)."""
+    found = frozenset(flags) if flags is not None else cpu_flags()
+    if found is None:
+        import torch
+
+        return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
+    return bool(BF16_FLAGS & found)
+
+
+def default_cpu_dtype(flags: Iterable[str] | None = None) -> str | None:
+    """``"float32"`` on a CPU without native bfloat16, else None (keep vLLM's ``"auto"``)."""
+    return None if has_native_bf16(flags) else "float32"
+
+
+def note_cpu_dtype(dtype: str) -> None:
+    """Say once per process, in one line on stderr, that vsteer chose ``dtype`` for this CPU."""
+    global _announced
+    if not _announced:
+        _announced = True
+        print(f"vsteer: this CPU has no native bfloat16 (no avx512_bf16/amx_bf16), so the engine runs in {dtype} "
+              "(several times faster here); pass a dtype to override.", file=sys.stderr)

@@ -1,0 +1,75 @@
+"""The root ``vsteer`` group and :func:`main`: quiet logging, errors as one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import click
+
+from vsteer._errors import VsteerError
+from vsteer._logging import log_file, quiet_logging
+
+__all__ = ["cli", "main"]
+
+
+def _quiet_defaults() -> None:
+    # vsteer never talks to a model hub or a usage-stats server.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+    # On CPU, vLLM otherwise reserves 92% of RAM and refuses to start when others use memory.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+#: Commands that start an engine (and so write to the log file): (command, subcommand or None).
+_ENGINE_COMMANDS = {("demo", None), ("serve", None), ("generate", None), ("extract", None), ("effects", "measure"),
+                    ("eval", "run"), ("sae", "train")}
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show vLLM's, Ray's and the libraries' logs here instead of in the log file (or VSTEER_LOG=debug).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """vsteer: per-request activation steering inside vLLM.
+
+    Commands print only their own output; vLLM's and the libraries' logs go to a file whose
+    path is printed once (see --verbose).
+    """
+    _quiet_defaults()
+    path = quiet_logging(verbose, serving=ctx.invoked_subcommand == "serve")
+    sub = next((a for a in ctx.args if not a.startswith("-")), None)
+    if path is not None and ({(ctx.invoked_subcommand, None), (ctx.invoked_subcommand, sub)} & _ENGINE_COMMANDS):
+        click.echo(f"vsteer: logs in {path}", err=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI; a vsteer error prints ``ErrorName: message`` and exits 1. Other
+    errors print one line naming the log file that holds the traceback (the traceback itself
+    with ``--verbose``)."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="vsteer", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except VsteerError as exc:
+        click.echo(f"{type(exc).__name__}: {exc}{_log_hint()}", err=True)
+        return 1
+    except Exception as exc:
+        if log_file() is None:  # verbose: the full traceback, as Python prints it
+            raise
+        logging.getLogger("vsteer").exception("vsteer failed")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"{type(exc).__name__}: {first} (traceback and engine logs: {log_file()})", err=True)
+        return 1
+    return 0
+
+
+def _log_hint() -> str:
+    path = log_file(written=True)
+    return "" if path is None else f" (engine logs: {path})"

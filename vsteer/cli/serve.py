@@ -1,0 +1,62 @@
+"""``vsteer serve``: vLLM's OpenAI-compatible server with per-request steering (a thin adapter over
+:mod:`vsteer.server.serve`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+
+__all__ = ["serve"]
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["--vsteer-help"]})
+@click.option("--max-slots", type=int, default=None, help="Steering slots (default: --max-num-seqs).")
+@click.option("--max-ablation-rank", default=1, show_default=True, help="Ablations per layer one request may compose.")
+@click.option("--vector-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Vector store folder (default: $VSTEER_VECTOR_STORE or ~/.cache/vsteer/vectors).")
+@click.option("--max-abs-scale", default=1.0e4, show_default=True, help="Refuse specs with a larger |scale|.")
+@click.option("--tenants", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help='JSON {"tenants": {name: {"keys": [...], "max_vectors": N, "max_configs_in_flight": N}}} '
+                   "(or $VSTEER_TENANTS). Without it the server is single-tenant.")
+@click.option("--sae", "saes", multiple=True, help="An SAE for sas ops (name in the SAE store or path); repeatable.")
+@click.option("--max-sas-support", default=1024, show_default=True, help="Features one SAE layer may touch per step.")
+@click.option("--sae-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="SAE store folder (default: $VSTEER_SAE_STORE or ~/.cache/vsteer/saes).")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | None, max_abs_scale: float,
+          tenants: Path | None, saes: tuple[str, ...], max_sas_support: int, sae_store: Path | None,
+          vllm_args: tuple[str, ...]) -> None:
+    """vLLM's OpenAI-compatible server with per-request steering: vsteer serve [MODEL] [vllm serve options].
+
+    MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
+    of the OpenAI client) or "vllm_xargs": {"steering": "<JSON>"}. Options after MODEL go to vLLM.
+    Quiet by default: vLLM's logs go to the log file; uvicorn's start-up lines (where it listens)
+    and access lines of error responses (status >= 400) still print.
+    """
+    from vsteer.server.serve import serve_main
+    from vsteer.server.tenants import TENANTS_ENV, TenantsFile
+
+    if tenants is not None:
+        os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(tenants.read_text()).model_dump_json()
+    vllm_args = (*vllm_args, *_cpu_dtype_args(vllm_args))
+    serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
+               max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store)
+
+
+def _cpu_dtype_args(vllm_args: Sequence[str]) -> list[str]:
+    """``["--dtype", "float32"]`` on a CPU without native bfloat16 when no ``--dtype`` was given."""
+    if any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
+        return []
+    from vllm.platforms import current_platform
+
+    from vsteer._cpu import default_cpu_dtype, note_cpu_dtype
+
+    dtype = default_cpu_dtype() if current_platform.device_type == "cpu" else None
+    if dtype is None:
+        return []
+    note_cpu_dtype(dtype)
+    return ["--dtype", dtype]
