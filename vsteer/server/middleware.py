@@ -247,6 +247,11 @@ class SteeringMiddleware:
         await _respond(send, status, _error(status, message, param))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and self.resolve.tenants is not None:
+            headers = dict(scope["headers"])
+            if self.resolve.tenants.authenticate(headers.get(b"authorization", b"").decode("latin-1")) is None:
+                await send({"type": "websocket.close", "code": 1008})  # policy violation: no valid key
+                return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -301,6 +306,11 @@ class SteeringMiddleware:
                 raise SpecError(f"{body.reserved} is reserved: only the server writes vsteer engine arguments",
                                 field=body.reserved)
             return _Prepared(raw)
+        if body is _JSON:
+            try:
+                body = json.loads(raw)  # here, not on the event loop: bodies can be large
+            except ValueError:
+                body = None
         if not isinstance(body, dict):
             return _Prepared(raw)  # not a JSON object: vLLM answers it
         with self.registry.lock:  # resolve and mark in use atomically with respect to deletes
@@ -340,12 +350,12 @@ class _FormXargs:
     reserved: str | None
 
 
-async def _parse_body(scope: dict, raw: bytes) -> Any:
-    """The body as JSON (None when it is not JSON: vLLM answers that), or a form's verdict.
+#: ``_parse_body``'s answer for a body to read as JSON (in a worker thread).
+_JSON = object()
 
-    Raises:
-        RecursionError: JSON nested too deeply to read.
-    """
+
+async def _parse_body(scope: dict, raw: bytes) -> Any:
+    """A form's verdict on reserved keys, ``_JSON`` for any other non-empty body, or None."""
     headers = dict(scope["headers"])
     ctype = headers.get(b"content-type", b"").decode("latin-1").lower()
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -360,12 +370,7 @@ async def _parse_body(scope: dict, raw: bytes) -> Any:
         except Exception:  # noqa: BLE001 - an unreadable form is vLLM's to answer
             return None
         return _FormXargs(reserved_key(values))
-    if not raw.strip():
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
+    return _JSON if raw.strip() else None
 
 
 async def read_body(receive: Any, limit: int | None = None) -> bytes:
