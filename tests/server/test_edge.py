@@ -253,6 +253,18 @@ def test_served_engine_has_no_capture_buffers(http):
     assert _metric(http, "vsteer_capture_bytes") == 0
 
 
+def test_capture_layers_option():
+    import click
+
+    from vsteer.cli import _capture_layers
+
+    assert _capture_layers("none") == [] and _capture_layers("all") is None and _capture_layers("10, 12") == [10, 12]
+    for bad in ("ten", "-1"):
+        with pytest.raises(click.BadParameter) as err:
+            _capture_layers(bad)
+        assert "--capture-layers" in err.value.format_message() or err.value.param_hint == "--capture-layers"
+
+
 # --- faults ---------------------------------------------------------------------------------------
 
 def test_clients_that_disconnect_mid_stream_release_their_slots(http, edge):
