@@ -26,10 +26,13 @@ __all__ = ["serve"]
 @click.option("--max-sas-support", default=1024, show_default=True, help="Features one SAE layer may touch per step.")
 @click.option("--sae-store", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="SAE store folder (default: $VSTEER_SAE_STORE or ~/.cache/vsteer/saes).")
+@click.option("--capture-layers", default="none", show_default=True,
+              help='Layers with an activation-capture buffer: "none", "all" or a comma list like 10,12. '
+                   "The server never captures by itself; each buffer costs max_num_batched_tokens x hidden x dtype bytes.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | None, max_abs_scale: float,
           tenants: Path | None, saes: tuple[str, ...], max_sas_support: int, sae_store: Path | None,
-          vllm_args: tuple[str, ...]) -> None:
+          capture_layers: str, vllm_args: tuple[str, ...]) -> None:
     """vLLM's OpenAI-compatible server with per-request steering: vsteer serve [MODEL] [vllm serve options].
 
     MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
@@ -44,7 +47,25 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
         os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(tenants.read_text()).model_dump_json()
     vllm_args = (*vllm_args, *_cpu_dtype_args(vllm_args))
     serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
-               max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store)
+               max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store,
+               capture_layers=_capture_layers(capture_layers))
+
+
+def _capture_layers(text: str) -> list[int] | None:
+    """``--capture-layers``: "none" -> [], "all" -> None (every steerable layer), "10,12" -> [10, 12]."""
+    value = text.strip().lower()
+    if value in ("", "none"):
+        return []
+    if value == "all":
+        return None
+    try:
+        layers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f'expected "none", "all" or comma-separated layer numbers, got {text!r}',
+                                 param_hint="--capture-layers") from None
+    if any(layer < 0 for layer in layers):
+        raise click.BadParameter("layers are 0 or more", param_hint="--capture-layers")
+    return layers
 
 
 def _cpu_dtype_args(vllm_args: Sequence[str]) -> list[str]:

@@ -13,6 +13,8 @@ From the engine's workers, polled every ``POLL_S`` seconds through ``collective_
 - ``vsteer_slots_in_use``: slots used by the tokens of the engine's last step.
 - ``vsteer_slots_resident``: slots holding a folded config (in use, or cached for reuse).
 - ``vsteer_slot_loads``: bank rows written so far (a config taking a slot it was not cached in).
+- ``vsteer_capture_bytes``: bytes of the workers' activation-capture buffers (0 unless
+  ``--capture-layers`` asks for some).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def _metrics():
         "in_use": Gauge("vsteer_slots_in_use", "Steering slots used by the engine's last step."),
         "resident": Gauge("vsteer_slots_resident", "Steering slots holding a folded config."),
         "loads": Gauge("vsteer_slot_loads", "Bank rows written since the engine started."),
+        "capture": Gauge("vsteer_capture_bytes", "Bytes of the engine's activation-capture buffers."),
     }
 
 
@@ -68,6 +71,7 @@ class SteeringMetrics:
                 self._m["in_use"].set(stats["in_use"])
                 self._m["resident"].set(stats["resident"])
                 self._m["loads"].set(stats["loads"])
+                self._m["capture"].set(stats.get("capture_bytes", 0))
             except Exception:  # noqa: BLE001 - the engine may be starting or stopping; try again
                 pass
             await asyncio.sleep(POLL_S)

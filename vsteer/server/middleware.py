@@ -1,25 +1,57 @@
-"""ASGI middleware: validate a request's ``steering`` at the edge and hand it to vLLM.
+"""ASGI middleware: the serving edge. It validates a request's ``steering`` and is the only writer
+of vsteer's engine arguments.
 
-A completion or chat-completion body may carry ``"steering": {...}`` (the spec of the README; with
-the official OpenAI client, through ``extra_body``) or, for clients that only pass vLLM's extra
-arguments, ``"vllm_xargs": {"steering": "<spec as JSON text>"}``. The spec is resolved once here,
-against the served model and the vector store; a bad one is answered with HTTP 400 and a JSON error
-whose ``param`` names the field, and never reaches the engine. A good one becomes
-``vllm_xargs["vsteer"]`` (the plan as JSON text: vLLM's extra arguments are flat) and a
-``cache_salt`` derived from it, so prefix caching never shares KV blocks across steering.
+A completion, chat-completion, responses or messages body may carry ``"steering": {...}`` (the spec
+of the README; with the official OpenAI client, through ``extra_body``) or, for clients that only
+pass vLLM's extra arguments, ``"vllm_xargs": {"steering": "<spec as JSON text>"}``. The spec is
+resolved once here (in a worker thread, never on the event loop), against the served model, the
+vector store and the caller's tenant; a bad one is answered with HTTP 400 (404 for a vector the
+caller may not see) and a JSON error whose ``param`` names the field, and never reaches the engine.
+A good one becomes ``vllm_xargs["vsteer"]`` (the plan as JSON text: vLLM's extra arguments are flat).
+
+Reserved keys: every ``vllm_xargs`` (or ``sampling_params.extra_args``) key whose name starts with
+``vsteer``, in any case, on any route. A client that sends one gets 400 naming
+``vllm_xargs.<key>``. Only this edge writes them: ``vsteer`` (the plan) and, when tenants are
+configured, ``vsteer_tenant`` on every request of a tenant.
+
+Cache salts: a client's ``cache_salt`` S reaches the engine as ``"client:" + S``, so a client can
+never name a salt of the engine's own namespace (``"vsteer:..."``, computed by the engine's
+scheduler from tenant, plan and client salt). On routes that cannot carry ``vllm_xargs``, the
+tenant goes into the salt instead: ``"tenant:<name>"`` or ``"tenant:<name>:client:" + S``.
 """
+
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from vsteer._errors import SpecError
+from vsteer.server.http import error_body as _error, read_body, respond as _respond
 
 CONFIG_ENV = "VSTEER_SERVE_CONFIG"
-STEERED_PATHS = ("/v1/completions", "/v1/chat/completions")
+#: Routes whose body takes ``vllm_xargs`` (vLLM 0.32): steering and the tenant tag travel there.
+#: ``/invocations`` dispatches a completion or chat body by its shape.
+XARGS_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/invocations"})
+#: Routes with a ``cache_salt`` but no ``vllm_xargs``: the tenant goes into the salt instead.
+SALT_ONLY_PATHS = frozenset({"/v1/chat/completions/batch", "/v1/systemone", "/generative_scoring"})
+#: Kept for callers of the previous name.
+STEERED_PATHS = tuple(sorted(XARGS_PATHS))
+#: Engine-argument keys starting with this (in any case) are written only by the edge.
+RESERVED_PREFIX = "vsteer"
+#: ``vllm_xargs`` key naming the tenant of a request (written on every request of a tenant).
+TENANT_ARGS_KEY = "vsteer_tenant"
+#: Namespace of client-supplied cache salts.
+CLIENT_SALT_PREFIX = "client:"
+#: Body fields that become ``SamplingParams.extra_args`` on some vLLM route.
+_XARGS_FIELDS = ("vllm_xargs", "extra_args")
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+#: Paths that answer without an API key when tenants are configured (they carry no client data).
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/load"})
 
 
 class _Resolver:
@@ -54,16 +86,26 @@ class _Resolver:
 
         return TenantDirectory.from_env(self._setup[1].root)
 
+    def warm(self) -> None:
+        """Read the configuration and load every served SAE now (at start-up, not in a request)."""
+        self._setup, self._saes, self.tenants  # noqa: B018 - cached on first access
+
     def __call__(self, spec: Any, tenant: Any = None):
         from vsteer.engine.plan import resolve_spec
 
         model, store, engine, max_abs_scale = self._setup
-        if tenant is not None:
-            spec = self._tenant_refs(spec, tenant)
-        plan = resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
-                            max_ablation_rank=engine.max_ablation_rank, max_slots=engine.max_slots,
-                            max_abs_scale=max_abs_scale, allow_paths=False, saes=self._saes[0],
-                            sae_store=self._saes[1], max_sas_support=engine.max_sas_support)
+        try:
+            if tenant is not None:
+                spec = self._tenant_refs(spec, tenant)
+            plan = resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
+                                max_ablation_rank=engine.max_ablation_rank, max_slots=engine.max_slots,
+                                max_abs_scale=max_abs_scale, allow_paths=False, saes=self._saes[0],
+                                sae_store=self._saes[1], max_sas_support=engine.max_sas_support)
+        except SpecError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError) as exc:
+            # what validation did not name (e.g. a number too large for a float): still the client's
+            raise SpecError(f"invalid steering: {type(exc).__name__}: {str(exc)[:200]}", field="steering") from exc
         if plan is not None and any(item.op == "sara" for item in plan.interventions):
             raise SpecError("sara is not served yet (it needs a capture pass per request); use vsteer.LLM",
                             field="interventions")
@@ -95,65 +137,129 @@ class NotFoundError(SpecError):
     """A referenced vector does not exist for this client (HTTP 404)."""
 
 
-def rewrite_body(body: dict, resolve: _Resolver, tenant: Any = None) -> dict:
-    """Move ``steering`` into vLLM's extra arguments as a resolved plan (raises SpecError)."""
+def reserved_key(body: Any) -> str | None:
+    """The dotted path (e.g. ``vllm_xargs.vsteer``) of the first engine-argument key in a client
+    body that only the edge may write, or None. Looks at every ``vllm_xargs`` and ``extra_args``
+    object (or JSON text of one) at any depth."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}{key}"
+                if isinstance(key, str) and key.lower() in _XARGS_FIELDS:
+                    xargs = item
+                    if isinstance(xargs, str):  # form routes take the object as JSON text
+                        try:
+                            xargs = json.loads(xargs)
+                        except (ValueError, RecursionError):
+                            xargs = None
+                    if isinstance(xargs, dict):
+                        for name in xargs:
+                            if isinstance(name, str) and name.lower().startswith(RESERVED_PREFIX):
+                                return f"{where}.{name}"
+                stack.append((item, where + "."))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}{i}.") for i, item in enumerate(value))
+    return None
+
+
+def rewrite_body(body: dict, resolve: _Resolver, tenant: Any = None, path: str = "/v1/completions"):
+    """Rewrite a client body for the engine: resolve ``steering`` into ``vllm_xargs["vsteer"]``,
+    namespace the client's ``cache_salt`` and tag the tenant. Returns the body and the plan (or None).
+
+    Raises:
+        SpecError: a bad spec, or steering on a route that cannot carry it (``NotFoundError``:
+            a vector this tenant may not see).
+    """
     from vsteer.engine.plan import EXTRA_ARGS_KEY
 
-    xargs = dict(body.get("vllm_xargs") or {})
+    key = reserved_key(body)
+    if key is not None:
+        raise SpecError(f"{key} is reserved: only the server writes vsteer engine arguments", field=key)
+    raw_xargs = body.get("vllm_xargs")
+    xargs = dict(raw_xargs) if isinstance(raw_xargs, dict) else None
     spec = body.pop("steering", None)
-    if "steering" in xargs:
-        if spec is not None:
+    has_spec = spec is not None
+    if xargs is not None and "steering" in xargs:
+        if has_spec:
             raise SpecError("give steering either in the body or in vllm_xargs, not both", field="steering")
-        spec = xargs.pop("steering")
-    if EXTRA_ARGS_KEY in xargs:
-        raise SpecError(f"vllm_xargs.{EXTRA_ARGS_KEY} is reserved for vsteer", field=f"vllm_xargs.{EXTRA_ARGS_KEY}")
-    plan = resolve(spec, tenant)
-    if plan is not None:
-        xargs[EXTRA_ARGS_KEY] = json.dumps(plan.to_extra_args())
-        body["cache_salt"] = f"vsteer-{plan.hash}" + (f"-{body['cache_salt']}" if body.get("cache_salt") else "")
-    if xargs:
-        body["vllm_xargs"] = xargs
-    else:
-        body.pop("vllm_xargs", None)
-    return body
+        spec, has_spec = xargs.pop("steering"), True
+    if has_spec and path not in XARGS_PATHS:
+        raise SpecError(f"steering is served on {', '.join(sorted(XARGS_PATHS))}, not on {path}", field="steering")
+    plan = resolve(spec, tenant) if has_spec else None
+    salt = body.get("cache_salt")
+    client_salt = salt if isinstance(salt, str) and salt else None  # anything else: vLLM refuses it
+    if client_salt is not None:
+        body["cache_salt"] = CLIENT_SALT_PREFIX + client_salt
+    if tenant is not None and path in SALT_ONLY_PATHS:
+        body["cache_salt"] = f"tenant:{tenant.name}" + (f":{CLIENT_SALT_PREFIX}{client_salt}" if client_salt else "")
+    if path in XARGS_PATHS and (plan is not None or tenant is not None or xargs is not None):
+        xargs = xargs if xargs is not None else ({} if raw_xargs is None else None)
+        if xargs is not None:  # a non-object vllm_xargs is left for vLLM to refuse
+            if plan is not None:
+                xargs[EXTRA_ARGS_KEY] = json.dumps(plan.to_extra_args())
+            if tenant is not None:
+                xargs[TENANT_ARGS_KEY] = tenant.name
+            if xargs:
+                body["vllm_xargs"] = xargs
+            else:
+                body.pop("vllm_xargs", None)
+    return body, plan
 
 
-def _error(status: int, message: str, param: str | None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param, "code": status}}).encode()
+@dataclass
+class _Prepared:
+    raw: bytes
+    shas: frozenset = frozenset()
+    config: str | None = None
+    ops: list = field(default_factory=list)
 
 
 class SteeringMiddleware:
-    """Pure ASGI middleware (vLLM adds it with ``--middleware``): steering on completions, and
-    the vector registry under ``/v1/vectors``."""
+    """Pure ASGI middleware (vLLM adds it with ``--middleware``): the serving edge for every route,
+    and the vector registry under ``/v1/vectors``."""
 
     def __init__(self, app: Any) -> None:
         from vsteer.server.registry import VectorRegistryAPI
 
         self.app = app
         self.resolve = _Resolver()
+        self.resolve.warm()  # vLLM builds the middleware stack at start-up: load SAEs here
         self.registry = VectorRegistryAPI(self.resolve)
         self._metrics = None
+        self._metrics_lock = threading.Lock()
 
     @property
     def metrics(self):
-        if self._metrics is None:
-            from vsteer.server.metrics import SteeringMetrics
+        with self._metrics_lock:
+            if self._metrics is None:
+                from vsteer.server.metrics import SteeringMetrics
 
-            self._metrics = SteeringMetrics(self.resolve._setup[2].max_slots)
-        return self._metrics
+                self._metrics = SteeringMetrics(self.resolve._setup[2].max_slots)
+            return self._metrics
 
     async def _refuse(self, send: Any, status: int, message: str, param: str | None) -> None:
         self.metrics.rejected(status)
         await _respond(send, status, _error(status, message, param))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and self.resolve.tenants is not None:
+            headers = dict(scope["headers"])
+            if self.resolve.tenants.authenticate(headers.get(b"authorization", b"").decode("latin-1")) is None:
+                await send({"type": "websocket.close", "code": 1008})  # policy violation: no valid key
+                return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        import anyio
+
+        from vsteer.server.tenants import _LimitError
+
         app = scope.get("app")
         self.metrics.start_polling(getattr(getattr(app, "state", None), "engine_client", None))
         tenant = None
-        if self.resolve.tenants is not None and scope["path"].startswith("/v1"):
+        if self.resolve.tenants is not None and scope["path"] not in PUBLIC_PATHS:
             headers = dict(scope["headers"])
             tenant = self.resolve.tenants.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
             if tenant is None:
@@ -162,43 +268,60 @@ class SteeringMiddleware:
         if self.registry.handles(scope["path"]):
             await self.registry(scope, receive, send, tenant)
             return
-        if scope["method"] != "POST" or scope["path"] not in STEERED_PATHS:
+        if scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
         raw = await read_body(receive)
-        in_use: frozenset[str] = frozenset()
-        config = None
-        ops: list[str] = []
         try:
-            body = json.loads(raw) if raw else {}
-            if isinstance(body, dict) and ("steering" in body or "steering" in (body.get("vllm_xargs") or {})):
-                body = rewrite_body(body, self.resolve, tenant)
-                raw = json.dumps(body).encode()
-                in_use = self.registry.vectors_of(body)
-                config = body.get("cache_salt")
-                ops = self.registry.ops_of(body)
-            if tenant is not None and config is not None:
-                self.resolve.tenants.start(tenant, config)
+            body = await _parse_body(scope, raw)
+            prepared = await anyio.to_thread.run_sync(self._prepare, body, raw, scope["path"], tenant)
+        except RecursionError:
+            await self._refuse(send, 400, "the request body is nested too deeply", None)
+            return
         except NotFoundError as exc:
             await self._refuse(send, 404, str(exc), exc.field)
             return
         except SpecError as exc:
             await self._refuse(send, 400, str(exc), exc.field)
             return
-        except json.JSONDecodeError:
-            pass  # vLLM answers malformed JSON itself
-        except Exception as exc:  # noqa: BLE001 - only the tenant limit is expected here
-            if type(exc).__name__ != "_LimitError":
-                raise
+        except _LimitError as exc:
             await self._refuse(send, 429, str(exc), "steering")
             return
         try:
-            # a vector in use is not deleted from under its requests
-            with self.registry.using(in_use), self.metrics.request(ops, config):
-                await self._forward(scope, receive, send, raw)
+            with self.metrics.request(prepared.ops, prepared.config):
+                await self._forward(scope, receive, send, prepared.raw)
         finally:
+            self.registry.release(prepared.shas)  # a vector in use is not deleted from under its requests
+            if tenant is not None and prepared.config is not None:
+                self.resolve.tenants.finish(tenant, prepared.config)
+
+    def _prepare(self, body: Any, raw: bytes, path: str, tenant: Any) -> _Prepared:
+        """Check and rewrite one body (runs in a worker thread: it reads the vector store). The
+        vectors it uses are marked in use, and its tenant's config started, before it returns."""
+        if isinstance(body, _FormXargs):
+            if body.reserved is not None:
+                raise SpecError(f"{body.reserved} is reserved: only the server writes vsteer engine arguments",
+                                field=body.reserved)
+            return _Prepared(raw)
+        if body is _JSON:
+            try:
+                body = json.loads(raw)  # here, not on the event loop: bodies can be large
+            except ValueError:
+                body = None
+        if not isinstance(body, dict):
+            return _Prepared(raw)  # not a JSON object: vLLM answers it
+        with self.registry.lock:  # resolve and mark in use atomically with respect to deletes
+            body, plan = rewrite_body(body, self.resolve, tenant, path)
+            shas = self.registry.vectors_of(body)
+            self.registry.acquire(shas)
+        try:
+            config = plan.hash if plan is not None else None
             if tenant is not None and config is not None:
-                self.resolve.tenants.finish(tenant, config)
+                self.resolve.tenants.start(tenant, config)
+            return _Prepared(json.dumps(body).encode(), shas, config, self.registry.ops_of(body))
+        except BaseException:
+            self.registry.release(shas)
+            raise
 
     async def _forward(self, scope: dict, receive: Any, send: Any, raw: bytes) -> None:
         """Pass the (rewritten) request on; returns when its response (streamed or not) is done
@@ -217,21 +340,31 @@ class SteeringMiddleware:
         await self.app({**scope, "headers": headers}, replay, send)
 
 
-async def read_body(receive: Any, limit: int | None = None) -> bytes:
-    """The whole request body (raises ``OverflowError`` past ``limit`` bytes)."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if limit is not None and size > limit:
-            raise OverflowError(size)
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
+@dataclass
+class _FormXargs:
+    """A form body (vLLM's audio routes take ``vllm_xargs`` as a JSON-text form field)."""
+
+    reserved: str | None
 
 
-async def _respond(send: Any, status: int, payload: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
+#: ``_parse_body``'s answer for a body to read as JSON (in a worker thread).
+_JSON = object()
+
+
+async def _parse_body(scope: dict, raw: bytes) -> Any:
+    """A form's verdict on reserved keys, ``_JSON`` for any other non-empty body, or None."""
+    headers = dict(scope["headers"])
+    ctype = headers.get(b"content-type", b"").decode("latin-1").lower()
+    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        from starlette.requests import Request
+
+        async def once() -> dict:
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        try:
+            form = await Request(scope, once).form()
+            values = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        except Exception:  # noqa: BLE001 - an unreadable form is vLLM's to answer
+            return None
+        return _FormXargs(reserved_key(values))
+    return _JSON if raw.strip() else None

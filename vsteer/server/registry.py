@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote
 
 from vsteer._errors import SpecError, VectorFileError
+from vsteer.server.http import error_body as _error, read_body, respond as _respond
 
 PREFIX = "/v1/vectors"
 #: Largest accepted upload (a float32 vector for 100 layers of hidden 16384 is 6.5 MB).
@@ -33,7 +34,9 @@ class VectorRegistryAPI:
     def __init__(self, resolver: Any) -> None:
         self._resolver = resolver
         self._in_use: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        #: Held while a request resolves and marks its vectors in use, while an upload stores and
+        #: names a vector, and while a delete checks and removes one: none sees another half done.
+        self.lock = threading.RLock()
 
     def handles(self, path: str) -> bool:
         return path == PREFIX or path.startswith(PREFIX + "/")
@@ -43,32 +46,44 @@ class VectorRegistryAPI:
         """sha256 of every stored vector a rewritten request body uses."""
         from vsteer.engine.plan import EXTRA_ARGS_KEY
 
-        plan = json.loads(body.get("vllm_xargs", {}).get(EXTRA_ARGS_KEY, "null"))
+        plan = json.loads((body.get("vllm_xargs") or {}).get(EXTRA_ARGS_KEY, "null"))
         return frozenset(item["vector"] for item in (plan or {}).get("interventions", []))
 
     def ops_of(self, body: dict) -> list[str]:
         """The steering ops of a rewritten request body, in order."""
         from vsteer.engine.plan import EXTRA_ARGS_KEY
 
-        plan = json.loads(body.get("vllm_xargs", {}).get(EXTRA_ARGS_KEY, "null"))
+        plan = json.loads((body.get("vllm_xargs") or {}).get(EXTRA_ARGS_KEY, "null"))
         return [item["op"] for item in (plan or {}).get("interventions", [])]
+
+    def acquire(self, shas: frozenset[str]) -> None:
+        """Mark vectors in use by one more request (they cannot be deleted until released)."""
+        with self.lock:
+            self._in_use.update(shas)
+
+    def release(self, shas: frozenset[str]) -> None:
+        """Undo one ``acquire``."""
+        with self.lock:
+            self._in_use.subtract(shas)
+            self._in_use += Counter()  # drop zero counts
 
     @contextmanager
     def using(self, shas: frozenset[str]) -> Iterator[None]:
-        with self._lock:
-            self._in_use.update(shas)
+        """``acquire`` for the duration of a block."""
+        self.acquire(shas)
         try:
             yield
         finally:
-            with self._lock:
-                self._in_use.subtract(shas)
-                self._in_use += Counter()  # drop zero counts
+            self.release(shas)
 
     # --- HTTP -------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any, tenant: Any = None) -> None:
-        from vsteer.server.middleware import _error, _respond, read_body
-        from vsteer.server.tenants import _LimitError
+        """Answer one registry request; file work runs in a worker thread, off the event loop."""
+        from functools import partial
 
+        from anyio import to_thread
+
+        from vsteer.server.tenants import _LimitError
 
         method, path = scope["method"], scope["path"]
         ref = unquote(path[len(PREFIX) + 1:]) if path.startswith(PREFIX + "/") else None
@@ -79,13 +94,13 @@ class VectorRegistryAPI:
                     data = await read_body(receive, MAX_UPLOAD_BYTES)
                 except OverflowError:
                     raise _HTTPError(413, f"upload exceeds {MAX_UPLOAD_BYTES} bytes", "file") from None
-                status, payload = 201, self._upload(tenant, data, (query.get("name") or [None])[0])
+                status, payload = 201, await to_thread.run_sync(partial(self._upload, tenant, data, (query.get("name") or [None])[0]))
             elif method == "GET" and ref is None:
-                status, payload = 200, {"object": "list", "data": [self._info(tenant, sha) for sha in self._visible_shas(tenant)]}
+                status, payload = 200, {"object": "list", "data": await to_thread.run_sync(self._list, tenant)}
             elif method == "GET":
-                status, payload = 200, self._info(tenant, self._sha(tenant, ref))
+                status, payload = 200, await to_thread.run_sync(lambda: self._info(tenant, self._sha(tenant, ref)))
             elif method == "DELETE" and ref is not None:
-                status, payload = 200, self._delete(tenant, ref)
+                status, payload = 200, await to_thread.run_sync(self._delete, tenant, ref)
             else:
                 raise _HTTPError(405, f"{method} {path} is not supported", None)
         except _HTTPError as exc:
@@ -106,6 +121,15 @@ class VectorRegistryAPI:
     @property
     def _tenants(self):
         return self._resolver.tenants
+
+    def _list(self, tenant: Any) -> list[dict]:
+        out = []
+        for sha in self._visible_shas(tenant):
+            try:
+                out.append(self._info(tenant, sha))
+            except (VectorFileError, OSError):
+                pass  # deleted while listing
+        return out
 
     def _visible_shas(self, tenant: Any) -> list[str]:
         if tenant is None:
@@ -150,18 +174,19 @@ class VectorRegistryAPI:
             raise _HTTPError(400, f"vector was computed for model {vector.model!r}, not {model.name!r}", "file")
         if max(vector.layers) >= model.num_layers:
             raise _HTTPError(400, f"vector has layer {max(vector.layers)} but {model.name} has {model.num_layers} layers", "file")
-        sha = self._store.put(vector)
-        if tenant is not None:
-            self._tenants.add(tenant, sha, name)
-        elif name:
-            self._store.set_name(name, sha, overwrite=True)
-        return self._info(tenant, sha)
+        with self.lock:  # stored and named in one step with respect to deletes
+            sha = self._store.put(vector)
+            if tenant is not None:
+                self._tenants.add(tenant, sha, name)
+            elif name:
+                self._store.set_name(name, sha, overwrite=True)
+            return self._info(tenant, sha)
 
     def _delete(self, tenant: Any, ref: str) -> dict:
-        sha = self._sha(tenant, ref)
-        if tenant is not None and sha not in self._tenants.owned(tenant)["vectors"]:
-            raise _HTTPError(404, f"no vector named {ref!r} of yours", "ref")  # public vectors are the operator's
-        with self._lock:
+        with self.lock:
+            sha = self._sha(tenant, ref)
+            if tenant is not None and sha not in self._tenants.owned(tenant)["vectors"]:
+                raise _HTTPError(404, f"no vector named {ref!r} of yours", "ref")  # public vectors are the operator's
             if self._in_use.get(sha):
                 raise _HTTPError(409, f"vector {ref!r} is in use by {self._in_use[sha]} running request(s)", "ref")
             if tenant is not None:

@@ -29,8 +29,13 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
 
 def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_rank: int,
                vector_store: Path | None, max_abs_scale: float, saes: Sequence[str] = (),
-               max_sas_support: int = 1024, sae_store: Path | None = None) -> None:
-    """Start the server (blocks). ``vllm_args``: ``[MODEL] [vllm serve options]``."""
+               max_sas_support: int = 1024, sae_store: Path | None = None,
+               capture_layers: Sequence[int] | None = ()) -> None:
+    """Start the server (blocks). ``vllm_args``: ``[MODEL] [vllm serve options]``.
+
+    ``capture_layers``: layers that get an activation-capture buffer; the default ``()`` allocates
+    none (the server never captures), ``None`` gives every steerable layer one.
+    """
     from vsteer._errors import EngineError
 
     args = list(vllm_args)
@@ -47,7 +52,8 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
     sae_db, _, sae_paths = _engine_saes(saes, sae_store, ModelShape(info.name, info.num_layers, info.hidden_size))
     config = SteeringEngineConfig(max_slots=max_slots or seqs, max_ablation_rank=max_ablation_rank,
                                   store=str((vector_store or default_vector_store()).absolute()),
-                                  saes=sae_paths, max_sas_support=max_sas_support)
+                                  saes=sae_paths, max_sas_support=max_sas_support,
+                                  capture_layers=None if capture_layers is None else sorted(set(capture_layers)))
     os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
                                          "sae_store": str(sae_db.root)})
     if _flag_value(args, "--served-model-name") is None and model != path:

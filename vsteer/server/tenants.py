@@ -5,8 +5,8 @@ Tenants come from ``--tenants FILE`` (or ``$VSTEER_TENANTS``, the same JSON as t
     {"tenants": {"alice": {"keys": ["sk-..."], "max_vectors": 100, "max_configs_in_flight": 16},
                  "bob":   {"keys": ["sk-..."]}}}
 
-With tenants configured, every ``/v1/...`` request needs ``Authorization: Bearer <key>`` (401
-otherwise). A tenant sees and uses its own vectors and the public ones (the store's global names,
+With tenants configured, every request except ``/health``, ``/ping``, ``/version``, ``/metrics``
+and ``/load`` needs ``Authorization: Bearer <key>`` (401 otherwise). A tenant sees and uses its own vectors and the public ones (the store's global names,
 managed by the operator with ``vsteer vectors``); another tenant's vectors do not exist for it
 (404). Vector contents are stored once, content-addressed; ownership is a per-tenant file of names
 and hashes under ``<store>/tenants/``. Keys are kept only as sha256 digests and never logged.

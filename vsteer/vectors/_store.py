@@ -307,14 +307,14 @@ class VectorStore:
             with self._locked():
                 names = self._read_names()
                 kept = {name: target for name, target in names.items() if target != sha}
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    # Names left pointing at a file removed by hand are still cleaned up.
-                    if len(kept) == len(names):
-                        raise VectorFileError("no such vector in the store", path=str(path), key=sha) from None
+                if not path.exists() and len(kept) == len(names):
+                    raise VectorFileError("no such vector in the store", path=str(path), key=sha)
+                # Names first, then the file: a process killed in between leaves an unnamed whole
+                # vector, never a name pointing at nothing. (Names left pointing at a file removed
+                # by hand are cleaned up too.)
                 if len(kept) != len(names):
                     self._write_names(kept)
+                path.unlink(missing_ok=True)
         finally:
             with self._lock:
                 self._cache.pop(sha, None)
