@@ -12,6 +12,8 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 ADDITIONAL_CONFIG_KEY = "vsteer"
+#: The default ``max_slots`` never gives the slot banks more than this (1 GiB).
+DEFAULT_MAX_BANK_BYTES = 1 << 30
 
 
 class SteeringEngineConfig(BaseModel):
@@ -19,10 +21,16 @@ class SteeringEngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_slots: int = Field(
+    max_slots: int | None = Field(
+        default=None,
         ge=1,
         description="Steering slots (distinct folded configs resident at once), slot 0 excluded. "
-        "Bank memory: layers x (max_slots + 1) x ((2 + 2*max_ablation_rank) x hidden + 1) x 4 bytes.",
+        "None: vLLM's resolved max_num_seqs, capped so the banks fit max_bank_bytes (see bank_bytes).",
+    )
+    max_bank_bytes: int = Field(
+        default=DEFAULT_MAX_BANK_BYTES,
+        ge=1,
+        description="Memory the default max_slots may give the slot banks (an explicit max_slots ignores it).",
     )
     max_ablation_rank: int = Field(default=1, ge=0, le=16, description="Ablations per layer per slot.")
     steerable_layers: list[int] | None = Field(
@@ -38,6 +46,11 @@ class SteeringEngineConfig(BaseModel):
         default_factory=dict,
         description="SAEs for the sas op: name -> SAE path (any layout vsteer.sae.load_sae reads); "
         "at most one per layer. Memory per SAE: (2 x d_sae x hidden + (max_slots + 1) x d_sae) x 4 bytes.",
+    )
+    sae_shapes: dict[str, tuple[int, int]] = Field(
+        default_factory=dict,
+        description="Name -> (layer, d_sae) of each of ``saes``, so the scheduler can check sas requests "
+        "without loading the weights.",
     )
     effect_saes: list[str] = Field(
         default_factory=list,
@@ -62,3 +75,23 @@ class SteeringEngineConfig(BaseModel):
                 "or `vsteer serve`"
             )
         return cls.model_validate(data)
+
+    def bank_bytes(self, num_slots: int, *, num_layers: int, hidden_size: int) -> int:
+        """Bytes of the slot banks for ``num_slots`` slots: the affine bank
+        ``layers x (num_slots + 1) x ((2 + 2 x max_ablation_rank) x hidden + 1) x 4`` plus, per SAE,
+        ``(num_slots + 1) x d_sae x 4``."""
+        layers = len(self.steerable_layers) if self.steerable_layers is not None else num_layers
+        affine = layers * (num_slots + 1) * ((2 + 2 * self.max_ablation_rank) * hidden_size + 1) * 4
+        return affine + sum((num_slots + 1) * d_sae * 4 for _, d_sae in self.sae_shapes.values())
+
+    def resolved_max_slots(self, vllm_config: Any) -> int:
+        """``max_slots``, or by default vLLM's resolved ``max_num_seqs`` capped so
+        :meth:`bank_bytes` stays within ``max_bank_bytes`` (at least 1)."""
+        if self.max_slots is not None:
+            return self.max_slots
+        seqs = int(vllm_config.scheduler_config.max_num_seqs)
+        hf = vllm_config.model_config.hf_text_config
+        shape = {"num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size}
+        per_slot = self.bank_bytes(2, **shape) - self.bank_bytes(1, **shape)
+        fit = (self.max_bank_bytes - self.bank_bytes(0, **shape)) // max(per_slot, 1)
+        return max(1, min(seqs, fit))

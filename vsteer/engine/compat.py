@@ -1,0 +1,60 @@
+"""vLLM features steering is not known to be exact with: refused at start-up, naming the option.
+
+Checked twice: on the engine arguments before anything is built (a clear error in the caller's
+process), and on the engine's resolved ``VllmConfig`` when the scheduler starts (what the engine
+really runs with, e.g. options that arrive through ``vllm serve`` flags or defaults).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from vsteer._errors import EngineError
+
+__all__ = ["refuse_unsupported", "refuse_unsupported_kwargs"]
+
+
+def _refusals(*, speculative: bool, pipeline: int, data: int, sleep: bool, effects: bool) -> list[str]:
+    out = []
+    if speculative:
+        out.append("speculative decoding (speculative_config): draft tokens are steered before they are "
+                   "accepted and the runner's positions count rejected drafts, so steering windows, "
+                   "'generated' boundaries and effect sums would not be exact; turn it off")
+    if pipeline > 1:
+        out.append(f"pipeline parallelism (pipeline_parallel_size={pipeline}): capture, SAS and effect "
+                   "buffers live on one stage and this is untested; use tensor parallelism or one stage")
+    if data > 1 and effects:
+        out.append(f"data parallelism (data_parallel_size={data}) with effect_saes: effect sums are read "
+                   "from one engine's workers; run one engine per process instead")
+    if sleep:
+        out.append("sleep mode (enable_sleep_mode): level 2 drops the steering bank and its identity slot; "
+                   "turn it off")
+    return out
+
+
+def _raise(reasons: list[str]) -> None:
+    if reasons:
+        raise EngineError("vsteer refuses " + "; and ".join(reasons))
+
+
+def refuse_unsupported_kwargs(engine_kwargs: Mapping[str, Any], *, effects: bool) -> None:
+    """Refuse ``vllm.LLM`` keyword arguments steering cannot serve exactly."""
+    _raise(_refusals(
+        speculative=engine_kwargs.get("speculative_config") is not None,
+        pipeline=int(engine_kwargs.get("pipeline_parallel_size") or 1),
+        data=int(engine_kwargs.get("data_parallel_size") or 1),
+        sleep=bool(engine_kwargs.get("enable_sleep_mode")),
+        effects=effects,
+    ))
+
+
+def refuse_unsupported(vllm_config: Any, *, effects: bool) -> None:
+    """Refuse a resolved ``VllmConfig`` steering cannot serve exactly."""
+    parallel = vllm_config.parallel_config
+    _raise(_refusals(
+        speculative=vllm_config.speculative_config is not None,
+        pipeline=parallel.pipeline_parallel_size,
+        data=parallel.data_parallel_size,
+        sleep=bool(vllm_config.model_config.enable_sleep_mode),
+        effects=effects,
+    ))
