@@ -34,22 +34,21 @@ def subprocess_env() -> dict:
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": _KV_GIB}
 
 
-def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_name: str, max_model_len: int = 512,
-                  max_num_seqs: int = 16):
-    """Run `vsteer serve` (eager, float32) on a free loopback port; yields its base URL, stops it
-    afterwards, and checks no API key reached its log."""
+def start_serve(model_path, log: Path, vsteer_args=(), vllm_args=(), *, store, served_model_name: str = "smollm2",
+                max_model_len: int = 512, max_num_seqs: int = 16):
+    """Start `vsteer serve` (eager, float32) on a free loopback port; returns (process, base URL)."""
     import subprocess
     import sys
 
     from vsteer.server.process import free_port, stop, wait_until_healthy
 
     port = free_port()
-    # VSTEER_LOG=info: vLLM's full log in `log` (quiet mode would send it to the log file), so the
-    # API-key check below reads everything the server logged.
+    # VSTEER_LOG=info: vLLM's full log in `log` (quiet mode would send it to the log file), so
+    # checks of the log read everything the server logged.
     env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store), "VSTEER_LOG": "info"}
-    cmd = [sys.executable, "-m", "vsteer.cli", "serve", *extra_args, model_path, "--served-model-name", served_model_name,
+    cmd = [sys.executable, "-m", "vsteer.cli", "serve", *vsteer_args, model_path, "--served-model-name", served_model_name,
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
-           "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs)]
+           "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), *vllm_args]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -58,6 +57,17 @@ def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_n
     except (RuntimeError, TimeoutError) as exc:
         stop(proc)
         raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from exc
+    return proc, base
+
+
+def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_name: str, max_model_len: int = 512,
+                  max_num_seqs: int = 16):
+    """Run `vsteer serve` (see :func:`start_serve`); yields its base URL, stops it afterwards, and
+    checks no API key reached its log."""
+    from vsteer.server.process import stop
+
+    proc, base = start_serve(model_path, log, extra_args, store=store, served_model_name=served_model_name,
+                             max_model_len=max_model_len, max_num_seqs=max_num_seqs)
     yield base
     stop(proc)
     assert b"sk-" not in log.read_bytes(), "an API key reached the server log"

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,7 +23,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import subprocess_env
+from tests.conftest import start_serve
 from vsteer import SteeringVector, save_vector
 
 MODEL = "smollm2"
@@ -52,23 +50,9 @@ def edge_store(tmp_path_factory) -> Path:
 
 
 def _start(model_path: str, log: Path, store: Path, vsteer_args=(), vllm_args=(), max_model_len: int = 512):
-    """Start `vsteer serve` (eager, float32) on a free loopback port; returns (process, base URL)."""
-    from vsteer.server.process import free_port, stop, wait_until_healthy
-
-    port = free_port()
-    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store)}
-    cmd = [sys.executable, "-m", "vsteer.cli", "serve", *vsteer_args, model_path, "--served-model-name", MODEL,
-           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
-           "--max-model-len", str(max_model_len), "--max-num-seqs", "16", *vllm_args]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base, proc)
-    except (RuntimeError, TimeoutError) as exc:
-        stop(proc)
-        raise AssertionError(f"{exc}:\n{log.read_text()[-3000:]}") from exc
-    return proc, base
+    """Start `vsteer serve` for these tests; returns (process, base URL)."""
+    return start_serve(model_path, log, vsteer_args, vllm_args, store=store, served_model_name=MODEL,
+                       max_model_len=max_model_len)
 
 
 @pytest.fixture(scope="module")
