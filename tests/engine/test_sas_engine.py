@@ -10,6 +10,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
+from tests._reference.agreement import assert_greedy_agrees
 from tests._reference.hf_steering import greedy
 from vsteer._errors import SpecError
 from vsteer.vectors import SteeringVector
@@ -18,6 +19,7 @@ PROMPTS = ["I think that", "My favourite thing about the city is", "Tell me abou
 MAX_TOKENS = 10
 LOGPROB_TOL = 2e-3
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)
+GREEDY_TOP2 = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=2)  # chosen token and runner-up
 
 
 def _sparse(d_sae: int, features: list[int], value: float) -> torch.Tensor:
@@ -137,9 +139,19 @@ def test_sas_then_add_at_one_layer_matches_reference(eager_llm, sas_vectors, dir
 
 @pytest.mark.compiled
 def test_compiled_equals_eager(compiled_llm, eager_llm, sas_vectors):
+    """Equal up to float32 rounding: greedy tokens agree except after a near-tie, logprobs within
+    LOGPROB_TOL of tests/_reference/agreement.py; and SAS steering changes the compiled output."""
     specs = [{"interventions": [_sas(sas_vectors, k, sc) for k, sc in CASES[n]]} for n in CASES] + [None]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(specs))]
-    assert _tokens(compiled_llm.generate(prompts, GREEDY, steering=specs)) == _tokens(eager_llm.generate(prompts, GREEDY, steering=specs))
+    got = compiled_llm.generate(prompts, GREEDY_TOP2, steering=specs)
+    want = eager_llm.generate(prompts, GREEDY_TOP2, steering=specs)
+    seen = [assert_greedy_agrees(g, w, label=f"compiled, {name}, prompt {prompt!r}")
+            for name, prompt, g, w in zip([*CASES, "unsteered"], prompts, got, want)]
+    print(f"compiled vs eager (sas): max |dlogprob| {max(a.max_logprob_diff for a in seen):.2e}, "
+          f"near-tie divergences {[(i, a.diverged_at, a.gap) for i, a in enumerate(seen) if a.diverged_at is not None]}")
+    unsteered = _tokens(compiled_llm.generate(PROMPTS, GREEDY))
+    changed = [name for name, prompt, out in zip(CASES, prompts, got) if _tokens([out])[0] != unsteered[PROMPTS.index(prompt)]]
+    assert len(changed) >= 3, f"SAS changed the compiled engine's output only for {changed}"
 
 
 def test_sae_feature_reference_adds_the_decoder_row(eager_llm):
