@@ -165,3 +165,20 @@ def directions(eager_llm):
     for v in (love, wedding):
         eager_llm.store.put(v)  # every test engine shares this store
     return {"love": love, "wedding": wedding}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n N --dist loadgroup`` (``make test``) a test module runs on one worker, so its
+    module-scoped engines and servers are built once; the Ray tests share one group (two local Ray
+    clusters never start at once) and so do the compiled-engine tests (one compiled engine per run)."""
+    import pytest
+
+    for item in items:
+        if not any(m.name == "xdist_group" for m in item.iter_markers()):
+            marked = [name for name in ("ray", "compiled") if item.get_closest_marker(name)]
+            group = marked[0] if marked else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
+    # loadgroup hands groups out in collection order: start the longest ones first so that no
+    # worker is left alone with one at the end (measured with --durations).
+    first = ("tests/test_readme.py", "tests/effects/test_effects_cli.py", "tests/sae/test_sae_train.py")
+    items.sort(key=lambda item: next((i for i, f in enumerate(first) if item.nodeid.startswith(f)), len(first)))

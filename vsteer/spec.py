@@ -174,7 +174,25 @@ class SasOp(_Op):
         return value
 
 
-Intervention = Annotated[Union[AddOp, AblateOp, SaraOp, SasOp], Field(discriminator="op")]
+class AffineOp(_Op):
+    """h' = h + scale * ((h A^T) B + b): a low-rank affine edit, folded into the slot bank like
+    ``ablate`` (its rank counts toward ``max_ablation_rank``). ``vector`` names an affine file:
+    a vector file whose tensor at each layer stacks ``A [r, d]``, ``B [r, d]`` and ``b [d]`` as
+    ``[2r + 1, d]`` (``vsteer.methods.affine_vector`` writes one; ``loreft_vector`` turns a LoReFT
+    intervention ``h + R^T(W h + b - R h)`` into one)."""
+
+    op: Literal["affine"] = "affine"
+    scale: float = Field(default=1.0, description="Multiplier of the whole edit.")
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"scale must be finite, got {value}")
+        return value
+
+
+Intervention = Annotated[Union[AddOp, AblateOp, SaraOp, SasOp, AffineOp], Field(discriminator="op")]
 
 
 class SteeringSpec(BaseModel):
@@ -189,14 +207,14 @@ class SteeringSpec(BaseModel):
     def check_scales(self, max_abs_scale: float = DEFAULT_MAX_ABS_SCALE) -> None:
         """Raise SpecError for a scale whose magnitude exceeds ``max_abs_scale``."""
         for i, item in enumerate(self.interventions):
-            if isinstance(item, (AddOp, SaraOp, SasOp)) and abs(item.scale) > max_abs_scale:
+            if isinstance(item, (AddOp, SaraOp, SasOp, AffineOp)) and abs(item.scale) > max_abs_scale:
                 raise SpecError(
                     f"|scale| = {abs(item.scale):g} exceeds the bound {max_abs_scale:g}",
                     field=f"interventions.{i}.scale",
                 )
 
 
-_TYPE_NAMES = frozenset({"add", "ablate", "sara", "sas", "str", "int", "float", "bool", "list", "dict"})
+_TYPE_NAMES = frozenset({"add", "ablate", "sara", "sas", "affine", "str", "int", "float", "bool", "list", "dict"})
 
 
 def _is_union_branch(part: object) -> bool:
@@ -234,5 +252,5 @@ def parse_spec(value: Any) -> SteeringSpec | None:
         field = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_invalid":
-            msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add', 'ablate', 'sara' or 'sas'"
+            msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add', 'ablate', 'sara', 'sas' or 'affine'"
         raise SpecError(msg, field=field or "steering") from exc

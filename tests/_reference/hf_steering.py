@@ -49,6 +49,10 @@ def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[No
                     shifted = sae.activate(z + it.get("scale", 1.0) * it["s"].double())
                     h = torch.where(m, h + (shifted - z) @ w_dec, h)
                     continue
+                if it["op"] == "affine":  # h + scale * ((h A^T) B + b), in float64
+                    A, B, b = (t.double() for t in it["affine"][layer])
+                    h = torch.where(m, h + it.get("scale", 1.0) * ((h @ A.T) @ B + b), h)
+                    continue
                 v = it["direction"][layer] if isinstance(it["direction"], dict) else it["direction"]
                 v = v.double()
                 if it["op"] == "mul":

@@ -24,6 +24,7 @@ from vsteer.kernels import BankLayout
 from vsteer.spec import (
     DEFAULT_MAX_ABS_SCALE,
     AblateOp,
+    AffineOp,
     AddOp,
     SaraOp,
     SasOp,
@@ -251,6 +252,15 @@ def fold_layer(
             normalize = normalize or item.normalize
         elif item.op == "mul":
             m, a, right = m * v, a * v, [r * v for r in right]
+        elif item.op == "affine":
+            t = _layer_tensor(vectors(item.vector), layer).to(torch.float64)
+            r = (t.shape[0] - 1) // 2
+            A, B, b = t[:r], item.scale * t[r : 2 * r], item.scale * t[2 * r]
+            # g' = g + ((g A^T) B + b) with g = h*m - sum_k (h.L_k) R_k + a
+            right = [rj + (A @ rj) @ B for rj in right]
+            left += [m * A[k] for k in range(r)]
+            right += [-B[k] for k in range(r)]
+            a = a + (A @ a) @ B + b
         elif item.op == "ablate":
             u = v / v.norm()
             right = [r - (r @ u) * u for r in right]
@@ -346,6 +356,9 @@ def resolve_spec(
                 f"vector was computed for model {vector.model!r}, not {model.name!r}",
                 field=f"{field}.vector",
             )
+        if isinstance(item, AffineOp):
+            out.append(_resolve_affine(item, vector, field, store, model, allowed))
+            continue
         if vector.num_positions is not None and not isinstance(item, AddOp):
             raise SpecError("a per-position vector can only be added", field=f"{field}.op")
         layers = tuple(item.layers) if item.layers is not None else tuple(sorted(vector.layers))
@@ -365,7 +378,11 @@ def resolve_spec(
             out.append(ResolvedIntervention("ablate", sha, layers, 1.0, item.positions, False))
     plan = SteeringPlan(tuple(out))
     _check_sas_first(plan)
-    ranks = Counter(layer for item in plan.interventions if item.op == "ablate" for layer in item.layers)
+    ranks: Counter[int] = Counter()
+    for item in plan.interventions:
+        if item.op in ("ablate", "affine"):
+            for layer in item.layers:
+                ranks[layer] += affine_rank(store.get(item.vector), layer) if item.op == "affine" else 1
     worst = max(ranks.items(), key=lambda kv: kv[1], default=(None, 0))
     if worst[1] > max_ablation_rank:
         raise SpecError(
@@ -433,6 +450,34 @@ def _resolve_sas(
     return ResolvedIntervention(
         "sas", sha, (layer,), item.scale, item.positions, False, 0, sae=item.sae, support=support, width=sae.d_sae
     )
+
+
+def affine_rank(vector: SteeringVector, layer: int) -> int:
+    """r of an affine file's ``[2r + 1, d]`` tensor at ``layer``."""
+    return (int(_layer_tensor(vector, layer).shape[0]) - 1) // 2
+
+
+def _layer_tensor(vector: SteeringVector, layer: int) -> torch.Tensor:
+    if layer in vector.layers:
+        return vector.layers[layer]
+    if len(vector.layers) == 1:
+        return next(iter(vector.layers.values()))
+    raise SpecError(f"vector has no tensor for layer {layer} (it has {sorted(vector.layers)})")
+
+
+def _resolve_affine(item: "AffineOp", vector: SteeringVector, field: str, store: VectorStore, model: "ModelShape",
+                    allowed: set[int]) -> ResolvedIntervention:
+    layers = tuple(item.layers) if item.layers is not None else tuple(sorted(vector.layers))
+    _check_layers(layers, model, allowed, f"{field}.layers")
+    for layer in layers:
+        try:
+            t = _layer_tensor(vector, layer)
+        except SpecError as exc:
+            raise SpecError(exc.reason, field=f"{field}.layers") from exc
+        if t.ndim != 2 or t.shape[0] % 2 != 1 or t.shape[0] < 3:
+            raise SpecError(f"an affine file stacks A [r, d], B [r, d] and b [d] as [2r + 1, d]; layer {layer} has "
+                            f"shape {list(t.shape)}", field=f"{field}.vector")
+    return ResolvedIntervention("affine", store.put(vector), layers, item.scale, item.positions, False)
 
 
 def _check_sas_first(plan: SteeringPlan) -> None:

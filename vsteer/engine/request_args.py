@@ -33,7 +33,7 @@ EFFECTS_ARGS_KEY = "vsteer_effects"
 #: part of the prefix-cache salt, so tenants never share KV blocks.
 TENANT_ARGS_KEY = "vsteer_tenant"
 
-_ENGINE_OPS = frozenset({"add", "ablate", "mul", "sas"})
+_ENGINE_OPS = frozenset({"add", "ablate", "mul", "sas", "affine"})
 _PROMPT_RELATIVE = frozenset({"prompt", "generated", "from_last_prompt_token"})
 
 
@@ -130,6 +130,10 @@ def _check_plan(data: Any, prompt_len: int, limits: EngineLimits) -> SteeringPla
                 raise SpecError(f"sas vector has {size} features but SAE {it.sae!r} has {shape[1]}", field=f"{where}.vector")
             continue
         for layer in it.layers:
+            if it.op == "affine":
+                t = vec.layers.get(layer, next(iter(vec.layers.values())))
+                if t.ndim != 2 or t.shape[0] < 3 or t.shape[0] % 2 != 1:
+                    raise SpecError(f"affine file has shape {list(t.shape)} at layer {layer}, not [2r + 1, d]", field=f"{where}.vector")
             size = _direction(vec, layer).shape[-1]
             if size != limits.hidden_size:
                 raise SpecError(f"vector has hidden size {size}, the model {limits.hidden_size}", field=f"{where}.vector")

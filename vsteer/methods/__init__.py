@@ -1,6 +1,7 @@
 """Computing steering vectors from activations captured inside the engine."""
 
 from vsteer.methods.actadd import actadd_vector
+from vsteer.methods.affine import affine_vector, loreft_vector, split_affine
 from vsteer.methods.caa import ABItem, caa_vector, mean_difference
 from vsteer.methods.pca import pca_direction
 from vsteer.methods.pca_extract import pca_vector
@@ -10,6 +11,9 @@ __all__ = [
     "ABItem",
     "SaraSet",
     "actadd_vector",
+    "affine_vector",
+    "loreft_vector",
+    "split_affine",
     "apply_sara",
     "caa_vector",
     "mean_difference",
