@@ -187,9 +187,7 @@ class AffineOp(_Op):
     @field_validator("scale")
     @classmethod
     def _check_scale(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"scale must be finite, got {value}")
-        return value
+        return AddOp._check_scale(value)
 
 
 Intervention = Annotated[Union[AddOp, AblateOp, SaraOp, SasOp, AffineOp], Field(discriminator="op")]

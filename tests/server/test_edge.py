@@ -355,8 +355,16 @@ def test_sigkill_during_uploads_leaves_no_partial_vector(model_path, tmp_path):
         for t in threads:
             t.start()
         time.sleep(3.0)  # uploads (whole and chunked) and deletes are in flight
+        import psutil
+
+        engine_procs = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        for child in engine_procs:  # the engine core outlives a SIGKILLed server; do not leak it
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         for t in threads:
             t.join(timeout=30)
     finally:

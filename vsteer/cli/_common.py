@@ -18,6 +18,19 @@ def store_option(envvar: str, help: str) -> Callable[[_F], _F]:
                         show_envvar=True, default=None, help=help)
 
 
+def ray_options(f: _F) -> _F:
+    """The options of a command that can fan its work out over a Ray pool of engines."""
+    for option in reversed([
+        click.option("--ray", "use_ray", is_flag=True, help="Fan chunks out over a Ray pool of engines."),
+        click.option("--workers", default=2, show_default=True, help="Engine actors with --ray."),
+        click.option("--cpus-per-worker", default=1.0, show_default=True),
+        click.option("--gpus-per-worker", default=0.0, show_default=True),
+        click.option("--ray-address", default=None, help="Join a running Ray cluster (default: start one locally)."),
+    ]):
+        f = option(f)
+    return f
+
+
 def echo_table(rows: Sequence[tuple[str, ...]]) -> None:
     """Print ``rows`` (the first is the header) as left-aligned columns."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

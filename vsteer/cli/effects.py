@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from vsteer.cli._common import ray_options
+
 from vsteer._errors import SpecError
 
 __all__ = ["effects"]
@@ -197,11 +199,7 @@ def target(approx_path: Path, sae_ref: str | None, features: tuple[str, ...], la
 @click.option("--eager/--compile", default=False, show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--max-num-seqs", default=256, show_default=True)
-@click.option("--ray", "use_ray", is_flag=True, help="Fan chunks out over a Ray pool of engines.")
-@click.option("--workers", default=2, show_default=True, help="Engine actors with --ray.")
-@click.option("--cpus-per-worker", default=1.0, show_default=True)
-@click.option("--gpus-per-worker", default=0.0, show_default=True)
-@click.option("--ray-address", default=None, help="Join a running Ray cluster (default: start one locally).")
+@ray_options
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run with other settings.")
 def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str | None, count: int | None,
             vectors_file: str | None, scale: float | None, auto_scale: bool, loss_rise: float, prompts: tuple[str, ...],

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from vsteer.cli._common import ray_options
+
 __all__ = ["generate"]
 
 
@@ -24,11 +26,7 @@ __all__ = ["generate"]
 @click.option("--max-model-len", default=2048, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Run seed; each sample's seed derives from it and the row id.")
 @click.option("--chunk-rows", default=256, show_default=True, help="Rows per unit of work (and of resume).")
-@click.option("--ray", "use_ray", is_flag=True, help="Fan chunks out over a Ray pool of engines.")
-@click.option("--workers", default=2, show_default=True, help="Engine actors with --ray.")
-@click.option("--cpus-per-worker", default=1.0, show_default=True)
-@click.option("--gpus-per-worker", default=0.0, show_default=True)
-@click.option("--ray-address", default=None, help="Join a running Ray cluster (default: start one locally).")
+@ray_options
 @click.option("--overwrite", is_flag=True, help="Discard the parts of an earlier run with other settings.")
 def generate(model: str, input_path: Path, output_path: Path, max_slots: int | None, eager: bool, dtype: str | None,
              max_model_len: int, seed: int, chunk_rows: int, use_ray: bool, workers: int, cpus_per_worker: float,

@@ -212,12 +212,7 @@ class SteeringPlan:
 
 
 def _direction(vector: SteeringVector, layer: int, row: int = 0) -> torch.Tensor:
-    if layer in vector.layers:
-        tensor = vector.layers[layer]
-    elif len(vector.layers) == 1:  # one direction, applied wherever the request says
-        tensor = next(iter(vector.layers.values()))
-    else:
-        raise SpecError(f"vector has no tensor for layer {layer} (it has {sorted(vector.layers)})")
+    tensor = _layer_tensor(vector, layer)
     return tensor[row] if tensor.ndim == 2 else tensor
 
 
@@ -458,6 +453,7 @@ def affine_rank(vector: SteeringVector, layer: int) -> int:
 
 
 def _layer_tensor(vector: SteeringVector, layer: int) -> torch.Tensor:
+    """The vector's tensor at ``layer``; a one-layer vector applies wherever the request says."""
     if layer in vector.layers:
         return vector.layers[layer]
     if len(vector.layers) == 1:
