@@ -8,8 +8,8 @@ setup:
 demo: setup
 	.venv/bin/vsteer demo
 
-# One pytest process: two workers (`bash scripts/test.sh -n 2 --dist loadgroup`) take 16.5 instead
-# of 27 minutes on a 2-core machine but need more than 20 GiB and ran out of memory on a 24 GiB one.
+# One pytest process: two workers (`bash scripts/test.sh -n 2 --dist loadgroup`) took 16.5 minutes where
+# one process took 27 on a 2-core machine but need more than 20 GiB and ran out of memory on a 24 GiB one.
 test: setup
 	bash scripts/test.sh
 
