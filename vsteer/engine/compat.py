@@ -7,11 +7,14 @@ really runs with, e.g. options that arrive through ``vllm serve`` flags or defau
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 from vsteer._errors import EngineError
 
-__all__ = ["refuse_unsupported", "refuse_unsupported_kwargs"]
+__all__ = ["refuse_unsupported", "refuse_unsupported_kwargs", "warn_vllm_defects"]
+
+logger = logging.getLogger("vsteer.engine")
 
 
 def _refusals(*, speculative: bool, pipeline: int, data: int, sleep: bool, effects: bool) -> list[str]:
@@ -58,3 +61,15 @@ def refuse_unsupported(vllm_config: Any, *, effects: bool) -> None:
         sleep=bool(vllm_config.model_config.enable_sleep_mode),
         effects=effects,
     ))
+
+
+def warn_vllm_defects(vllm_config: Any) -> None:
+    """Warn about vLLM defects that give wrong answers with or without steering."""
+    lora = vllm_config.lora_config
+    if lora is not None and vllm_config.device_config.device_type == "cpu":
+        # vLLM-CPU's LoRA torch ops index the stacked adapters with the request's slot, -1 for
+        # "no adapter", which selects the LAST slot (seen with plain vLLM 0.32, max_loras=1).
+        logger.warning(
+            "vsteer: vLLM-CPU applies the adapter in its last LoRA slot to requests without an adapter "
+            "that share a batch with adapter requests, whenever that slot holds one (always with "
+            "max_loras=1, now %d): set max_loras to one more than the adapters you serve", lora.max_loras)

@@ -171,6 +171,7 @@ class LLM:
         sampling_params: Any = None,
         steering: object | Sequence[object] = None,
         *,
+        lora_request: Any = None,
         use_tqdm: bool = False,
     ) -> list[Any]:
         """Generate with per-prompt steering.
@@ -180,6 +181,9 @@ class LLM:
             sampling_params: one ``vllm.SamplingParams`` or one per prompt.
             steering: None (unsteered), one spec for every prompt, or a list with one spec
                 (or None) per prompt. Every spec is validated before anything reaches the engine.
+            lora_request: a ``vllm.lora.request.LoRARequest`` (or one per prompt, None for none),
+                as for ``vllm.LLM.generate``; the engine needs ``enable_lora=True``. Steering and
+                the adapter compose: the adapter changes the layers' weights, steering their outputs.
 
         Returns:
             vLLM ``RequestOutput`` objects, in prompt order.
@@ -213,7 +217,7 @@ class LLM:
                 sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: plan.to_extra_args()}
             inputs.append(item)
             per_params.append(sp)
-        return self.engine.generate(inputs, per_params, use_tqdm=use_tqdm)
+        return self.engine.generate(inputs, per_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _materialize_sara(self, prompts: list, plans: list[SteeringPlan | None]) -> list[SteeringPlan | None]:
         """Turn each ``sara`` intervention into a per-neuron ``mul`` by 1 + c*r, with r computed

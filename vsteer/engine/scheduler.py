@@ -23,7 +23,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vsteer._errors import SpecError
-from vsteer.engine.compat import refuse_unsupported
+from vsteer.engine.compat import refuse_unsupported, warn_vllm_defects
 from vsteer.engine.config import SteeringEngineConfig
 from vsteer.engine.request_args import EngineLimits, RequestArgs, cache_salt, parse_request_args
 from vsteer.vectors import VectorStore
@@ -68,6 +68,7 @@ class SteeringScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         cfg = SteeringEngineConfig.from_vllm(self.vllm_config.additional_config)
         refuse_unsupported(self.vllm_config, effects=bool(cfg.effect_saes))
+        warn_vllm_defects(self.vllm_config)
         self._vsteer_capacity = cfg.resolved_max_slots(self.vllm_config)
         hf = self.vllm_config.model_config.hf_text_config
         shape = {"num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size}
