@@ -12,7 +12,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from tests._reference.hf_steering import hooked
+from tests._reference.hf_steering import greedy, hooked
 
 PROMPT = "Tell me about your day."
 LOGPROB_TOL = 2e-3  # float32 vLLM vs float32 HF, as in test_hf_equivalence.py
@@ -140,19 +140,6 @@ def peft_model(model_path, adapter_dir):
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-@torch.no_grad()
-def _hf_greedy(model, hooked_model, prompt_ids, max_tokens, interventions):
-    ids, out, lps = list(prompt_ids), [], []
-    with hooked(hooked_model, interventions, len(prompt_ids)):
-        for _ in range(max_tokens):
-            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), dim=-1)
-            tok = int(lp.argmax())
-            out.append(tok)
-            lps.append(float(lp[tok]))
-            ids.append(tok)
-    return out, lps
-
-
 def test_steered_and_lora_requests_in_one_batch_equal_hf_peft_hooks(lora_llm, peft_model, hf_model, adapter_dir, directions):
     from vllm.lora.request import LoRARequest
 
@@ -164,14 +151,11 @@ def test_steered_and_lora_requests_in_one_batch_equal_hf_peft_hooks(lora_llm, pe
     outs = lora_llm.generate([PROMPT] * 4, params, steering=[_love(directions) if s else None for _, _, s in cases],
                              lora_request=[lora if a else None for _, a, _ in cases])
     ids = list(outs[0].prompt_token_ids)
-    inner = peft_model.base_model.model  # the Llama model whose layers peft wrapped
+    inner = peft_model.base_model.model  # the Llama model, its projections wrapped by peft in place
     results = {}
     for out, (name, with_lora, steered) in zip(outs, cases):
         interventions = _hf_love(directions) if steered else []
-        if with_lora:
-            want, want_lp = _hf_greedy(peft_model, inner, ids, 10, interventions)
-        else:
-            want, want_lp = _hf_greedy(hf_model, hf_model, ids, 10, interventions)
+        want, want_lp = greedy(inner if with_lora else hf_model, ids, 10, interventions)
         got = _tokens(out)
         assert got == want, f"{name}: {out.outputs[0].text!r}"
         got_lp = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, got)]

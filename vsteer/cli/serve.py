@@ -29,10 +29,13 @@ __all__ = ["serve"]
 @click.option("--capture-layers", default="none", show_default=True,
               help='Layers with an activation-capture buffer: "none", "all" or a comma list like 10,12. '
                    "The server never captures by itself; each buffer costs max_num_batched_tokens x hidden x dtype bytes.")
+@click.option("--default-steering", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help='JSON steering spec for requests without a "steering" key; a request\'s own spec replaces it '
+                   'and "steering": null turns it off.')
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | None, max_abs_scale: float,
           tenants: Path | None, saes: tuple[str, ...], max_sas_support: int, sae_store: Path | None,
-          capture_layers: str, vllm_args: tuple[str, ...]) -> None:
+          capture_layers: str, default_steering: Path | None, vllm_args: tuple[str, ...]) -> None:
     """vLLM's OpenAI-compatible server with per-request steering: vsteer serve [MODEL] [vllm serve options].
 
     MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
@@ -48,7 +51,19 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
     vllm_args = (*vllm_args, *_cpu_dtype_args(vllm_args))
     serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
                max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store,
-               capture_layers=_capture_layers(capture_layers))
+               capture_layers=_capture_layers(capture_layers), default_steering=_read_spec(default_steering))
+
+
+def _read_spec(path: Path | None) -> object:
+    """The JSON in ``--default-steering`` (None without the option)."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise click.BadParameter(f"{path}: not a JSON steering spec ({exc})", param_hint="--default-steering") from None
 
 
 def _capture_layers(text: str) -> list[int] | None:

@@ -86,8 +86,21 @@ class _Resolver:
         return TenantDirectory.from_env(self._setup[1].root)
 
     def warm(self) -> None:
-        """Read the configuration and load every served SAE now (at start-up, not in a request)."""
-        self._setup, self._saes, self.tenants  # noqa: B018 - cached on first access
+        """Read the configuration, load every served SAE and resolve the default steering now (at
+        start-up, not in a request)."""
+        self._setup, self._saes, self.tenants, self.default  # noqa: B018 - cached on first access
+
+    @cached_property
+    def default(self):
+        """The plan of ``vsteer serve --default-steering`` (None without one), resolved once with
+        the operator's authority: it may name any vector in the store."""
+        spec = json.loads(os.environ[CONFIG_ENV]).get("default_steering")
+        if spec is None:
+            return None
+        try:
+            return self(spec)
+        except SpecError as exc:
+            raise SpecError(f"--default-steering: {exc.reason}", field=exc.field) from exc
 
     def __call__(self, spec: Any, tenant: Any = None):
         from vsteer.engine.plan import resolve_spec
@@ -178,15 +191,19 @@ def rewrite_body(body: dict, resolve: _Resolver, tenant: Any = None, path: str =
         raise SpecError(f"{key} is reserved: only the server writes vsteer engine arguments", field=key)
     raw_xargs = body.get("vllm_xargs")
     xargs = dict(raw_xargs) if isinstance(raw_xargs, dict) else None
+    said = "steering" in body  # "steering": null says "unsteered", which a server default does not override
     spec = body.pop("steering", None)
     has_spec = spec is not None
     if xargs is not None and "steering" in xargs:
-        if has_spec:
+        if said:
             raise SpecError("give steering either in the body or in vllm_xargs, not both", field="steering")
-        spec, has_spec = xargs.pop("steering"), True
+        spec, has_spec, said = xargs.pop("steering"), True, True
     if has_spec and path not in XARGS_PATHS:
         raise SpecError(f"steering is served on {', '.join(sorted(XARGS_PATHS))}, not on {path}", field="steering")
-    plan = resolve(spec, tenant) if has_spec else None
+    if has_spec:
+        plan = resolve(spec, tenant)
+    else:
+        plan = resolve.default if not said and path in XARGS_PATHS else None
     salt = body.get("cache_salt")
     client_salt = salt if isinstance(salt, str) and salt else None  # anything else: vLLM refuses it
     if client_salt is not None:

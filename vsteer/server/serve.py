@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from vsteer.engine.compat import refuse_unsupported_kwargs
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
@@ -44,11 +44,13 @@ def refuse_unsupported_args(args: Sequence[str]) -> None:
 def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_rank: int,
                vector_store: Path | None, max_abs_scale: float, saes: Sequence[str] = (),
                max_sas_support: int = 1024, sae_store: Path | None = None,
-               capture_layers: Sequence[int] | None = ()) -> None:
+               capture_layers: Sequence[int] | None = (), default_steering: Any = None) -> None:
     """Start the server (blocks). ``vllm_args``: ``[MODEL] [vllm serve options]``.
 
     ``capture_layers``: layers that get an activation-capture buffer; the default ``()`` allocates
     none (the server never captures), ``None`` gives every steerable layer one.
+    ``default_steering``: a spec applied to requests that carry no ``steering`` key (checked here,
+    before the engine starts; ``SpecError`` names ``--default-steering`` and the field).
     """
     from vsteer._errors import EngineError
 
@@ -72,7 +74,11 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
                                   sae_shapes={n: (s.layer, s.d_sae) for n, s in sae_objs.items()},
                                   capture_layers=None if capture_layers is None else sorted(set(capture_layers)))
     os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
-                                         "sae_store": str(sae_db.root)})
+                                         "sae_store": str(sae_db.root), "default_steering": default_steering})
+    if default_steering is not None:
+        from vsteer.server.middleware import _Resolver
+
+        _Resolver().default  # noqa: B018 - raises SpecError now rather than when the server is up
     if _flag_value(args, "--served-model-name") is None and model != path:
         args += ["--served-model-name", model]
     # vLLM's single-process API server entry (the `vllm` CLI looks up a distribution named

@@ -1,0 +1,73 @@
+"""`vsteer serve --default-steering`: requests with no "steering" key get the server's spec, a
+request's own spec replaces it, and "steering": null turns it off; a bad default stops the server
+before the engine starts, naming the option and the field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+from vllm import SamplingParams
+
+from tests.conftest import serve_process, subprocess_env
+
+MODEL = "smollm2"
+PROMPT = "I think that"
+
+
+def _spec(directions, name: str, scale: float) -> dict:
+    return {"interventions": [{"op": "add", "vector": directions[name].sha256, "layers": [10], "scale": scale}]}
+
+
+@pytest.fixture(scope="module")
+def server(model_path, eager_llm, directions, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve-default")
+    (folder / "default.json").write_text(json.dumps(_spec(directions, "love", 12.0)))
+    yield from serve_process(model_path, folder / "server.log", ("--default-steering", str(folder / "default.json")),
+                             store=eager_llm.store.root, served_model_name=MODEL)
+
+
+def _complete(base: str, **extra) -> str:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, **extra}
+    reply = httpx.post(base + "/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["text"]
+
+
+def test_default_own_spec_and_null(server, eager_llm, directions):
+    default, own = _spec(directions, "love", 12.0), _spec(directions, "wedding", 12.0)
+    want = eager_llm.generate([PROMPT] * 3, SamplingParams(max_tokens=12, temperature=0.0), steering=[default, own, None])
+    default_text, own_text, plain_text = (o.outputs[0].text for o in want)
+    assert len({default_text, own_text, plain_text}) == 3, "the three settings must differ for this test to mean anything"
+    assert _complete(server) == default_text  # no "steering" key: the server's default
+    assert _complete(server, steering=own) == own_text  # a request's own spec replaces it (no composing)
+    assert _complete(server, steering=None) == plain_text  # "steering": null turns it off
+    assert _complete(server, vllm_xargs={"steering": "null"}) == plain_text  # the same through vllm_xargs
+
+
+def test_default_applies_to_chat(server):
+    messages = [{"role": "user", "content": "Describe your neighbour in one sentence."}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0}
+    by_default = httpx.post(server + "/v1/chat/completions", json=body, timeout=120).json()
+    unsteered = httpx.post(server + "/v1/chat/completions", json={**body, "steering": None}, timeout=120).json()
+    assert by_default["choices"][0]["message"]["content"] != unsteered["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"interventions": [{"op": "add", "vector": "no-such-vector", "layers": [10]}]}', "interventions.0.vector"),
+    ('{"interventions": [{"op": "add", "vector": [0.0], "layers": [99]}]}', "interventions.0"),
+    ("{not json", "not a JSON steering spec"),
+])
+def test_bad_default_stops_the_server_before_the_engine_starts(content, expected, model_path, eager_llm, tmp_path):
+    spec = tmp_path / "default.json"
+    spec.write_text(content)
+    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(eager_llm.store.root)}
+    proc = subprocess.run([sys.executable, "-m", "vsteer.cli", "serve", model_path, "--default-steering", str(spec),
+                           "--port", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--default-steering" in proc.stderr and expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "EngineCore" not in proc.stderr + proc.stdout, "the engine started before the default was checked"
