@@ -62,7 +62,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $DEST/NAME.log, remember the
 "$PY" benchmarks/_gpu_shim.py environment >"$DEST/environment.json"
 cat "$DEST/environment.json"
 
-mapfile -t GPU_TEST_FILES < <(grep -l "pytest.mark.gpu" tests/kernels/*.py tests/*/*.py 2>/dev/null | sort -u)
+mapfile -t GPU_TEST_FILES < <(grep -l "pytest.mark.gpu" tests/*/*.py 2>/dev/null | sort -u)
 if "$PY" -c "import pytest" 2>/dev/null; then
     step gpu_tests 180 "$PY" benchmarks/_gpu_shim.py pytest -m gpu -p no:cacheprovider -q -rs \
         "${GPU_TEST_FILES[@]}" --junitxml="$DEST/gpu_tests.xml"

@@ -289,10 +289,9 @@ def bench_model(name: str, cfg: dict[str, int], args: argparse.Namespace, deadli
         return model, buf
 
     modes = ["eager"] if not cuda else ["cuda_graph", "compile_reduce_overhead"]
-    plain_model, _ = build("plain")
-    with torch.no_grad():
-        plain_ref = plain_model(positions, x).clone()
     variants = {v: build(v) for v in ("plain", "one", "all", "sas")}
+    with torch.no_grad():
+        plain_ref = variants["plain"][0](positions, x).clone()
     result.update({"model": name, "shape": cfg, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
                    "rows": [], "checks": []})
     rows: list[dict[str, Any]] = result["rows"]

@@ -46,27 +46,20 @@ import torch  # noqa: E402
 import vsteer  # noqa: E402
 import vsteer.kernels as vk  # noqa: E402
 from vsteer.kernels import BankLayout  # noqa: E402
+from kernel_bandwidth import time_cuda  # noqa: E402 - the same CUDA-event timing as the older benchmark
 
 
 def time_call(fn: Callable[[], object], *, cuda: bool, warmup: int, iters: int) -> float:
     """Median seconds of one ``fn()`` call (CUDA events on a GPU, wall clock on CPU)."""
+    if cuda:
+        return time_cuda(fn, warmup, iters) / 1e3
     for _ in range(warmup):
         fn()
-    if cuda:
-        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

@@ -168,7 +168,8 @@ def directions(eager_llm):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under ``-n N --dist loadgroup`` (``make test``) a test module runs on one worker, so its
+    """Under ``bash scripts/test.sh -n 2 --dist loadgroup`` (optional; ``make test`` runs one
+    process, where this grouping and ordering change nothing but the order) a test module runs on one worker, so its
     module-scoped engines and servers are built once; the Ray tests share one group (two local Ray
     clusters never start at once) and so do the compiled-engine tests (one compiled engine per run)."""
     import pytest

@@ -54,3 +54,17 @@ def test_store_command_output_is_only_its_own(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert "logs in" not in proc.stderr and "WARNING" not in proc.stderr
+
+
+def test_a_subcommand_that_starts_an_engine_names_the_log_file(tmp_path):
+    """`vsteer effects measure` starts an engine (a group's subcommand): the log path is printed
+    once, and the logging configuration the engine reads is removed when the command ends."""
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "VSTEER_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "vsteer.cli", "effects", "measure", "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("vsteer: logs in ") == 1, proc.stderr
+    assert Path(tmp_path, "logs").is_dir() and not list(Path(tmp_path, "logs").glob(".logging-*.json"))

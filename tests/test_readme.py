@@ -21,8 +21,6 @@ SKIPPED_LINES = {
         "`vsteer demo` runs below; make's install step is scripts/setup.sh, which the test run already used",
     "make test   # installs everything into .venv, then runs the test suite (real vLLM, real model)":
         "would run this test again",
-    "make test-fast   # the same without the compiled engine and without Ray, for the edit-test loop":
-        "would run this test again",
     "vsteer serve --max-slots 64 --port 8000 --enforce-eager":
         "blocks while serving; tests/server start `vsteer serve` and talk to it over HTTP",
     'curl -X POST --data-binary @love.safetensors "localhost:8000/v1/vectors?name=love"   # or a GGUF control vector':
@@ -32,7 +30,8 @@ SKIPPED_LINES = {
     "curl -X DELETE localhost:8000/v1/vectors/love   # 409 while running requests use it":
         "needs the running server (covered by tests/server)",
     "vsteer generate --input rows.parquet --output out.parquet --ray --workers 4 --gpus-per-worker 1":
-        "4 Ray engine actors with a GPU each; tests/jobs runs a 2-actor CPU pool",
+        "4 Ray engine actors with a GPU each; tests/jobs/test_ray_pool.py runs a 2-actor CPU pool through the "
+        "Python ray_executor that --ray uses (the CLI flags themselves are not run)",
     "vsteer sae train --layer 15 --width 4096 --name smollm2-l15-4k   # the default model's own SAE, on CPU":
         "trains for many minutes on CPU; tests/sae trains a small SAE",
     "vsteer sae list; vsteer sae info smollm2-l15-4k; vsteer sae import path/to/sae --name mine":

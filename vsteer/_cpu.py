@@ -2,8 +2,7 @@
 
 vLLM's ``dtype="auto"`` takes the model's own dtype (bfloat16 for most current checkpoints). On a
 CPU without AVX-512 BF16 or AMX, bfloat16 matmuls are emulated and several times slower than
-float32 (SmolLM2-135M: 43 tok/s in bfloat16 vs 202 tok/s in float32 on such a CPU), so vsteer
-picks float32 there unless the user chose a dtype.
+float32, so vsteer picks float32 there unless the user chose a dtype.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-__all__ = ["BF16_FLAGS", "cpu_flags", "default_cpu_dtype", "has_native_bf16", "note_cpu_dtype"]
+__all__ = ["BF16_FLAGS", "chosen_dtype", "cpu_flags", "default_cpu_dtype", "has_native_bf16", "note_cpu_dtype"]
 
 #: /proc/cpuinfo flags of an x86 CPU with native bfloat16 arithmetic.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -54,3 +53,12 @@ def note_cpu_dtype(dtype: str) -> None:
         _announced = True
         print(f"vsteer: this CPU has no native bfloat16 (no avx512_bf16/amx_bf16), so the engine runs in {dtype} "
               "(several times faster here); pass a dtype to override.", file=sys.stderr)
+
+
+def chosen_dtype(device_type: str) -> str | None:
+    """The dtype vsteer gives an engine whose user chose none: float32 on a CPU without native
+    bfloat16 (said once on stderr), else None (vLLM's ``"auto"``)."""
+    dtype = default_cpu_dtype() if device_type == "cpu" else None
+    if dtype is not None:
+        note_cpu_dtype(dtype)
+    return dtype

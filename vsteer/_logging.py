@@ -10,6 +10,7 @@ keeps transformers' own console handler to errors. The file is
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import logging.config
@@ -88,6 +89,7 @@ def quiet_logging(verbose: bool = False, *, serving: bool = False) -> Path | Non
     config = logging_config(path, serving=serving)
     config_path = folder / f".logging-{os.getpid()}.json"
     config_path.write_text(json.dumps(config))
+    atexit.register(config_path.unlink, missing_ok=True)  # the engine's processes read it at their start
     os.environ.update({"VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_CONFIG_PATH": str(config_path), FILE_ENV: str(path)})
     # The engine's subprocesses: no Python warnings, no torch C++ warnings on the terminal.
     os.environ.setdefault("PYTHONWARNINGS", "ignore")

@@ -83,18 +83,25 @@ def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[No
 
 
 @torch.no_grad()
-def greedy(model, prompt_ids: list[int], max_tokens: int, interventions: Sequence[dict] = ()) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their logprobs, steering with forward hooks."""
+def greedy(model, prompt_ids: list[int], max_tokens: int, interventions: Sequence[dict] = (),
+           constraint=None) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs, steering with forward hooks. ``constraint`` (optional,
+    for structured outputs): ``mask(logits)`` sets disallowed tokens to -inf in place before the
+    choice, ``accept(token)`` returns True when the output is complete."""
     ids = list(prompt_ids)
     out, logprobs = [], []
     with hooked(model, interventions, len(prompt_ids)):
         for _ in range(max_tokens):
             logits = model(torch.tensor([ids])).logits[0, -1].double()
+            if constraint is not None:
+                constraint.mask(logits)
             lp = torch.log_softmax(logits, dim=-1)
             tok = int(lp.argmax())
             out.append(tok)
             logprobs.append(float(lp[tok]))
             ids.append(tok)
+            if constraint is not None and constraint.accept(tok):
+                break
     return out, logprobs
 
 

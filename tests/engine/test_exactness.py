@@ -11,7 +11,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from _reference.hf_steering import hidden_states
+from tests._reference.hf_steering import hidden_states
 from vsteer._errors import EngineError
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from tests._reference.hf_steering import greedy, hooked
+from tests._reference.agreement import LOGPROB_TOL  # float32 vLLM vs float32 HF
+from tests._reference.hf_steering import greedy
 
 PROMPT = "Tell me about your day."
-LOGPROB_TOL = 2e-3  # float32 vLLM vs float32 HF, as in test_hf_equivalence.py
 _KEEP = []  # an engine that is garbage-collected tears down vLLM's process-wide parallel state
 
 
@@ -55,29 +55,27 @@ SCHEMA = {"type": "object", "properties": {"mood": {"type": "string", "enum": ["
 JSON_PROMPT = "Answer in JSON with your mood and a short reason. How do you feel about your neighbour?"
 
 
-@torch.no_grad()
-def _hf_grammar_greedy(model, tokenizer, prompt_ids, max_tokens, interventions):
-    """Greedy decoding of the hooked HF model, masked at each step by xgrammar (vLLM's default
-    structured-output backend) compiling the same schema with the same options."""
-    import xgrammar as xgr
+class _SchemaGrammar:
+    """The schema as xgrammar (vLLM's default structured-output backend) compiles it with vLLM's
+    defaults, as a constraint for the reference greedy decoder."""
 
-    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.config.vocab_size)
-    grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA))  # vLLM's defaults
-    matcher = xgr.GrammarMatcher(grammar)
-    bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
-    ids, out = list(prompt_ids), []
-    with hooked(model, interventions, len(prompt_ids)):
-        for _ in range(max_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()[None]
-            matcher.fill_next_token_bitmask(bitmask)
-            xgr.apply_token_bitmask_inplace(logits, bitmask)
-            tok = int(logits[0].argmax())
-            out.append(tok)
-            ids.append(tok)
-            assert matcher.accept_token(tok)
-            if matcher.is_terminated():
-                break
-    return out
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA)))
+        self.bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
+        self._apply = xgr.apply_token_bitmask_inplace
+
+    def mask(self, logits: torch.Tensor) -> None:
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        masked = logits.float()[None]
+        self._apply(masked, self.bitmask)
+        logits[torch.isinf(masked[0])] = float("-inf")
+
+    def accept(self, token: int) -> bool:
+        assert self.matcher.accept_token(token)
+        return self.matcher.is_terminated()
 
 
 def test_structured_output_is_steered_like_hf_with_the_same_grammar(eager_llm, hf_model, tokenizer, directions):
@@ -91,7 +89,8 @@ def test_structured_output_is_steered_like_hf_with_the_same_grammar(eager_llm, h
     outs = eager_llm.generate([JSON_PROMPT] * 4, [structured, structured, structured, free], steering=specs)
     ids = list(outs[0].prompt_token_ids)
     for out, scale in zip(outs[:3], (12.0, 0.0, -12.0)):
-        want = _hf_grammar_greedy(hf_model, tokenizer, ids, 40, _hf_love(directions, scale) if scale else [])
+        want, _ = greedy(hf_model, ids, 40, _hf_love(directions, scale) if scale else [],
+                         _SchemaGrammar(tokenizer, hf_model.config.vocab_size))
         assert _tokens(out) == want, f"scale {scale}: {out.outputs[0].text!r} != {tokenizer.decode(want)!r}"
         assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
         answer = json.loads(out.outputs[0].text)

@@ -71,3 +71,15 @@ def test_bad_default_stops_the_server_before_the_engine_starts(content, expected
     assert "--default-steering" in proc.stderr and expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "EngineCore" not in proc.stderr + proc.stdout, "the engine started before the default was checked"
+
+
+def test_the_defaults_vector_cannot_be_deleted_while_it_serves(server, directions):
+    reply = httpx.delete(server + f"/v1/vectors/{directions['love'].sha256}", timeout=30)
+    assert reply.status_code == 409 and "--default-steering" in reply.text, reply.text
+    assert httpx.get(server + f"/v1/vectors/{directions['love'].sha256}", timeout=30).status_code == 200
+
+
+def test_a_non_object_vllm_xargs_is_a_client_error(server):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "vllm_xargs": "not an object"}
+    reply = httpx.post(server + "/v1/completions", json=body, timeout=120)
+    assert 400 <= reply.status_code < 500, reply.text

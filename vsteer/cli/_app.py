@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 import click
@@ -40,17 +41,32 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """
     _quiet_defaults()
     path = quiet_logging(verbose, serving=ctx.invoked_subcommand == "serve")
-    sub = next((a for a in ctx.args if not a.startswith("-")), None)
+    sub = _word_after(_ARGV if _ARGV is not None else sys.argv[1:], ctx.invoked_subcommand)
     if path is not None and ({(ctx.invoked_subcommand, None), (ctx.invoked_subcommand, sub)} & _ENGINE_COMMANDS):
         click.echo(f"vsteer: logs in {path}", err=True)
+
+
+#: The arguments main() was called with: Click resolves subcommands only after the group's callback
+#: runs (ctx.args is empty there), so the callback reads the subcommand's own subcommand from here.
+_ARGV: list[str] | None = None
+
+
+def _word_after(argv: Sequence[str], command: str | None) -> str | None:
+    """The argument after ``command`` in ``argv`` when it is a word (a group's subcommand)."""
+    if command not in argv:
+        return None
+    rest = list(argv)[list(argv).index(command) + 1 :]
+    return rest[0] if rest and not rest[0].startswith("-") else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI; a vsteer error prints ``ErrorName: message`` and exits 1. Other
     errors print one line naming the log file that holds the traceback (the traceback itself
     with ``--verbose``)."""
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else sys.argv[1:]
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="vsteer", standalone_mode=False)
+        cli.main(args=_ARGV, prog_name="vsteer", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 1

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -14,7 +13,7 @@ __all__ = ["serve"]
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["--vsteer-help"]})
-@click.option("--max-slots", type=int, default=None, help="Steering slots (default: --max-num-seqs).")
+@click.option("--max-slots", type=int, default=None, help="Steering slots (default: --max-num-seqs, or vLLM's resolved max_num_seqs capped by a 1 GiB bank budget).")
 @click.option("--max-ablation-rank", default=1, show_default=True, help="Ablations per layer one request may compose.")
 @click.option("--vector-store", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Vector store folder (default: $VSTEER_VECTOR_STORE or ~/.cache/vsteer/vectors).")
@@ -48,7 +47,6 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
 
     if tenants is not None:
         os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(tenants.read_text()).model_dump_json()
-    vllm_args = (*vllm_args, *_cpu_dtype_args(vllm_args))
     serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
                max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store,
                capture_layers=_capture_layers(capture_layers), default_steering=_read_spec(default_steering))
@@ -81,18 +79,3 @@ def _capture_layers(text: str) -> list[int] | None:
     if any(layer < 0 for layer in layers):
         raise click.BadParameter("layers are 0 or more", param_hint="--capture-layers")
     return layers
-
-
-def _cpu_dtype_args(vllm_args: Sequence[str]) -> list[str]:
-    """``["--dtype", "float32"]`` on a CPU without native bfloat16 when no ``--dtype`` was given."""
-    if any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
-        return []
-    from vllm.platforms import current_platform
-
-    from vsteer._cpu import default_cpu_dtype, note_cpu_dtype
-
-    dtype = default_cpu_dtype() if current_platform.device_type == "cpu" else None
-    if dtype is None:
-        return []
-    note_cpu_dtype(dtype)
-    return ["--dtype", dtype]

@@ -25,6 +25,7 @@ class _Effect:
     done: int  # positions below this were summed
     row: int | None = None
     parked: dict[int, torch.Tensor] | None = None  # layer -> host copy of the sums while rowless
+    lost: bool = False  # no row was free: nothing more is summed, the result is partial
 
 
 class EffectBook:
@@ -80,9 +81,7 @@ class EffectBook:
             sums = eff.parked
         else:
             sums = {layer: torch.zeros(t.shape[1]) for layer, t in self.sums.items()}
-        lost = eff.done > eff.end
-        count = eff.end - eff.start if lost else eff.done - eff.start
-        self.results[eff.key] = {"sums": sums, "count": count, "partial": lost or eff.done < eff.end}
+        self.results[eff.key] = {"sums": sums, "count": eff.done - eff.start, "partial": eff.lost or eff.done < eff.end}
 
     def take(self, keys: list[str]) -> dict[str, dict]:
         return {k: self.results.pop(k) for k in keys if k in self.results}
@@ -92,7 +91,7 @@ class EffectBook:
             return eff.row
         row = self._free.pop() if self._free else self._take_row(scheduled)
         if row == 0:
-            eff.done = eff.end + 1  # nothing more is summed; finish() reports it partial
+            eff.lost, eff.done = True, eff.end  # nothing more is summed; finish() reports it partial
             return 0
         for layer, t in self.sums.items():
             if eff.parked is not None:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from safetensors.torch import load_file
 
+from vsteer._cpu import chosen_dtype
 from vsteer._errors import EngineError, SpecError
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
 from vsteer.engine.plan import EXTRA_ARGS_KEY, ModelShape, SteeringPlan, resolve_spec
@@ -111,11 +112,8 @@ class LLM:
         self.max_abs_scale = max_abs_scale
         refuse_unsupported_kwargs(engine_kwargs, effects=bool(effect_saes))
         device = current_platform.device_type
-        if device == "cpu" and "dtype" not in engine_kwargs:
-            from vsteer._cpu import default_cpu_dtype, note_cpu_dtype
-
-            if (cpu_dtype := default_cpu_dtype()) is not None:
-                engine_kwargs["dtype"] = cpu_dtype; note_cpu_dtype(cpu_dtype)  # noqa: E702
+        if "dtype" not in engine_kwargs and (dtype := chosen_dtype(device)) is not None:
+            engine_kwargs["dtype"] = dtype
         if device not in _WORKERS:
             raise EngineError(f"vsteer supports CPU and CUDA devices, not {device!r}")
         if device == "cpu" and not ({"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)) \

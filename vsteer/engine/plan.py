@@ -248,9 +248,8 @@ def fold_layer(
         elif item.op == "mul":
             m, a, right = m * v, a * v, [r * v for r in right]
         elif item.op == "affine":
-            t = _layer_tensor(vectors(item.vector), layer).to(torch.float64)
-            r = (t.shape[0] - 1) // 2
-            A, B, b = t[:r], item.scale * t[r : 2 * r], item.scale * t[2 * r]
+            A, B, b = split_affine(_layer_tensor(vectors(item.vector), layer).to(torch.float64))
+            B, b, r = item.scale * B, item.scale * b, A.shape[0]
             # g' = g + ((g A^T) B + b) with g = h*m - sum_k (h.L_k) R_k + a
             right = [rj + (A @ rj) @ B for rj in right]
             left += [m * A[k] for k in range(r)]
@@ -359,10 +358,7 @@ def resolve_spec(
         layers = tuple(item.layers) if item.layers is not None else tuple(sorted(vector.layers))
         _check_layers(layers, model, allowed, f"{field}.layers")
         for layer in layers:
-            try:
-                direction = _direction(vector, layer)
-            except SpecError as exc:
-                raise SpecError(exc.reason, field=f"{field}.layers") from exc
+            direction = _at_layer(_direction, vector, layer, field)
             if isinstance(item, AblateOp) and float(direction.norm()) == 0.0:
                 raise SpecError(f"cannot ablate a zero direction at layer {layer}", field=f"{field}.vector")
         sha = store.put(vector)
@@ -452,6 +448,28 @@ def affine_rank(vector: SteeringVector, layer: int) -> int:
     return (int(_layer_tensor(vector, layer).shape[0]) - 1) // 2
 
 
+def split_affine(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A [r, d], B [r, d], b [d])`` of one layer's ``[2r + 1, d]`` affine tensor."""
+    r = (tensor.shape[0] - 1) // 2
+    return tensor[:r], tensor[r : 2 * r], tensor[2 * r]
+
+
+def check_affine_shape(tensor: torch.Tensor, layer: int, field: str) -> None:
+    """Refuse an affine tensor that is not ``[2r + 1, d]`` (A, B and b stacked), naming ``field``."""
+    if tensor.ndim != 2 or tensor.shape[0] % 2 != 1 or tensor.shape[0] < 3:
+        raise SpecError(f"an affine file stacks A [r, d], B [r, d] and b [d] as [2r + 1, d]; layer {layer} has "
+                        f"shape {list(tensor.shape)}", field=field)
+
+
+def _at_layer(get: Callable[[SteeringVector, int], torch.Tensor], vector: SteeringVector, layer: int,
+              field: str) -> torch.Tensor:
+    """``get(vector, layer)``, its SpecError naming ``{field}.layers``."""
+    try:
+        return get(vector, layer)
+    except SpecError as exc:
+        raise SpecError(exc.reason, field=f"{field}.layers") from exc
+
+
 def _layer_tensor(vector: SteeringVector, layer: int) -> torch.Tensor:
     """The vector's tensor at ``layer``; a one-layer vector applies wherever the request says."""
     if layer in vector.layers:
@@ -466,13 +484,7 @@ def _resolve_affine(item: "AffineOp", vector: SteeringVector, field: str, store:
     layers = tuple(item.layers) if item.layers is not None else tuple(sorted(vector.layers))
     _check_layers(layers, model, allowed, f"{field}.layers")
     for layer in layers:
-        try:
-            t = _layer_tensor(vector, layer)
-        except SpecError as exc:
-            raise SpecError(exc.reason, field=f"{field}.layers") from exc
-        if t.ndim != 2 or t.shape[0] % 2 != 1 or t.shape[0] < 3:
-            raise SpecError(f"an affine file stacks A [r, d], B [r, d] and b [d] as [2r + 1, d]; layer {layer} has "
-                            f"shape {list(t.shape)}", field=f"{field}.vector")
+        check_affine_shape(_at_layer(_layer_tensor, vector, layer, field), layer, f"{field}.vector")
     return ResolvedIntervention("affine", store.put(vector), layers, item.scale, item.positions, False)
 
 

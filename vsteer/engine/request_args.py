@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from vsteer._errors import SpecError, VsteerError
-from vsteer.engine.plan import EXTRA_ARGS_KEY, SteeringPlan, _direction, fold_layer
+from vsteer.engine.plan import EXTRA_ARGS_KEY, SteeringPlan, _direction, _layer_tensor, check_affine_shape, fold_layer
 from vsteer.kernels import BankLayout
 
 #: ``extra_args[CAPTURE_ARGS_KEY] = {"layers": [int], "path": str}``: write the residuals at the
@@ -131,16 +131,14 @@ def _check_plan(data: Any, prompt_len: int, limits: EngineLimits) -> SteeringPla
             continue
         for layer in it.layers:
             if it.op == "affine":
-                t = vec.layers.get(layer, next(iter(vec.layers.values())))
-                if t.ndim != 2 or t.shape[0] < 3 or t.shape[0] % 2 != 1:
-                    raise SpecError(f"affine file has shape {list(t.shape)} at layer {layer}, not [2r + 1, d]", field=f"{where}.vector")
+                check_affine_shape(_layer_tensor(vec, layer), layer, f"{where}.vector")
             size = _direction(vec, layer).shape[-1]
             if size != limits.hidden_size:
                 raise SpecError(f"vector has hidden size {size}, the model {limits.hidden_size}", field=f"{where}.vector")
         if it.rows:
             rows = min(it.rows, prompt_len)
             for layer in it.layers:
-                tensor = vec.layers.get(layer, next(iter(vec.layers.values())))
+                tensor = _layer_tensor(vec, layer)
                 if tensor.ndim != 2 or tensor.shape[0] < rows:
                     raise SpecError(f"per-position vector has fewer than {rows} rows at layer {layer}", field=f"{where}.vector")
     segments = plan.segments(prompt_len)

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import torch
 
+from vsteer.engine.plan import split_affine  # the engine reads the layout this module writes
 from vsteer.vectors import SteeringVector
 
 __all__ = ["affine_vector", "loreft_vector", "split_affine"]
@@ -40,12 +41,6 @@ def affine_vector(
         raise ValueError(f"every layer needs the same rank, got {sorted(ranks)}")
     return SteeringVector.from_tensors(tensors, model=model, method="affine",
                                        provenance={"rank": ranks.pop(), **(provenance or {})})
-
-
-def split_affine(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, B, b)`` of one layer's ``[2r + 1, d]`` tensor."""
-    r = (tensor.shape[0] - 1) // 2
-    return tensor[:r], tensor[r : 2 * r], tensor[2 * r]
 
 
 def loreft_vector(layer: int, R: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, *,

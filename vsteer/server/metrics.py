@@ -101,4 +101,5 @@ class SteeringMetrics:
                 del self._configs[config]
             n = len(self._configs)
         self._m["configs"].set(n)
-        self._m["beyond"].set(max(0, n - self._max_slots))
+        if self._max_slots:  # unknown until the first poll: no guess
+            self._m["beyond"].set(max(0, n - self._max_slots))

@@ -23,6 +23,7 @@ tenant goes into the salt instead: ``"tenant:<name>"`` or ``"tenant:<name>:clien
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -57,6 +58,10 @@ class _Resolver:
     """Resolves specs against the served model; built from ``$VSTEER_SERVE_CONFIG``."""
 
     @cached_property
+    def _raw(self) -> dict:
+        return json.loads(os.environ[CONFIG_ENV])
+
+    @cached_property
     def _setup(self):
         from pathlib import Path
 
@@ -65,7 +70,7 @@ class _Resolver:
         from vsteer.models import model_info
         from vsteer.vectors import VectorStore
 
-        raw = json.loads(os.environ[CONFIG_ENV])
+        raw = self._raw
         info = model_info(raw["model_path"])
         engine = SteeringEngineConfig.model_validate(raw["engine"])
         return ModelShape(info.name, info.num_layers, info.hidden_size), VectorStore(Path(engine.store)), engine, raw["max_abs_scale"]
@@ -75,9 +80,8 @@ class _Resolver:
         """The served SAEs by name, and the SAE store ``sae:<name>/<feature>`` reads."""
         from vsteer.sae import SaeStore, load_sae
 
-        raw = json.loads(os.environ[CONFIG_ENV])
         engine = self._setup[2]
-        return {name: load_sae(path) for name, path in engine.saes.items()}, SaeStore(raw.get("sae_store"))
+        return {name: load_sae(path) for name, path in engine.saes.items()}, SaeStore(self._raw.get("sae_store"))
 
     @cached_property
     def tenants(self):
@@ -94,13 +98,13 @@ class _Resolver:
     def default(self):
         """The plan of ``vsteer serve --default-steering`` (None without one), resolved once with
         the operator's authority: it may name any vector in the store."""
-        spec = json.loads(os.environ[CONFIG_ENV]).get("default_steering")
+        spec = self._raw.get("default_steering")
         if spec is None:
             return None
         try:
             return self(spec)
         except SpecError as exc:
-            raise SpecError(f"--default-steering: {exc.reason}", field=exc.field) from exc
+            raise SpecError(f"{exc.field}: {exc.reason}" if exc.field else exc.reason, field="--default-steering") from exc
 
     def __call__(self, spec: Any, tenant: Any = None):
         from vsteer.engine.plan import resolve_spec
@@ -143,6 +147,12 @@ class _Resolver:
                 item["vector"] = sha
             items.append({k: v for k, v in item.items() if v is not None})
         return {"interventions": items}
+
+
+@functools.lru_cache(maxsize=None)
+def shared_resolver() -> _Resolver:
+    """The process's resolver (configuration read and SAEs loaded once, by whoever asks first)."""
+    return _Resolver()
 
 
 class NotFoundError(SpecError):
@@ -193,17 +203,16 @@ def rewrite_body(body: dict, resolve: _Resolver, tenant: Any = None, path: str =
     xargs = dict(raw_xargs) if isinstance(raw_xargs, dict) else None
     said = "steering" in body  # "steering": null says "unsteered", which a server default does not override
     spec = body.pop("steering", None)
-    has_spec = spec is not None
     if xargs is not None and "steering" in xargs:
         if said:
             raise SpecError("give steering either in the body or in vllm_xargs, not both", field="steering")
-        spec, has_spec, said = xargs.pop("steering"), True, True
-    if has_spec and path not in XARGS_PATHS:
+        said, spec = True, xargs.pop("steering")
+    if spec is not None and path not in XARGS_PATHS:
         raise SpecError(f"steering is served on {', '.join(sorted(XARGS_PATHS))}, not on {path}", field="steering")
-    if has_spec:
-        plan = resolve(spec, tenant)
+    if said:
+        plan = None if spec is None else resolve(spec, tenant)
     else:
-        plan = resolve.default if not said and path in XARGS_PATHS else None
+        plan = resolve.default if path in XARGS_PATHS else None
     salt = body.get("cache_salt")
     client_salt = salt if isinstance(salt, str) and salt else None  # anything else: vLLM refuses it
     if client_salt is not None:
@@ -240,7 +249,7 @@ class SteeringMiddleware:
         from vsteer.server.registry import VectorRegistryAPI
 
         self.app = app
-        self.resolve = _Resolver()
+        self.resolve = shared_resolver()
         self.resolve.warm()  # vLLM builds the middleware stack at start-up: load SAEs here
         self.registry = VectorRegistryAPI(self.resolve)
         self._metrics = None
@@ -328,13 +337,14 @@ class SteeringMiddleware:
             return _Prepared(raw)  # not a JSON object: vLLM answers it
         with self.registry.lock:  # resolve and mark in use atomically with respect to deletes
             body, plan = rewrite_body(body, self.resolve, tenant, path)
-            shas = self.registry.vectors_of(body)
+            items = plan.interventions if plan is not None else ()
+            shas = frozenset(item.vector for item in items)
             self.registry.acquire(shas)
         try:
             config = plan.hash if plan is not None else None
             if tenant is not None and config is not None:
                 self.resolve.tenants.start(tenant, config)
-            return _Prepared(json.dumps(body).encode(), shas, config, self.registry.ops_of(body))
+            return _Prepared(json.dumps(body).encode(), shas, config, [item.op for item in items])
         except BaseException:
             self.registry.release(shas)
             raise

@@ -34,6 +34,9 @@ class VectorRegistryAPI:
     def __init__(self, resolver: Any) -> None:
         self._resolver = resolver
         self._in_use: Counter[str] = Counter()
+        default = resolver.default
+        #: vectors of the server's --default-steering: never deleted while it serves
+        self._pinned = frozenset(item.vector for item in default.interventions) if default else frozenset()
         #: Held while a request resolves and marks its vectors in use, while an upload stores and
         #: names a vector, and while a delete checks and removes one: none sees another half done.
         self.lock = threading.RLock()
@@ -42,20 +45,6 @@ class VectorRegistryAPI:
         return path == PREFIX or path.startswith(PREFIX + "/")
 
     # --- in-use tracking ------------------------------------------------------------------------
-    def vectors_of(self, body: dict) -> frozenset[str]:
-        """sha256 of every stored vector a rewritten request body uses."""
-        from vsteer.engine.plan import EXTRA_ARGS_KEY
-
-        plan = json.loads((body.get("vllm_xargs") or {}).get(EXTRA_ARGS_KEY, "null"))
-        return frozenset(item["vector"] for item in (plan or {}).get("interventions", []))
-
-    def ops_of(self, body: dict) -> list[str]:
-        """The steering ops of a rewritten request body, in order."""
-        from vsteer.engine.plan import EXTRA_ARGS_KEY
-
-        plan = json.loads((body.get("vllm_xargs") or {}).get(EXTRA_ARGS_KEY, "null"))
-        return [item["op"] for item in (plan or {}).get("interventions", [])]
-
     def acquire(self, shas: frozenset[str]) -> None:
         """Mark vectors in use by one more request (they cannot be deleted until released)."""
         with self.lock:
@@ -187,6 +176,8 @@ class VectorRegistryAPI:
             sha = self._sha(tenant, ref)
             if tenant is not None and sha not in self._tenants.owned(tenant)["vectors"]:
                 raise _HTTPError(404, f"no vector named {ref!r} of yours", "ref")  # public vectors are the operator's
+            if sha in self._pinned:
+                raise _HTTPError(409, f"vector {ref!r} is used by the server's --default-steering", "ref")
             if self._in_use.get(sha):
                 raise _HTTPError(409, f"vector {ref!r} is in use by {self._in_use[sha]} running request(s)", "ref")
             if tenant is not None:

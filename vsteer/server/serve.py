@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from vsteer._cpu import chosen_dtype
 from vsteer.engine.compat import refuse_unsupported_kwargs
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
 from vsteer.engine.llm import _SCHEDULER, _WORKERS, _engine_saes, _pin_v1_runner
@@ -59,6 +60,7 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
     for flag in _OWN_FLAGS:
         if _flag_value(args, flag) is not None:
             raise EngineError(f"{flag} is set by vsteer serve; do not pass it")
+    refuse_unsupported_args(args)
     _pin_v1_runner()
     from vllm.platforms import current_platform
 
@@ -66,7 +68,8 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
     seqs = _flag_value(args, "--max-num-seqs")
     info = model_info(path)
     sae_db, sae_objs, sae_paths = _engine_saes(saes, sae_store, ModelShape(info.name, info.num_layers, info.hidden_size))
-    refuse_unsupported_args(args)
+    if _flag_value(args, "--dtype") is None and (dtype := chosen_dtype(current_platform.device_type)) is not None:
+        args += ["--dtype", dtype]
     # without --max-slots: --max-num-seqs when given, else the engine resolves it (and logs it)
     config = SteeringEngineConfig(max_slots=max_slots or (int(seqs) if seqs else None), max_ablation_rank=max_ablation_rank,
                                   store=str((vector_store or default_vector_store()).absolute()),
@@ -76,9 +79,9 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
     os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
                                          "sae_store": str(sae_db.root), "default_steering": default_steering})
     if default_steering is not None:
-        from vsteer.server.middleware import _Resolver
+        from vsteer.server.middleware import shared_resolver
 
-        _Resolver().default  # noqa: B018 - raises SpecError now rather than when the server is up
+        shared_resolver().default  # noqa: B018 - raises SpecError now rather than when the server is up
     if _flag_value(args, "--served-model-name") is None and model != path:
         args += ["--served-model-name", model]
     # vLLM's single-process API server entry (the `vllm` CLI looks up a distribution named
