@@ -12,13 +12,17 @@
 #   (b) benchmarks/gpu_kernels.py      steer / SAS op bandwidth vs a measured copy, T = 1..8192
 #   (c) benchmarks/gpu_graph_stack.py  plain vs steered decoder stacks under CUDA graphs, with
 #                                      replay-correctness checks against eager
+#   (d) benchmarks/gpu_profile_stack.py kernel-level profile of a compiled steered stack, and the
+#                                      steer op's time by warp count
+# Plots of the results (no GPU needed): python benchmarks/gpu_plots.py --dir "$OUT"
 #
 # Usage:  bash benchmarks/gpu_evidence.sh [--smoke]
 #   Results (JSON, markdown, logs, summary.json) go to $OUT when set, else benchmarks/results/gpu/.
 #   PYTHON selects the interpreter (default python3). --smoke runs everything on CPU with tiny
 #   sizes (GPU tests skip): a check that the script works, not a measurement.
-# Time: at most ~8.5 minutes (each step has its own timeout; (c) skips compiled variants once
-# its budget is spent). Exit status 0 only when every step succeeded.
+# Time: at most ~11 minutes (each step has its own timeout; (c) skips compiled variants once its
+# budget is spent); (a)-(c) took 4 minutes and (d) 1.3 on an H200 on 2026-12-04. Exit status 0
+# only when every step succeeded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,18 +75,20 @@ else
     RC[gpu_tests]=127
 fi
 step gpu_kernels 90 "$PY" benchmarks/gpu_kernels.py "${SMOKE[@]}" --out "$DEST"
-step gpu_graph_stack 240 "$PY" benchmarks/gpu_graph_stack.py "${SMOKE[@]}" --out "$DEST" --budget-s 120
+step gpu_graph_stack 270 "$PY" benchmarks/gpu_graph_stack.py "${SMOKE[@]}" --out "$DEST" --budget-s 150
+step gpu_profile_stack 120 "$PY" benchmarks/gpu_profile_stack.py "${SMOKE[@]}" --out "$DEST"
 
-"$PY" - "$DEST" "${RC[gpu_tests]}" "${RC[gpu_kernels]}" "${RC[gpu_graph_stack]}" "${GPU_TEST_FILES[*]}" "${SMOKE[*]:-}" <<'EOF'
+"$PY" - "$DEST" "${RC[gpu_tests]}" "${RC[gpu_kernels]}" "${RC[gpu_graph_stack]}" "${RC[gpu_profile_stack]}" "${GPU_TEST_FILES[*]}" "${SMOKE[*]:-}" <<'EOF'
 import json, sys
-dest, tests, kernels, stack, files, smoke = sys.argv[1:7]
+dest, tests, kernels, stack, profile, files, smoke = sys.argv[1:8]
 summary = {"smoke": smoke == "--smoke", "gpu_test_files": files.split(),
-           "exit_status": {"gpu_tests": int(tests), "gpu_kernels": int(kernels), "gpu_graph_stack": int(stack)}}
+           "exit_status": {"gpu_tests": int(tests), "gpu_kernels": int(kernels), "gpu_graph_stack": int(stack),
+                           "gpu_profile_stack": int(profile)}}
 summary["ok"] = all(v == 0 for v in summary["exit_status"].values())
 open(f"{dest}/summary.json", "w").write(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
 EOF
-for name in gpu_tests gpu_kernels gpu_graph_stack; do
+for name in gpu_tests gpu_kernels gpu_graph_stack gpu_profile_stack; do
     [ "${RC[$name]}" = 0 ] || exit 1
 done
 exit 0

@@ -9,17 +9,19 @@ For every hidden size (default 1536, 4096, 8192) and token count T (default 1, 2
 with 256 steering slots (+ the identity slot 0) and each token on a random slot:
 
 - steer: ``steer_residual_triton`` (rank 0: ``residual * m + a``) on bf16 ``hidden``/``residual``.
-  Bytes counted: read hidden + residual, the index, one float32 bank row per token; write the
-  output (``2*T*d*2 + 4*T + T*W*4 + T*d*2``, ``W = 2d + 1``). Bank rows are counted once per
-  token, so with many tokens per slot (L2 hits) the figure can pass DRAM bandwidth.
+  Bytes counted: read hidden + residual and the index, the ``m`` and ``a`` rows (and flag) of
+  each DISTINCT slot in the call once (float32), write the output
+  (``3*T*d*2 + 4*T + slots_used*(2d+1)*4``): what must cross DRAM at least.
 - sas: ``sas_delta_triton`` (ReLU SAE, ``--d-sae`` features, a union of ``--support`` features,
   every slot steering a random half of them). Bytes counted: read h (bf16) and the index, the
   union's encoder and decoder rows once (``2*U*d*4``), the bank entries (``T*U*4``), the ``[T, U]``
-  float32 scratch written and read (``2*T*U*4``), the float32 output (``T*d*4``).
+  float32 scratch and the ``[d/256, T, U]`` partial sums written and read, the float32 output.
 
-Copy bandwidth: ``dst.copy_(src)`` of ``--copy-mib`` MiB, counted as read + write. Timing: CUDA
-events, median of ``--iters`` calls after ``--warmup``. Achieved GB/s = bytes / time; the table
-gives it as a fraction of the copy bandwidth, and microseconds per call and per token.
+Copy bandwidth: ``dst.copy_(src)`` of ``--copy-mib`` MiB, counted as read + write. Two timings,
+both CUDA events, median of ``--iters`` after ``--warmup``: ``us/call`` is one call from Python
+(launch overhead included: what an eager engine pays), ``us graph`` is one call inside a CUDA
+graph that replays ``--graph-calls`` calls (what a graph-captured engine pays). Achieved GB/s =
+bytes / graph time; the table gives it as a fraction of the copy bandwidth.
 
 Writes ``gpu_kernels.json`` and ``gpu_kernels.md`` into ``--out``. ``--smoke`` runs on CPU with
 tiny sizes and the torch reference (wall-clock timing): it checks that the script runs, and its
@@ -63,6 +65,26 @@ def time_call(fn: Callable[[], object], *, cuda: bool, warmup: int, iters: int) 
     return statistics.median(times)
 
 
+def time_in_graph(fn: Callable[[], object], *, cuda: bool, calls: int, warmup: int, iters: int) -> float:
+    """Median seconds of one ``fn()`` inside a CUDA graph holding ``calls`` calls (on CPU: the same
+    as :func:`time_call`)."""
+    if not cuda:
+        return time_call(fn, cuda=False, warmup=warmup, iters=iters)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    secs = time_cuda(graph.replay, warmup, iters) / 1e3 / calls
+    del graph
+    return secs
+
+
 def copy_bandwidth(device: torch.device, mib: int, *, warmup: int, iters: int) -> float:
     """Device copy bandwidth in GB/s (bytes read + written per second)."""
     n = mib * 2**20 // 4
@@ -92,9 +114,9 @@ def tokens_case(T: int, d: int, slots: int, dtype: torch.dtype, device: torch.de
     }
 
 
-def steer_bytes(T: int, d: int, elt: int) -> int:
-    """Bytes one steer-op call moves (module docstring)."""
-    return 2 * T * d * elt + 4 * T + T * BankLayout(d, 0).width * 4 + T * d * elt
+def steer_bytes(T: int, d: int, elt: int, slots_used: int) -> int:
+    """Bytes one steer-op call must move (module docstring)."""
+    return 3 * T * d * elt + 4 * T + slots_used * BankLayout(d, 0).width * 4
 
 
 def sas_sae(d: int, m: int, U: int, slots: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -115,9 +137,9 @@ def sas_sae(d: int, m: int, U: int, slots: int, device: torch.device, seed: int)
     return {"bank": bank, "w_enc_t": w_enc_t, "b_enc": b_enc, "w_dec": w_dec, "union": feats}
 
 
-def sas_bytes(T: int, d: int, U: int, elt: int) -> int:
-    """Bytes one SAS-op call moves (module docstring)."""
-    return T * d * elt + 4 * T + 2 * U * d * 4 + T * U * 4 + 2 * T * U * 4 + T * d * 4
+def sas_bytes(T: int, d: int, U: int, elt: int, split: int) -> int:
+    """Bytes one SAS-op call moves (module docstring); ``split``: the encode's d-chunks."""
+    return T * d * elt + 4 * T + 2 * U * d * 4 + T * U * 4 + 2 * T * U * 4 + 2 * split * T * U * 4 + T * d * 4
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,11 +152,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steer_fn = vk.steer_residual_triton
         sas_fn = vk.sas_delta_triton
         backend = "triton"
+        from vsteer.kernels.sas_triton import ENCODE_CHUNK_D
     else:
         steer_fn = vk.steer_residual_torch
         sas_fn = vk.sas_delta_torch
         backend = "torch reference (no CUDA)"
+        ENCODE_CHUNK_D = 0
     timing = dict(cuda=cuda, warmup=args.warmup, iters=args.iters)
+    graph_timing = dict(timing, calls=args.graph_calls)
     copy_gbs = copy_bandwidth(device, args.copy_mib, warmup=args.warmup, iters=args.iters)
     rows: list[dict[str, Any]] = []
     for d in args.hidden:
@@ -144,17 +169,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c = tokens_case(T, d, args.slots, dtype, device, seed=T + d)
             steer = lambda: steer_fn(c["hidden"], c["residual"], bank, c["index"], rank=0)  # noqa: E731
             secs = time_call(steer, **timing)
+            graph_secs = time_in_graph(steer, **graph_timing)
             want = vk.steer_residual_torch(c["hidden"], c["residual"], bank, c["index"], rank=0)
             ok = bool(torch.allclose(steer().float(), want.float(), rtol=1.6e-2, atol=1e-2))
-            rows.append(_row("steer", T, d, secs, steer_bytes(T, d, elt), copy_gbs, ok))
+            used = int(c["index"].unique().numel())
+            rows.append(_row("steer", T, d, secs, graph_secs, steer_bytes(T, d, elt, used), copy_gbs, ok))
             sas = lambda: sas_fn(c["hidden"], c["index"], sae["bank"], sae["w_enc_t"], sae["b_enc"],  # noqa: E731
                                  sae["w_dec"], None, sae["union"], activation="relu")
             secs = time_call(sas, **timing)
+            graph_secs = time_in_graph(sas, **graph_timing)
             want = vk.sas_delta_torch(c["hidden"], c["index"], sae["bank"], sae["w_enc_t"], sae["b_enc"], sae["w_dec"],
                                       None, sae["union"], activation="relu")
             scale = max(1.0, float(want.abs().max()))
             ok = bool(torch.allclose(sas(), want, rtol=1e-4, atol=1e-4 * scale))
-            rows.append(_row("sas", T, d, secs, sas_bytes(T, d, args.support, elt), copy_gbs, ok))
+            split = -(-d // ENCODE_CHUNK_D) if ENCODE_CHUNK_D else 0
+            rows.append(_row("sas", T, d, secs, graph_secs, sas_bytes(T, d, args.support, elt, split), copy_gbs, ok))
             del c
         del bank, sae
     return {
@@ -173,10 +202,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _row(op: str, T: int, d: int, secs: float, nbytes: int, copy_gbs: float, ok: bool) -> dict[str, Any]:
-    gbs = nbytes / secs / 1e9
-    return {"op": op, "tokens": T, "hidden": d, "us": secs * 1e6, "us_per_token": secs * 1e6 / T,
-            "bytes": nbytes, "gbs": gbs, "fraction_of_copy": gbs / copy_gbs, "matches_reference": ok}
+def _row(op: str, T: int, d: int, secs: float, graph_secs: float, nbytes: int, copy_gbs: float,
+         ok: bool) -> dict[str, Any]:
+    gbs = nbytes / graph_secs / 1e9
+    return {"op": op, "tokens": T, "hidden": d, "us": secs * 1e6, "us_graph": graph_secs * 1e6,
+            "us_per_token": graph_secs * 1e6 / T, "bytes": nbytes, "gbs": gbs, "fraction_of_copy": gbs / copy_gbs,
+            "matches_reference": ok}
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
@@ -187,11 +218,12 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"Measured copy bandwidth: {res['copy_gbs']:.0f} GB/s; bf16 activations, {res['slots']} slots; SAS: "
         f"ReLU SAE with {res['d_sae']} features, support {res['support']}  ",
         f"All outputs match the torch reference: {res['all_match_reference']}", "",
-        "| op | hidden | tokens | us/call | us/token | GB/s | of copy | matches ref |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| op | hidden | tokens | us/call | us graph | us/token (graph) | GB/s | of copy | matches ref |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in res["rows"]:
-        lines.append(f"| {r['op']} | {r['hidden']} | {r['tokens']} | {r['us']:.1f} | {r['us_per_token']:.3f} | "
+        lines.append(f"| {r['op']} | {r['hidden']} | {r['tokens']} | {r['us']:.1f} | {r['us_graph']:.1f} | "
+                     f"{r['us_per_token']:.3f} | "
                      f"{r['gbs']:.0f} | {r['fraction_of_copy']:.2f} | {r['matches_reference']} |")
     if res["smoke"]:
         lines += ["", "Smoke run (CPU, tiny sizes, torch reference): the numbers mean nothing."]
@@ -211,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copy-mib", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--iters", type=int)
+    p.add_argument("--graph-calls", type=int, default=20, help="calls captured in one CUDA graph for 'us graph'")
     args = p.parse_args(argv)
     big = not args.smoke
     defaults = dict(hidden=[1536, 4096, 8192] if big else [64], tokens=[2**i for i in range(14)] if big else [1, 7],

@@ -1,18 +1,19 @@
 """Triton implementation of the support-restricted SAS update (DESIGN.md section 5).
 
 Same signature and semantics as :func:`~vsteer.kernels.sas_reference.sas_delta_torch`. For the
-ReLU / JumpReLU path with ``union`` given it runs two kernels, both reading the weight rows of the
+ReLU / JumpReLU path with ``union`` given it runs three kernels, all reading the weight rows of the
 union features straight from the full weight tensors (no gathered copy):
 
 1. encode: ``C[t, u] = sigma(z + bank[index[t], f_u]) - z``, ``z = sigma(h_t . w_enc_t[f_u] +
-   b_enc[f_u])``, ``f_u = union[u]``: a ``[T, U]`` tile GEMM over ``d`` with the activation,
-   the bank gather and the subtraction fused into its epilogue;
+   b_enc[f_u])``, ``f_u = union[u]``: a ``[T, U]`` tile GEMM split over ``d`` (partial sums
+   into a ``[d / ENCODE_CHUNK_D, T, U]`` scratch), then an epilogue kernel that adds the partials
+   in a fixed order and applies the activation, the bank gather and the subtraction;
 2. decode: ``delta = C @ w_dec[union]``: a ``[T, d]`` tile GEMM over ``U``.
 
 All math is float32 with IEEE float32 dot products (no TF32), so results match the reference up
-to summation order; a zero bank row gives ``C = 0`` and a delta of exactly 0. ``C`` is a
-``[T, U]`` float32 scratch tensor allocated per call. No Python branch depends on tensor values
-(no host sync), so the op traces under torch.compile and replays in CUDA graphs.
+to summation order; a zero bank row gives ``C = 0`` and a delta of exactly 0. ``C`` and the
+partial sums are float32 scratch tensors allocated per call. No Python branch depends on tensor
+values (no host sync), so the op traces under torch.compile and replays in CUDA graphs.
 
 TopK (``activation="topk"``) and ``union=None`` are not restricted to a support and have no
 kernel here: :func:`sas_delta_triton` calls :func:`sas_delta_torch` for them (which also raises
@@ -46,33 +47,28 @@ except Exception as _e:  # noqa: BLE001  (ImportError, or a broken driver / inst
 if HAVE_TRITON:
 
     @triton.jit
-    def _sas_encode_kernel(
+    def _sas_encode_partial_kernel(
         h_ptr,
-        idx_ptr,
-        bank_ptr,
         wenc_ptr,
-        benc_ptr,
-        thr_ptr,
         union_ptr,
-        c_ptr,
+        part_ptr,
         T,
         U,
         D,
         stride_h,
-        stride_i,
-        stride_bank,
         stride_we,
-        stride_be,
-        stride_th,
         stride_un,
-        stride_c,
-        JUMP: tl.constexpr,
+        stride_pk,
+        stride_pt,
         BLOCK_T: tl.constexpr,
         BLOCK_U: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        CHUNK_D: tl.constexpr,
     ):
+        # part[k, t, u] = h[t, chunk k] . w_enc_t[union[u], chunk k]; chunk k = [k*CHUNK_D, (k+1)*CHUNK_D)
         pid_t = tl.program_id(0)
         pid_u = tl.program_id(1)
+        pid_k = tl.program_id(2)
         offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_u = pid_u.to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
         mask_t = offs_t < T
@@ -80,8 +76,9 @@ if HAVE_TRITON:
         feat = tl.load(union_ptr + offs_u * stride_un, mask=mask_u, other=0).to(tl.int64)
 
         acc = tl.zeros((BLOCK_T, BLOCK_U), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_start = pid_k.to(tl.int64) * CHUNK_D
+        for d0 in range(0, CHUNK_D, BLOCK_D):
+            offs_d = d_start + d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
             hb = tl.load(
                 h_ptr + offs_t[:, None] * stride_h + offs_d[None, :],
@@ -94,6 +91,48 @@ if HAVE_TRITON:
                 other=0.0,
             ).to(tl.float32)
             acc = tl.dot(hb, wb, acc, input_precision="ieee")
+        mask_tu = mask_t[:, None] & mask_u[None, :]
+        tl.store(part_ptr + pid_k * stride_pk + offs_t[:, None] * stride_pt + offs_u[None, :], acc, mask=mask_tu)
+
+    @triton.jit
+    def _sas_encode_epilogue_kernel(
+        part_ptr,
+        idx_ptr,
+        bank_ptr,
+        benc_ptr,
+        thr_ptr,
+        union_ptr,
+        c_ptr,
+        T,
+        U,
+        SPLIT,
+        stride_pk,
+        stride_pt,
+        stride_i,
+        stride_bank,
+        stride_be,
+        stride_th,
+        stride_un,
+        stride_c,
+        JUMP: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_U: tl.constexpr,
+    ):
+        # Sum the d-chunks in a fixed order (deterministic), then the activation, the bank gather and
+        # the subtraction: C[t, u] = sigma(z + bank[index[t], f_u]) - z.
+        pid_t = tl.program_id(0)
+        pid_u = tl.program_id(1)
+        offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_u = pid_u.to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
+        mask_t = offs_t < T
+        mask_u = offs_u < U
+        mask_tu = mask_t[:, None] & mask_u[None, :]
+        feat = tl.load(union_ptr + offs_u * stride_un, mask=mask_u, other=0).to(tl.int64)
+
+        acc = tl.zeros((BLOCK_T, BLOCK_U), dtype=tl.float32)
+        for k in range(0, SPLIT):
+            acc += tl.load(part_ptr + k * stride_pk + offs_t[:, None] * stride_pt + offs_u[None, :], mask=mask_tu,
+                           other=0.0)
 
         b = tl.load(benc_ptr + feat * stride_be, mask=mask_u, other=0.0).to(tl.float32)
         pre = acc + b[None, :]
@@ -104,7 +143,6 @@ if HAVE_TRITON:
             z = tl.maximum(pre, 0.0)
 
         slot = tl.load(idx_ptr + offs_t * stride_i, mask=mask_t, other=0).to(tl.int64)
-        mask_tu = mask_t[:, None] & mask_u[None, :]
         s = tl.load(bank_ptr + slot[:, None] * stride_bank + feat[None, :], mask=mask_tu, other=0.0).to(tl.float32)
         y = z + s
         if JUMP:
@@ -163,6 +201,11 @@ if HAVE_TRITON:
 #: size in a compiled engine but is kept off the choice too, so nothing here depends on a shape.
 #: 32 token rows suit decode batches and chunked prefill alike; ``tl.dot`` needs every dim >= 16.
 ENCODE_BLOCK_T, ENCODE_BLOCK_U, ENCODE_BLOCK_D = 32, 64, 32
+#: The encode GEMM is split over ``d`` into chunks of this many columns, one program each, so a
+#: decode batch (few token tiles) still fills the GPU; the chunks' partial sums are added in a
+#: fixed order by the epilogue kernel (deterministic, unlike atomics). The split count depends on
+#: ``d`` only, which is static per model.
+ENCODE_CHUNK_D = 256
 DECODE_BLOCK_T, DECODE_BLOCK_U, DECODE_BLOCK_D = 32, 32, 64
 
 
@@ -251,12 +294,21 @@ def sas_delta_triton(
     thr = threshold if jump else b_enc  # any valid pointer when unused
 
     c = torch.empty((T, U), dtype=torch.float32, device=h.device)
-    _sas_encode_kernel[(triton.cdiv(T, ENCODE_BLOCK_T), triton.cdiv(U, ENCODE_BLOCK_U))](
-        h, index, bank, w_enc_t, b_enc, thr, union, c,
+    split = triton.cdiv(d, ENCODE_CHUNK_D)
+    part = torch.empty((split, T, U), dtype=torch.float32, device=h.device)
+    _sas_encode_partial_kernel[(triton.cdiv(T, ENCODE_BLOCK_T), triton.cdiv(U, ENCODE_BLOCK_U), split)](
+        h, w_enc_t, union, part,
         T, U, d,
-        h.stride(0), index.stride(0), bank.stride(0), w_enc_t.stride(0), b_enc.stride(0), thr.stride(0),
+        h.stride(0), w_enc_t.stride(0), union.stride(0), part.stride(0), part.stride(1),
+        BLOCK_T=ENCODE_BLOCK_T, BLOCK_U=ENCODE_BLOCK_U, BLOCK_D=ENCODE_BLOCK_D, CHUNK_D=ENCODE_CHUNK_D,
+        num_warps=4,
+    )
+    _sas_encode_epilogue_kernel[(triton.cdiv(T, ENCODE_BLOCK_T), triton.cdiv(U, ENCODE_BLOCK_U))](
+        part, index, bank, b_enc, thr, union, c,
+        T, U, split,
+        part.stride(0), part.stride(1), index.stride(0), bank.stride(0), b_enc.stride(0), thr.stride(0),
         union.stride(0), c.stride(0),
-        JUMP=jump, BLOCK_T=ENCODE_BLOCK_T, BLOCK_U=ENCODE_BLOCK_U, BLOCK_D=ENCODE_BLOCK_D,
+        JUMP=jump, BLOCK_T=ENCODE_BLOCK_T, BLOCK_U=ENCODE_BLOCK_U,
         num_warps=4,
     )
     _sas_decode_kernel[(triton.cdiv(T, DECODE_BLOCK_T), triton.cdiv(d, DECODE_BLOCK_D))](

@@ -55,3 +55,13 @@ def test_gpu_evidence_script_smoke(tmp_path: Path) -> None:
     assert "all layers, 4 composed vectors, K=1" in scenarios and len(scenarios) == 11
     assert len(model["checks"]) == 10 and all(c["replay0"]["steer_effect"] > 0 for c in model["checks"])
     assert "Smoke run" in (tmp_path / "gpu_graph_stack.md").read_text()
+
+    profile = json.loads((tmp_path / "gpu_profile_stack.json").read_text())
+    assert profile["smoke"] and profile["profile"]["plain"] and profile["profile"]["all"]
+    assert summary["exit_status"]["gpu_profile_stack"] == 0
+
+    # the plots script reads what the run wrote
+    plots = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_plots.py"), "--dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert plots.returncode == 0, plots.stderr[-3000:]
+    assert (tmp_path / "gpu-kernels.png").stat().st_size > 10_000 and (tmp_path / "gpu-graph-stack.png").stat().st_size > 10_000

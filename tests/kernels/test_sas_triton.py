@@ -208,6 +208,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         (19, 48, 100, 20, 4, 12),
         (70, 100, 300, 70, 5, None),
         (5, 33, 64, 64, 3, 64),   # the whole SAE, no padding
+        (9, 600, 80, 20, 3, None),  # d split into 3 chunks, the last one partial
         (0, 16, 40, 16, 2, None),  # no tokens
     ]
     for (T, d, m, U, S, sup), act, dtype, idx_t in itertools.product(
