@@ -18,6 +18,9 @@ Cache salts: a client's ``cache_salt`` S reaches the engine as ``"client:" + S``
 never name a salt of the engine's own namespace (``"vsteer:..."``, computed by the engine's
 scheduler from tenant, plan and client salt). On routes that cannot carry ``vllm_xargs``, the
 tenant goes into the salt instead: ``"tenant:<name>"`` or ``"tenant:<name>:client:" + S``.
+
+``"steering_compare": true`` (completions and chat completions) runs the request twice, steered and
+unsteered, each half through this edge like any request; see :mod:`vsteer.server.compare`.
 """
 
 
@@ -33,6 +36,7 @@ from typing import Any
 
 from vsteer._errors import SpecError
 from vsteer.engine.request_args import TENANT_ARGS_KEY  # written on every request of a tenant
+from vsteer.server.compare import no_steering, run_pair, split_compare
 from vsteer.server.http import error_body as _error, read_body, respond as _respond
 
 CONFIG_ENV = "VSTEER_SERVE_CONFIG"
@@ -241,6 +245,14 @@ class _Prepared:
     ops: list = field(default_factory=list)
 
 
+@dataclass
+class _PreparedPair:
+    """A ``steering_compare`` request: its steered and unsteered halves, and their seed."""
+
+    halves: tuple[_Prepared, _Prepared]
+    seed: Any
+
+
 class SteeringMiddleware:
     """Pure ASGI middleware (vLLM adds it with ``--middleware``): the serving edge for every route,
     and the vector registry under ``/v1/vectors``."""
@@ -312,17 +324,32 @@ class SteeringMiddleware:
         except _LimitError as exc:
             await self._refuse(send, 429, str(exc), "steering")
             return
+        halves = prepared.halves if isinstance(prepared, _PreparedPair) else (prepared,)
         try:
-            with self.metrics.request(prepared.ops, prepared.config):
-                await self._forward(scope, receive, send, prepared.raw)
+            if isinstance(prepared, _PreparedPair):
+                await run_pair([functools.partial(self._run, half) for half in halves], scope, receive, send,
+                               prepared.seed)
+            else:
+                await self._run(prepared, scope, receive, send)
         finally:
-            self.registry.release(prepared.shas)  # a vector in use is not deleted from under its requests
-            if tenant is not None and prepared.config is not None:
-                self.resolve.tenants.finish(tenant, prepared.config)
+            for half in halves:
+                self._release(half, tenant)
 
-    def _prepare(self, body: Any, raw: bytes, path: str, tenant: Any) -> _Prepared:
+    async def _run(self, prepared: _Prepared, scope: dict, receive: Any, send: Any) -> None:
+        """Forward one prepared request, counted in the metrics while it runs."""
+        with self.metrics.request(prepared.ops, prepared.config):
+            await self._forward(scope, receive, send, prepared.raw)
+
+    def _release(self, prepared: _Prepared, tenant: Any) -> None:
+        """Undo what :meth:`_prepare_body` took: vectors in use, the tenant's running config."""
+        self.registry.release(prepared.shas)  # a vector in use is not deleted from under its requests
+        if tenant is not None and prepared.config is not None:
+            self.resolve.tenants.finish(tenant, prepared.config)
+
+    def _prepare(self, body: Any, raw: bytes, path: str, tenant: Any) -> _Prepared | _PreparedPair:
         """Check and rewrite one body (runs in a worker thread: it reads the vector store). The
-        vectors it uses are marked in use, and its tenant's config started, before it returns."""
+        vectors it uses are marked in use, and its tenant's config started, before it returns. A
+        body with ``"steering_compare": true`` becomes two: steered and unsteered."""
         if isinstance(body, _FormXargs):
             if body.reserved is not None:
                 raise SpecError(f"{body.reserved} is reserved: only the server writes vsteer engine arguments",
@@ -335,6 +362,21 @@ class SteeringMiddleware:
                 body = None
         if not isinstance(body, dict):
             return _Prepared(raw)  # not a JSON object: vLLM answers it
+        pair = split_compare(body, path)
+        if pair is None:
+            return self._prepare_body(body, path, tenant)[0]
+        steered, plan = self._prepare_body(pair.steered, path, tenant)
+        try:
+            if plan is None:
+                raise no_steering()
+            unsteered = self._prepare_body(pair.unsteered, path, tenant)[0]
+        except BaseException:
+            self._release(steered, tenant)
+            raise
+        return _PreparedPair((steered, unsteered), pair.seed)
+
+    def _prepare_body(self, body: dict, path: str, tenant: Any) -> tuple[_Prepared, Any]:
+        """Rewrite one JSON body (see :meth:`_prepare`); returns it prepared, and its plan (or None)."""
         with self.registry.lock:  # resolve and mark in use atomically with respect to deletes
             body, plan = rewrite_body(body, self.resolve, tenant, path)
             items = plan.interventions if plan is not None else ()
@@ -344,7 +386,7 @@ class SteeringMiddleware:
             config = plan.hash if plan is not None else None
             if tenant is not None and config is not None:
                 self.resolve.tenants.start(tenant, config)
-            return _Prepared(json.dumps(body).encode(), shas, config, [item.op for item in items])
+            return _Prepared(json.dumps(body).encode(), shas, config, [item.op for item in items]), plan
         except BaseException:
             self.registry.release(shas)
             raise

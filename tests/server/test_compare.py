@@ -1,0 +1,155 @@
+"""`"steering_compare": true`: one response with the steered choices and, under "unsteered", the
+choices of the same request run unsteered (same prompt, sampling parameters and seed); each half
+equals the request sent on its own. Refusals are 400s naming the field."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+
+from tests.conftest import serve_process
+
+MODEL = "smollm2"
+PROMPT = "I think that"
+MESSAGES = [{"role": "user", "content": "Describe your neighbour in one sentence."}]
+
+
+def _spec(directions, scale: float = 12.0) -> dict:
+    return {"interventions": [{"op": "add", "vector": directions["love"].sha256, "layers": [10], "scale": scale}]}
+
+
+@pytest.fixture(scope="module")
+def server(model_path, eager_llm, directions, tmp_path_factory):
+    """A server without --default-steering (so that a request can have no steering at all)."""
+    yield from serve_process(model_path, tmp_path_factory.mktemp("serve-compare") / "server.log",
+                             store=eager_llm.store.root, served_model_name=MODEL)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server, timeout=180) as client:
+        yield client
+
+
+def _post(http: httpx.Client, path: str, body: dict) -> dict:
+    reply = http.post(path, json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def _text(reply: dict) -> str:
+    return reply["choices"][0]["text"]
+
+
+def _requests_by_op(http: httpx.Client) -> dict[str, float]:
+    """``vsteer_requests_total`` by op, from the server's /metrics."""
+    found = re.findall(r'^vsteer_requests_total\{op="(\w+)"\} (\S+)$', http.get("/metrics").text, re.MULTILINE)
+    return {op: float(value) for op, value in found}
+
+
+def test_greedy_halves_equal_the_separate_requests(http, directions):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    spec = _spec(directions)
+    steered, plain = _post(http, "/v1/completions", {**body, "steering": spec}), _post(http, "/v1/completions", body)
+    assert _text(steered) != _text(plain), "the spec must change the output for this test to mean anything"
+    before = _requests_by_op(http)
+    both = _post(http, "/v1/completions", {**body, "steering": spec, "steering_compare": True})
+    after = _requests_by_op(http)
+    assert _text(both) == _text(steered)
+    assert both["unsteered"]["choices"][0]["text"] == _text(plain)
+    assert both["usage"] == steered["usage"] and both["unsteered"]["usage"] == plain["usage"]
+    assert set(both["unsteered"]) == {"choices", "usage", "seed"} and isinstance(both["unsteered"]["seed"], int)
+    assert both["object"] == steered["object"] and both["choices"][0].keys() == steered["choices"][0].keys()
+    # both halves passed the edge as requests: one "add", one unsteered ("none")
+    assert after["add"] - before.get("add", 0) == 1 and after["none"] - before.get("none", 0) == 1
+    # the spec through vllm_xargs; steering_compare false is an ordinary request
+    via_xargs = _post(http, "/v1/completions", {**body, "vllm_xargs": {"steering": json.dumps(spec)},
+                                                "steering_compare": True})
+    assert _text(via_xargs) == _text(steered) and via_xargs["unsteered"]["choices"][0]["text"] == _text(plain)
+    off = _post(http, "/v1/completions", {**body, "steering": spec, "steering_compare": False})
+    assert _text(off) == _text(steered) and "unsteered" not in off
+
+
+def test_the_reported_seed_reproduces_both_halves(http, directions):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0}
+    spec = _spec(directions)
+    both = _post(http, "/v1/completions", {**body, "steering": spec, "steering_compare": True})
+    seed = both["unsteered"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**31
+    assert _text(_post(http, "/v1/completions", {**body, "steering": spec, "seed": seed})) == _text(both)
+    assert _text(_post(http, "/v1/completions", {**body, "seed": seed})) == both["unsteered"]["choices"][0]["text"]
+    given = _post(http, "/v1/completions", {**body, "steering": spec, "seed": 1234, "steering_compare": True})
+    assert given["unsteered"]["seed"] == 1234  # a client's seed is used and reported as it is
+
+
+def test_chat_completions(http, directions):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16, "temperature": 0}
+    spec = _spec(directions)
+    steered = _post(http, "/v1/chat/completions", {**body, "steering": spec})
+    plain = _post(http, "/v1/chat/completions", body)
+    both = _post(http, "/v1/chat/completions", {**body, "steering": spec, "steering_compare": True})
+    content = steered["choices"][0]["message"]["content"]
+    assert content != plain["choices"][0]["message"]["content"]
+    assert both["choices"][0]["message"]["content"] == content
+    assert both["unsteered"]["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert both["object"] == "chat.completion" and both["usage"] == steered["usage"]
+
+
+@pytest.mark.parametrize("path, extra, words", [
+    ("/v1/completions", {"steering_compare": "yes"}, "true or false"),
+    ("/v1/completions", {"steering_compare": 1}, "true or false"),
+    ("/v1/completions", {"steering_compare": None}, "true or false"),
+    ("/v1/completions", {"steering_compare": True, "stream": True}, "stream"),
+    ("/v1/chat/completions", {"steering_compare": True, "stream": True}, "stream"),
+    ("/v1/completions", {"steering_compare": True, "steering": None}, "needs steering"),  # "steering": null
+    ("/v1/completions", {"steering_compare": True, "no_spec": True}, "needs steering"),  # no spec, no default
+    ("/v1/completions", {"steering_compare": True, "no_spec": True, "vllm_xargs": {"steering": "null"}}, "needs steering"),
+    ("/v1/responses", {"steering_compare": True}, "not on /v1/responses"),
+    ("/v1/messages", {"steering_compare": True}, "not on /v1/messages"),
+    ("/v1/embeddings", {"steering_compare": True}, "not on /v1/embeddings"),
+    ("/invocations", {"steering_compare": True}, "not on /invocations"),
+])
+def test_refusals_name_the_field(http, directions, path, extra, words):
+    body = {"model": MODEL, "max_tokens": 4, "steering": _spec(directions), **extra}
+    if body.pop("no_spec", False):
+        body.pop("steering")
+    body.update({"messages": MESSAGES} if "chat" in path or "messages" in path else
+                {"input": PROMPT} if path in ("/v1/responses", "/v1/embeddings") else {"prompt": PROMPT})
+    reply = http.post(path, json=body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "steering_compare" and "steering_compare" in error["message"], error
+    assert words in error["message"], error
+
+
+KEY = "sk-compare-tenant-key"
+
+
+@pytest.fixture(scope="module")
+def default_server(model_path, eager_llm, directions, tmp_path_factory):
+    """A server with --default-steering and a tenant allowed one steering config at a time."""
+    folder = tmp_path_factory.mktemp("serve-compare-default")
+    (folder / "default.json").write_text(json.dumps(_spec(directions)))
+    (folder / "tenants.json").write_text(json.dumps({"tenants": {"t": {"keys": [KEY], "max_configs_in_flight": 1}}}))
+    yield from serve_process(model_path, folder / "server.log",
+                             ("--default-steering", str(folder / "default.json"), "--tenants", str(folder / "tenants.json")),
+                             store=eager_llm.store.root, served_model_name=MODEL)
+
+
+def test_the_default_steering_is_compared_and_a_tenant_is_served(default_server):
+    """No "steering" key: the server's default is the steered half; the unsteered half takes no
+    steering config, so a tenant limited to one config in flight is served."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    with httpx.Client(base_url=default_server, timeout=180, headers={"Authorization": f"Bearer {KEY}"}) as tenant:
+        by_default = _post(tenant, "/v1/completions", body)
+        plain = _post(tenant, "/v1/completions", {**body, "steering": None})
+        both = _post(tenant, "/v1/completions", {**body, "steering_compare": True})
+        assert _text(by_default) != _text(plain)
+        assert _text(both) == _text(by_default) and both["unsteered"]["choices"][0]["text"] == _text(plain)
+        refused = tenant.post("/v1/completions", json={**body, "steering": None, "steering_compare": True})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "steering_compare", refused.text
+        assert httpx.post(default_server + "/v1/completions", json={**body, "steering_compare": True},
+                          timeout=60).status_code == 401  # without the key: refused like any request
