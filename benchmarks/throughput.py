@@ -5,6 +5,7 @@ Usage::
     python benchmarks/throughput.py                       # 2 threads, bf16, eager, 3 repeats
     python benchmarks/throughput.py --threads 1 --repeats 5
     python benchmarks/throughput.py --compile             # torch.compile (~70 s start per engine)
+    python benchmarks/throughput.py --compile --affine-rank 4 --skip-narrow   # + a rank-4 affine edit
 
 Workload: ``--num-prompts`` distinct short prompts (default 64), greedy, ``--max-tokens`` new
 tokens each (default 64) with ``ignore_eos=True`` so every request generates exactly that many.
@@ -23,6 +24,12 @@ others):
     compose      one spec composing 4 vectors, each at all layers, same for every prompt (K=1)
     narrow       a second ``vsteer.LLM`` with ``steerable_layers=[10], capture_layers=[]``
                  running the one_layer spec (what wrapping only the needed layer costs)
+    scheduled    the one_layer vector with a linear scale schedule (1 -> 0 over the generated
+                 tokens), the same for every prompt (K=1): the per-token multiplier's cost
+    affine       only with ``--affine-rank R``: one random rank-R affine edit ``h + s((h A^T) B + b)``
+                 at layer 10, the same for every prompt (K=1). The vsteer engines are then built
+                 with ``max_ablation_rank=R``, so every row pays for the wider bank, and the
+                 outputs are named ``...-affine-rank<R>`` with their own RESULTS.md section.
 
 Every engine gets one untimed warm-up ``generate`` of the full batch first. Then each scenario
 runs ``--repeats`` times, round-robin (the order rotates every repeat) so machine noise hits all
@@ -101,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=3,
                    help="times a contended sample is discarded and run again (default 3; the last attempt is kept)")
     p.add_argument("--skip-narrow", action="store_true", help="do not build the steerable_layers=[10] engine")
+    p.add_argument("--affine-rank", type=int, default=0,
+                   help="add the 'affine' scenario (a rank-R affine edit at layer 10); engines get max_ablation_rank=R")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON and PNG go")
     p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="markdown file to update")
     p.add_argument("--no-results-md", action="store_true", help="do not touch the markdown file")
@@ -238,7 +247,20 @@ def build_specs(llm, args: argparse.Namespace) -> dict[str, object]:
     def one(sha: str) -> dict:
         return {"interventions": [{"op": "add", "vector": sha, "layers": [STEER_LAYER], "scale": args.scale}]}
 
-    return {
+    specs: dict[str, object] = {}
+    if args.affine_rank:
+        from vsteer.methods import affine_vector
+
+        r, d = args.affine_rank, shape.hidden_size
+        A = torch.stack([random_unit(gen, d) for _ in range(r)])
+        B = torch.stack([random_unit(gen, d) for _ in range(r)]) * args.scale / r
+        b = random_unit(gen, d) * args.scale
+        sha = llm.store.put(affine_vector({STEER_LAYER: (A, B, b)}, model=shape.name))
+        specs["affine"] = {"interventions": [{"op": "affine", "vector": sha, "layers": [STEER_LAYER], "scale": 1.0}]}
+    specs["scheduled"] = {"interventions": [{**one(singles[0])["interventions"][0],
+                                             "schedule": {"kind": "linear", "from": 1.0, "to": 0.0,
+                                                          "over": args.max_tokens}}]}
+    return specs | {
         "unsteered": None,
         "one_layer": one(singles[0]),
         "k8": [one(singles[i % 8]) for i in range(n)],
@@ -262,7 +284,10 @@ SCENARIOS = [
     ("compose", "vsteer, 4 vectors x all layers composed (K=1)", "vsteer", "compose", 1),
     ("narrow", f"vsteer steerable_layers=[{STEER_LAYER}], capture_layers=[]: 1 vector @ layer {STEER_LAYER}",
      "narrow", "one_layer", 1),
+    ("scheduled", f"vsteer, 1 vector @ layer {STEER_LAYER} with a linear schedule (K=1)", "vsteer", "scheduled", 1),
+    ("affine", f"vsteer, 1 affine edit @ layer {STEER_LAYER} (K=1)", "vsteer", "affine", 1),
 ]
+AIM_AFFINE_VS_ADD = 0.95  # a rank-4 affine edit, or a schedule, within 5 % of plain `add`
 
 
 def run_once(engine, prompts, params, steering, expected_tokens: int) -> tuple[float, int]:
@@ -348,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(n)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, seed=args.seed)
     expected = n * args.max_tokens
+    vsteer_kw = {"max_ablation_rank": args.affine_rank} if args.affine_rank else {}
     engine_kw = {
         "dtype": args.dtype,
         "enforce_eager": not args.compile,
@@ -369,12 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] built {name} engine in {start_s[name]:.1f} s", flush=True)
 
     build("plain", lambda: vllm.LLM(model=model_path, **engine_kw))
-    build("vsteer", lambda: vsteer.LLM(model_path, store=store_dir, **engine_kw))
+    build("vsteer", lambda: vsteer.LLM(model_path, store=store_dir, **vsteer_kw, **engine_kw))
     if not args.skip_narrow:
-        build("narrow", lambda: vsteer.LLM(model_path, store=store_dir, steerable_layers=[STEER_LAYER], capture_layers=[], **engine_kw))
+        build("narrow", lambda: vsteer.LLM(model_path, store=store_dir, steerable_layers=[STEER_LAYER], capture_layers=[],
+                                           **vsteer_kw, **engine_kw))
 
     specs = build_specs(engines["vsteer"], args)
-    scenarios = [s for s in SCENARIOS if s[2] in engines]
+    scenarios = [s for s in SCENARIOS if s[2] in engines and (s[3] is None or s[3] in specs)]
 
     # Warm-up: one untimed full batch per engine (unsteered), plus one steered batch on vsteer engines.
     for name, eng in engines.items():
@@ -465,6 +492,19 @@ def main(argv: list[str] | None = None) -> int:
             "measure": "compose / plain",
         },
     ]
+    if "scheduled" in by:
+        value = by["scheduled"]["tok_s_median"] / by["one_layer"]["tok_s_median"]
+        aims.append({
+            "aim": "a scheduled vector within 5% of the same vector unscheduled", "value": value,
+            "threshold": AIM_AFFINE_VS_ADD, "met": value >= AIM_AFFINE_VS_ADD, "measure": "scheduled / one_layer",
+        })
+    if "affine" in by:
+        value = by["affine"]["tok_s_median"] / by["one_layer"]["tok_s_median"]
+        aims.append({
+            "aim": f"a rank-{args.affine_rank} affine edit within 5% of one `add` vector (same engine)",
+            "value": value, "threshold": AIM_AFFINE_VS_ADD, "met": value >= AIM_AFFINE_VS_ADD,
+            "measure": "affine / one_layer",
+        })
     if "narrow" in by:
         aims.append({
             "aim": f"(extra) one layer on an engine wrapping only layer {STEER_LAYER} >= {AIM_ONE_LAYER:.2f} x plain vLLM",
@@ -499,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": args.scale,
             "compose": "4 random unit vectors, each at every layer, scale/4 each",
         },
-        "engine_kwargs": engine_kw,
+        "engine_kwargs": engine_kw | vsteer_kw,
         "engine_start_s": start_s,
         "vsteer_stats": stats,
         "rows": rows,
@@ -509,9 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = "compiled" if args.compile else "eager"
-    json_path = out_dir / f"throughput-cpu-{mode}.json"
+    tag = f"{mode}-affine-rank{args.affine_rank}" if args.affine_rank else mode
+    json_path = out_dir / f"throughput-cpu-{tag}.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    png_path = out_dir / f"throughput-cpu-{mode}.png"
+    png_path = out_dir / f"throughput-cpu-{tag}.png"
     if not plot(result, png_path):
         png_path = None
 
@@ -565,6 +606,10 @@ def plot(result: dict, path: Path) -> bool:
     ax.axhline(by["unsteered"]["tok_s_median"], color="tab:green", linestyle="-.", label="vsteer, unsteered")
     if "compose" in by:
         ax.plot([1], [by["compose"]["tok_s_median"]], marker="s", linestyle="none", color="tab:red", label="4 vectors x all layers (K=1)")
+    if "scheduled" in by:
+        ax.plot([1], [by["scheduled"]["tok_s_median"]], marker="v", linestyle="none", color="tab:brown", label="scheduled vector (K=1)")
+    if "affine" in by:
+        ax.plot([1], [by["affine"]["tok_s_median"]], marker="D", linestyle="none", color="tab:orange", label="affine edit (K=1)")
     if "narrow" in by:
         ax.plot([1], [by["narrow"]["tok_s_median"]], marker="^", linestyle="none", color="tab:purple", label=f"engine wrapping layer {STEER_LAYER} only")
     ax.set_xscale("log", base=2)
@@ -591,6 +636,9 @@ def plot(result: dict, path: Path) -> bool:
 
 def write_results_md(path: Path, result: dict, table: str, json_path: Path, png_path: Path | None) -> None:
     title = SECTION_TITLE.format(mode=result["machine"]["mode"])
+    rank = result["engine_kwargs"].get("max_ablation_rank")
+    if rank:
+        title += f", max_ablation_rank {rank}"
     m = result["machine"]
     w = result["workload"]
 

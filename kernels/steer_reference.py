@@ -22,6 +22,7 @@ def check_steer_args(
     bank: torch.Tensor,
     index: torch.Tensor,
     rank: int,
+    scale: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate shapes/dtypes (static properties only) and return ``(T, d)``.
 
@@ -53,6 +54,11 @@ def check_steer_args(
         raise ValueError(f"index must be a 1-D int32/int64 tensor, got {index.dtype} {tuple(index.shape)}")
     if index.shape[0] < T:
         raise ValueError(f"index has {index.shape[0]} entries, fewer than T={T} tokens")
+    if scale is not None:
+        if scale.dim() != 1 or scale.dtype != torch.float32:
+            raise ValueError(f"scale must be a 1-D float32 tensor, got {scale.dtype} {tuple(scale.shape)}")
+        if scale.shape[0] < T:
+            raise ValueError(f"scale has {scale.shape[0]} entries, fewer than T={T} tokens")
     return T, d
 
 
@@ -63,6 +69,7 @@ def steer_residual_torch(
     index: torch.Tensor,
     *,
     rank: int,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply per-token slot steering to a decoder layer's output (out of place).
 
@@ -75,6 +82,7 @@ def steer_residual_torch(
         if flag:                                  # branch-free (torch.where)
             s     = ||hf|| / max(||out||, 1e-6)
             delta = (hf + delta) * s - hf         # i.e. out_n - hf
+        delta = delta * scale[t]                  # only with ``scale`` (a schedule's multiplier)
         return target + delta.to(target.dtype)     # target = residual, or hidden if None
 
     ``flag`` is treated as a boolean (any non-zero value normalizes) and applied
@@ -91,12 +99,14 @@ def steer_residual_torch(
         bank: float32 ``[num_slots, 2d + 2Kd + 1]`` slot bank.
         index: int32/int64 ``[>= T]`` slot id per token; only ``index[:T]`` is used.
         rank: K, the bank's ablation rank (static).
+        scale: float32 ``[>= T]`` multiplier of each token's delta, or None (no multiply; a
+            multiplier of exactly 1.0 gives bitwise the same result).
 
     Returns:
         New ``[T, d]`` tensor in ``target``'s dtype: the steered residual (or the
         steered hidden when ``residual`` is None). Inputs are never modified.
     """
-    T, d = check_steer_args(hidden, residual, bank, index, rank)
+    T, d = check_steer_args(hidden, residual, bank, index, rank, scale)
     if residual is None:
         target = hidden
         hf = hidden.float()
@@ -124,5 +134,7 @@ def steer_residual_torch(
         out, dim=-1, keepdim=True
     ).clamp_min(NORM_EPS)
     nd = torch.where(flag != 0, hf - out * s, nd)
+    if scale is not None:
+        nd = nd * scale[:T, None]
 
     return target - nd.to(target.dtype)

@@ -38,6 +38,7 @@ if HAVE_TRITON:
         res_ptr,
         bank_ptr,
         idx_ptr,
+        scale_ptr,
         out_ptr,
         D,
         stride_h,
@@ -48,6 +49,7 @@ if HAVE_TRITON:
         eps,
         K: tl.constexpr,
         HAS_RES: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         # One token row: out[t] = target[t] - nd(t) with nd = -delta (see reference).
@@ -83,6 +85,8 @@ if HAVE_TRITON:
         onorm = tl.sqrt(tl.sum(out * out, axis=0))
         s = hnorm / tl.maximum(onorm, eps)
         nd = tl.where(flag != 0.0, hf - out * s, nd)
+        if HAS_SCALE:
+            nd = nd * tl.load(scale_ptr + row)
 
         # Mirror torch's `target - nd.to(dtype)`: round nd to the target dtype,
         # subtract in float32, round once.
@@ -104,6 +108,7 @@ def steer_residual_triton(
     index: torch.Tensor,
     *,
     rank: int,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`steer_residual_torch` (same contract, CUDA only).
 
@@ -112,6 +117,7 @@ def steer_residual_triton(
 
         delta = hf * m - hf - sum_k (hf . L_k) R_k + a
         if flag: delta = (hf + delta) * ||hf|| / max(||hf + delta||, 1e-6) - hf
+        delta = delta * scale[t]                  # only with ``scale``
         return target + delta.to(target.dtype)   # target = residual or hidden
 
     Identity rows give bitwise ``target``. Out of place; reads ``index[:T]`` only.
@@ -122,6 +128,7 @@ def steer_residual_triton(
         bank: float32 ``[num_slots, 2d + 2Kd + 1]`` (last dim contiguous).
         index: int32/int64 ``[>= T]``.
         rank: K (static).
+        scale: float32 ``[>= T]`` per-token multiplier of the delta, or None.
 
     Returns:
         New contiguous ``[T, d]`` tensor in ``target``'s dtype.
@@ -131,7 +138,7 @@ def steer_residual_triton(
     """
     if not HAVE_TRITON:
         raise RuntimeError(f"Triton is not available ({TRITON_IMPORT_ERROR})")
-    T, d = check_steer_args(hidden, residual, bank, index, rank)
+    T, d = check_steer_args(hidden, residual, bank, index, rank, scale)
     target = hidden if residual is None else residual
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
@@ -139,6 +146,8 @@ def steer_residual_triton(
         residual = residual.contiguous()
     if bank.stride(-1) != 1:
         bank = bank.contiguous()
+    if scale is not None and scale.stride(0) != 1:
+        scale = scale.contiguous()
     out = torch.empty((T, d), dtype=target.dtype, device=target.device)
     if T == 0:
         return out
@@ -149,6 +158,7 @@ def steer_residual_triton(
         res_arg,
         bank,
         index,
+        scale if scale is not None else index,  # any valid pointer when unused
         out,
         d,
         hidden.stride(0),
@@ -159,6 +169,7 @@ def steer_residual_triton(
         NORM_EPS,
         K=rank,
         HAS_RES=residual is not None,
+        HAS_SCALE=scale is not None,
         BLOCK_D=block_d,
         num_warps=_num_warps(block_d),
     )

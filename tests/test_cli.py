@@ -59,6 +59,9 @@ def test_generate_jsonl_matches_python_api(tmp_path, caa_vector, eager_llm):
         {"prompt": "I think that", "steering": {"interventions": [{"op": "add", "vector": str(caa_vector), "scale": 4.0}]}, "max_tokens": 8, "temperature": 0.0},
         {"prompt": "My neighbour is", "steering": {"interventions": [{"op": "add", "vector": [0.1] * 576, "layers": [5, 6], "scale": 3.0}]}, "max_tokens": 8, "temperature": 0.0},
         {"prompt": "Once upon a time", "steering": None, "max_tokens": 8, "temperature": 0.8, "seed": 7},
+        {"prompt": "I think that", "steering": {"interventions": [{"op": "add", "vector": str(caa_vector), "scale": 8.0,
+                                                                   "schedule": {"kind": "exp", "half_life": 3}}]},
+         "max_tokens": 8, "temperature": 0.0},
     ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -34,6 +34,47 @@ Positions = Union[Literal["all", "prompt", "generated", "from_last_prompt_token"
 VectorRef = Union[str, list[float]]
 
 
+class _Schedule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ConstantSchedule(_Schedule):
+    """The scale itself at every token (the same as no schedule)."""
+
+    kind: Literal["constant"]
+
+
+class LinearSchedule(_Schedule):
+    """``from + (to - from) * min(t, over) / over`` times the scale."""
+
+    kind: Literal["linear"]
+    from_: float = Field(alias="from", allow_inf_nan=False,
+                         description="Multiplier at generated token 0 (and on the prompt).")
+    to: float = Field(allow_inf_nan=False, description="Multiplier from generated token `over` on.")
+    over: int = Field(ge=1, description="Generated tokens over which the multiplier moves from `from` to `to`.")
+
+
+class ExpSchedule(_Schedule):
+    """``0.5 ** (t / half_life)`` times the scale."""
+
+    kind: Literal["exp"]
+    half_life: float = Field(gt=0, allow_inf_nan=False,
+                             description="Generated tokens after which the multiplier has halved.")
+
+
+class WindowSchedule(_Schedule):
+    """The scale on generated tokens ``start <= t < start + length``, nothing elsewhere."""
+
+    kind: Literal["window"]
+    start: int = Field(ge=0, description="First generated token steered (0 also steers the prompt).")
+    length: int = Field(ge=1, description="Number of generated tokens steered.")
+
+
+Schedule = Annotated[
+    Union[ConstantSchedule, LinearSchedule, ExpSchedule, WindowSchedule], Field(discriminator="kind")
+]
+
+
 class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,6 +95,25 @@ class _Op(BaseModel):
         "[start, end) absolute token positions. A per-position vector (ActAdd) adds its row p "
         "at prompt position p, front-aligned, within these positions.",
     )
+
+    schedule: Schedule | None = Field(
+        default=None,
+        description="The scale as a function of t, the generated-token index (t = 0 at position "
+        "prompt_len; prompt tokens use t = 0): constant, linear, exp or window (vsteer.schedules). "
+        "add (without normalize) and affine only; at a layer, all edits other than sas share one "
+        "schedule, which multiplies the layer's composed change.",
+    )
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "_Op":
+        if self.schedule is None:
+            return self
+        op = getattr(self, "op", None)
+        if op not in ("add", "affine"):
+            raise ValueError(f"schedule is supported on 'add' and 'affine', not on {op!r}")
+        if getattr(self, "normalize", False):
+            raise ValueError("schedule cannot be combined with normalize")
+        return self
 
     @field_validator("vector")
     @classmethod
@@ -210,9 +270,18 @@ class SteeringSpec(BaseModel):
                     f"|scale| = {abs(item.scale):g} exceeds the bound {max_abs_scale:g}",
                     field=f"interventions.{i}.scale",
                 )
+            if isinstance(item.schedule, LinearSchedule):
+                peak = abs(item.scale) * max(abs(item.schedule.from_), abs(item.schedule.to))
+                if peak > max_abs_scale:
+                    raise SpecError(
+                        f"|scale| x the linear schedule's largest multiplier = {peak:g} exceeds the bound "
+                        f"{max_abs_scale:g}",
+                        field=f"interventions.{i}.schedule",
+                    )
 
 
-_TYPE_NAMES = frozenset({"add", "ablate", "sara", "sas", "affine", "str", "int", "float", "bool", "list", "dict"})
+_TYPE_NAMES = frozenset({"add", "ablate", "sara", "sas", "affine", "str", "int", "float", "bool", "list", "dict",
+                         "constant", "linear", "exp", "window"})
 
 
 def _is_union_branch(part: object) -> bool:
@@ -249,6 +318,9 @@ def parse_spec(value: Any) -> SteeringSpec | None:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p))
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "union_tag_invalid":
+        if err["type"] == "union_tag_invalid" and field.endswith("schedule"):
+            msg = (f"unknown schedule kind {err.get('input', {}).get('kind')!r}; expected 'constant', 'linear', "
+                   "'exp' or 'window'")
+        elif err["type"] == "union_tag_invalid":
             msg = f"unknown op {err.get('input', {}).get('op')!r}; expected 'add', 'ablate', 'sara', 'sas' or 'affine'"
         raise SpecError(msg, field=field or "steering") from exc

@@ -8,6 +8,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from vsteer import schedules
+
 
 def _mask(positions, seq_len: int, prompt_len: int) -> torch.Tensor:
     pos = torch.arange(seq_len)
@@ -26,7 +28,9 @@ def _mask(positions, seq_len: int, prompt_len: int) -> torch.Tensor:
 @contextmanager
 def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[None]:
     """interventions: dicts with op, direction (tensor [d] or {layer: tensor}), layers, scale,
-    positions, normalize. Applied in order at the OUTPUT of each layer (HF hidden_states[L+1])."""
+    positions, normalize, schedule (vsteer.schedules tuple). Applied in order at the OUTPUT of each
+    layer (HF hidden_states[L+1]). A schedule multiplies the layer's composed change (after sas) by
+    its value at t = position - prompt_len (t < 0 counts as 0)."""
     by_layer: dict[int, list[dict]] = {}
     for item in interventions:
         for layer in item["layers"]:
@@ -38,8 +42,9 @@ def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[No
             hidden = output[0] if isinstance(output, tuple) else output
             h = hidden.double()
             seq_len = h.shape[1]
-            before = h
+            before = base = h
             any_norm = False
+            sched = next((it["schedule"] for it in items if it.get("schedule") is not None), None)
             for it in items:
                 m = _mask(it.get("positions", "all"), seq_len, prompt_len)[None, :, None]
                 if it["op"] == "sas":  # SAS in float64, error term kept
@@ -48,6 +53,7 @@ def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[No
                     z = sae.activate(h @ w_enc + sae.encoder_bias().double())
                     shifted = sae.activate(z + it.get("scale", 1.0) * it["s"].double())
                     h = torch.where(m, h + (shifted - z) @ w_dec, h)
+                    base = h  # a schedule scales what comes after sas
                     continue
                 if it["op"] == "affine":  # h + scale * ((h A^T) B + b), in float64
                     A, B, b = (t.double() for t in it["affine"][layer])
@@ -68,6 +74,10 @@ def hooked(model, interventions: Sequence[dict], prompt_len: int) -> Iterator[No
             if any_norm:
                 rescaled = h * (before.norm(dim=-1, keepdim=True) / h.norm(dim=-1, keepdim=True))
                 h = torch.where(norm_mask, rescaled, h)
+            if sched is not None:
+                t = torch.arange(seq_len, dtype=torch.float64) - prompt_len
+                mult = torch.from_numpy(schedules.values(sched, t.numpy()))[None, :, None]
+                h = base + mult * (h - base)
             new = h.to(hidden.dtype)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 

@@ -27,6 +27,8 @@ def _configs(directions) -> list[dict]:
             {"op": "add", "vector": wedding, "layers": [8, 20], "scale": 8.0, "positions": "generated"},
         ]},
         {"interventions": [{"op": "add", "vector": [0.05] * 576, "layers": [2, 3], "scale": 20.0}]},
+        {"interventions": [{"op": "add", "vector": love, "layers": [10], "scale": 10.0,
+                            "schedule": {"kind": "linear", "from": 1.0, "to": -1.0, "over": 8}}]},
     ]
 
 

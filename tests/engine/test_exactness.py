@@ -169,3 +169,38 @@ def test_the_engine_refuses_a_request_the_runner_cannot_serve(eager_llm, directi
         assert out.outputs[0].finish_reason == "error" and not out.outputs[0].token_ids, f"bad request {i}"
     plain = eager_llm.generate(["I think that"], good)[0]
     assert list(outs[-1].outputs[0].token_ids) == list(plain.outputs[0].token_ids)
+
+
+def test_schedules_under_chunked_prefill_and_preemption_equal_a_roomy_engine(chunky, eager_llm, directions):
+    """Scale schedules read each token's absolute position: a long prompt prefilled in 64-token
+    steps and requests preempted and recomputed (their generated tokens re-run as a prefill) get
+    the tokens of an engine with room to spare."""
+    love = directions["love"].sha256
+    scheds = [{"kind": "linear", "from": 1.5, "to": -1.0, "over": 40}, {"kind": "exp", "half_life": 12},
+              {"kind": "window", "start": 5, "length": 30}, None]
+    prompts = [LONG, "I think that", "The weather today is", "My best friend"] * 4
+    specs = [{"interventions": [{**_add(love, [10], 8.0), **({"schedule": s} if s else {})}]}
+             for s in scheds for _ in range(4)]
+    params = SamplingParams(max_tokens=81, temperature=0.0, ignore_eos=True)
+    before = _preemptions(chunky)
+    got = chunky.generate(prompts, params, steering=specs)
+    assert _preemptions(chunky) > before, "the KV cache was large enough: nothing was preempted"
+    want = eager_llm.generate(prompts, params, steering=specs)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert list(g.outputs[0].token_ids) == list(w.outputs[0].token_ids), f"request {i}"
+
+
+def test_a_scheduled_second_turn_on_a_warm_cache_equals_a_cold_run(chunky, directions):
+    """Turn 1's reply was steered with the schedule's value at each generated index; as turn 2's
+    prompt it gets the value at t = 0, so turn 2 must not read turn 1's KV."""
+    tok = chunky.get_tokenizer()
+    add = _add(directions["love"].sha256, [10], 8.0)
+    spec = {"interventions": [{**add, "schedule": {"kind": "linear", "from": 1.0, "to": -1.0, "over": 16}}]}
+    turn1_ids = tok(LONG)["input_ids"]
+    reply = list(chunky.generate([turn1_ids], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
+                                 steering=spec)[0].outputs[0].token_ids)
+    turn2_ids = turn1_ids + reply + tok(" And then?")["input_ids"]
+    warm = chunky.generate([turn2_ids], SamplingParams(max_tokens=24, temperature=0.0), steering=spec)[0]
+    chunky.engine.reset_prefix_cache()
+    cold = chunky.generate([turn2_ids], SamplingParams(max_tokens=24, temperature=0.0), steering=spec)[0]
+    assert list(warm.outputs[0].token_ids) == list(cold.outputs[0].token_ids)

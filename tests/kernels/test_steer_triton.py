@@ -122,6 +122,26 @@ def test_triton_matches_reference_no_residual(dtype, d, rank):
     check_against_reference(hidden, None, bank, index.to(torch.int64), rank, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not (_CUDA and _HAVE_TRITON), reason="needs a CUDA GPU with Triton")
+def test_triton_per_token_scale_matches_reference(dtype, rank):
+    from vsteer.kernels.steer_triton import steer_residual_triton
+
+    d, T = 576, 40
+    bank = make_bank(d, rank, 8, seed=rank)
+    hidden, residual, index = make_inputs(T, d, dtype, 8, seed=rank + 5)
+    scale = torch.linspace(-1.0, 2.0, T + 8, device="cuda")
+    got = steer_residual_triton(hidden, residual, bank, index, rank=rank, scale=scale)
+    want = steer_residual_torch(hidden, residual, bank, index, rank=rank, scale=scale)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, float(want.abs().max())))
+    ones = torch.ones(T, device="cuda")
+    assert torch.equal(steer_residual_triton(hidden, residual, bank, index, rank=rank, scale=ones),
+                       steer_residual_triton(hidden, residual, bank, index, rank=rank))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (_CUDA and _HAVE_TRITON), reason="needs a CUDA GPU with Triton")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -293,6 +313,16 @@ _INTERPRET_SCRIPT = textwrap.dedent(
             assert torch.equal(got[ident], tgt[ident])
             if dtype is torch.float32:
                 assert torch.equal(got[ident].view(torch.int32), tgt[ident].view(torch.int32))
+            # a per-token multiplier of the delta (schedules): 1.0 is bitwise no multiplier
+            mult = torch.linspace(-1.5, 2.0, T + 3)
+            mult[T - 1] = 1.0
+            want = steer_residual_torch(h, r, bank, idx, rank=K, scale=mult)
+            got = steer_residual_triton(h, r, bank, idx, rank=K, scale=mult)
+            torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+            one = steer_residual_torch(h, r, bank, idx, rank=K, scale=torch.ones(T))
+            assert torch.equal(one, steer_residual_torch(h, r, bank, idx, rank=K))
+            plain_want = steer_residual_torch(h, r, bank, idx, rank=K)
+            torch.testing.assert_close(got[T - 1], plain_want[T - 1], rtol=TOL[dtype], atol=TOL[dtype] * scale)
     print("INTERPRET_OK")
     """
 )

@@ -420,12 +420,22 @@ def _strategies():
     layers = (st.lists(st.integers(-5, 40), max_size=6) | st.integers(-(10**20), 10**20) | values
               | st.builds(lambda: list(range(20000))) | st.builds(lambda: [10] * 5000))
     positions = st.sampled_from(["all", "prompt", "generated", "bogus", None]) | st.lists(st.integers(-(10**20), 10**20), max_size=3) | values
+    schedules = st.fixed_dictionaries(
+        {"kind": st.sampled_from(["constant", "linear", "exp", "window", "Linear", ""]) | text},
+        optional={"from": numbers | values, "to": numbers | values, "over": numbers | values,
+                  "half_life": numbers | values, "start": numbers | values, "length": numbers | values,
+                  "unknown": values}) | values
     fuzzed = st.fixed_dictionaries({"op": ops, "vector": refs, "layers": layers},
                                    optional={"scale": numbers | text | values, "positions": positions, "normalize": values,
-                                             "sae": text, "unknown": values})
+                                             "sae": text, "unknown": values, "schedule": schedules})
     valid = st.builds(lambda scale, layer: {"op": "add", "vector": "pub", "layers": [layer], "scale": scale},
                       st.floats(-20, 20, allow_nan=False), st.integers(0, 29))
-    interventions = st.lists(fuzzed | valid, max_size=5)
+    valid_scheduled = st.builds(
+        lambda scale, layer, sched: {"op": "add", "vector": "pub", "layers": [layer], "scale": scale, "schedule": sched},
+        st.floats(-20, 20, allow_nan=False), st.integers(0, 29),
+        st.sampled_from([{"kind": "linear", "from": 1.0, "to": -1.0, "over": 3}, {"kind": "exp", "half_life": 0.5},
+                         {"kind": "window", "start": 0, "length": 1}, {"kind": "constant"}]))
+    interventions = st.lists(fuzzed | valid | valid_scheduled, max_size=5)
     steering = (st.fixed_dictionaries({"interventions": interventions}) | interventions | values | deep
                 | st.dictionaries(text, values, max_size=3) | st.fixed_dictionaries({"interventions": values}))
     return st.tuples(steering, st.sampled_from(["body", "xargs_text", "xargs_object", "both"]))

@@ -51,6 +51,21 @@ def test_steered_completion_equals_the_python_api_and_streams_the_same(client, e
     assert via_xargs.choices[0].text == got.choices[0].text
 
 
+def test_scheduled_steering_over_http_equals_the_python_api(client, eager_llm, directions):
+    """A schedule reaches the engine through HTTP: a linear schedule held at -1 steers like scale
+    -10 without one, and not like +10."""
+    prompt = "I think that"
+    spec = {"interventions": [{**_spec(directions, 10.0)["interventions"][0],
+                               "schedule": {"kind": "linear", "from": -1.0, "to": -1.0, "over": 4}}]}
+    want, negated = eager_llm.generate([prompt, prompt], SamplingParams(max_tokens=12, temperature=0.0),
+                                       steering=[spec, _spec(directions, -10.0)])
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"steering": spec})
+    assert got.choices[0].text == want.outputs[0].text == negated.outputs[0].text
+    positive = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                         extra_body={"steering": _spec(directions, 10.0)})
+    assert positive.choices[0].text != got.choices[0].text
+
+
 def test_steered_chat_completion(client, directions):
     messages = [{"role": "user", "content": "Describe your neighbour in one sentence."}]
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
@@ -67,6 +82,9 @@ BAD = {
     "schema": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layres": [3]}]}}, "interventions.0.layres"),
     "malformed JSON in xargs": ({"vllm_xargs": {"steering": "{not json"}}, "steering"),
     "a file path": ({"steering": {"interventions": [{"op": "add", "vector": "/etc/hostname", "layers": [3]}]}}, "interventions.0.vector"),
+    "bad schedule": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [3],
+                                                      "schedule": {"kind": "exp", "half_life": -2}}]}},
+                     "interventions.0.schedule.half_life"),
 }
 
 

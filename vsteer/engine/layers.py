@@ -51,6 +51,7 @@ class StepActivity:
         self.capture: bool = False
         self.sas_len: dict[int, int] = {}  # SAS layer -> size of the step's feature union
         self.accumulate: bool = False  # some token of the step adds to an effect row
+        self.scaled: bool = False  # some token of the step has a schedule's multiplier
 
 
 class _SasDelta:
@@ -96,6 +97,13 @@ class _PreSteer(_SasDelta, _EffectSums):
     and return the SAS change (None where the layer has no SAS). Which of these a layer does is
     fixed when it is wrapped, so the branches below are static for torch.compile."""
 
+    def _vsteer_step_scale(self, n: int) -> torch.Tensor | None:
+        """The per-token multipliers of this layer's change (schedules). Compiled engines always
+        read them (all ones when nothing is scheduled); eager ones only on steps that need them."""
+        if self._vsteer_eager and not self._vsteer_activity.scaled:
+            return None
+        return self._vsteer_scale[:n]
+
     def _vsteer_pre(self, stream: torch.Tensor, n: int) -> torch.Tensor | None:
         if self._vsteer_capture is not None:
             self._vsteer_capture[:n].copy_(stream)
@@ -114,7 +122,8 @@ class _SteeredPair(_PreSteer):
             delta = self._vsteer_pre(hidden + residual, n)  # the stream is summed once
             if delta is not None:
                 residual = (residual.float() + delta).to(residual.dtype)
-        residual = self._vsteer_apply(hidden, residual, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
+        residual = self._vsteer_apply(hidden, residual, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank,
+                                      scale=self._vsteer_step_scale(n))
         return hidden, residual
 
 
@@ -128,7 +137,8 @@ class _SteeredSingle(_PreSteer):
             delta = self._vsteer_pre(hidden, n)
             if delta is not None:
                 hidden = (hidden.float() + delta).to(hidden.dtype)
-        return self._vsteer_apply(hidden, None, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank)
+        return self._vsteer_apply(hidden, None, self._vsteer_bank, self._vsteer_index[:n], rank=self._vsteer_rank,
+                                  scale=self._vsteer_step_scale(n))
 
 
 class _SkipUnusedLayer:
@@ -214,6 +224,7 @@ class SteeringBuffers(NamedTuple):
     activity: StepActivity  # read by eager layers only
     sas: dict[int, SasBuffers]  # SAE layer -> its SAS state
     effect_index: torch.Tensor  # [max_tokens] int64 effect row per token; 0 = not measured
+    scale: torch.Tensor  # [len(layers), max_tokens] float32 multiplier of each token's change (schedules)
 
 
 def wrap_decoder_layers(
@@ -245,6 +256,7 @@ def wrap_decoder_layers(
     captured = set(wanted) if capture_layers is None else set(capture_layers) & set(wanted)
     bank = layout.identity_bank(len(wanted) * (num_slots + 1), device=device).view(len(wanted), num_slots + 1, layout.width)
     index = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+    scale = torch.ones(len(wanted), max_tokens, dtype=torch.float32, device=device)
     capture = {layer: torch.zeros(max_tokens, layout.hidden_size, dtype=dtype, device=device) for layer in sorted(captured)}
     apply = get_steer_backend(device)
     activity = StepActivity()
@@ -263,6 +275,7 @@ def wrap_decoder_layers(
         module._vsteer_activity = activity
         module.register_buffer("_vsteer_bank", bank[row], persistent=False)
         module.register_buffer("_vsteer_index", index, persistent=False)
+        module.register_buffer("_vsteer_scale", scale[row], persistent=False)
         if layer in capture:
             module.register_buffer("_vsteer_capture", capture[layer], persistent=False)
         else:
@@ -285,7 +298,7 @@ def wrap_decoder_layers(
             module._vsteer_capture is not None or module._vsteer_acc_sums is not None
             or module._vsteer_sas_activation is not None
         )
-    return SteeringBuffers(tuple(wanted), bank, index, capture, activity, sas_state, effect_index)
+    return SteeringBuffers(tuple(wanted), bank, index, capture, activity, sas_state, effect_index, scale)
 
 
 def _attach_sae(module: nn.Module, sae: "SparseAutoencoder", num_slots: int, max_support: int, device: torch.device) -> SasBuffers:

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
+from pydantic import TypeAdapter, ValidationError
+
+from vsteer import schedules
 from vsteer._errors import SpecError, VectorFileError
 from vsteer.kernels import BankLayout
 from vsteer.spec import (
@@ -28,6 +31,7 @@ from vsteer.spec import (
     AddOp,
     SaraOp,
     SasOp,
+    Schedule,
     SteeringSpec,
     parse_spec,
 )
@@ -56,6 +60,7 @@ class ResolvedIntervention:
     sae: str | None = None  # sas: the engine SAE's name
     support: int = 0  # sas: non-zero features of the vector (0 for TopK: nothing to budget)
     width: int = 0  # sas: the SAE's d_sae
+    schedule: tuple | None = None  # vsteer.schedules form; None = the scale at every token
 
     def to_json(self) -> dict:
         data = {
@@ -69,6 +74,8 @@ class ResolvedIntervention:
         }
         if self.op == "sas":
             data.update(sae=self.sae, support=self.support, width=self.width)
+        if self.schedule is not None:  # absent otherwise: plans without schedules keep their hashes
+            data["schedule"] = schedules.from_tuple(self.schedule)
         return data
 
     @classmethod
@@ -85,6 +92,7 @@ class ResolvedIntervention:
             sae=data.get("sae"),
             support=int(data.get("support", 0)),
             width=int(data.get("width", 0)),
+            schedule=parse_schedule(data.get("schedule")),
         )
 
     def active_at(self, start: int, prompt_len: int) -> bool:
@@ -153,6 +161,7 @@ class SteeringPlan:
         for i in active:
             d = self.interventions[i].to_json()
             del d["positions"]
+            d.pop("schedule", None)  # applied per token on top of the row: rows are shared
             if d["rows"]:
                 d["row"] = start
             items.append(d)
@@ -181,6 +190,11 @@ class SteeringPlan:
     def slot_keys(self, prompt_len: int) -> frozenset[str]:
         """The distinct non-identity slot keys this request needs."""
         return frozenset(s.key for s in self.segments(prompt_len) if s.key is not None)
+
+    def layer_schedules(self) -> dict[int, tuple]:
+        """Layer -> the schedule its (non-sas) edits share, for the layers that have one."""
+        return {layer: it.schedule for it in self.interventions if it.schedule is not None and it.op != "sas"
+                for layer in it.layers}
 
     def sas_widths(self) -> dict[int, int]:
         """SAE layer -> d_sae, for the layers this plan's sas ops use."""
@@ -364,11 +378,13 @@ def resolve_spec(
         sha = store.put(vector)
         if isinstance(item, AddOp):
             rows = vector.num_positions or 0
-            out.append(ResolvedIntervention("add", sha, layers, item.scale, item.positions, item.normalize, rows))
+            out.append(ResolvedIntervention("add", sha, layers, item.scale, item.positions, item.normalize, rows,
+                                            schedule=_schedule_of(item)))
         else:
             out.append(ResolvedIntervention("ablate", sha, layers, 1.0, item.positions, False))
     plan = SteeringPlan(tuple(out))
     _check_sas_first(plan)
+    check_schedules(plan)
     ranks: Counter[int] = Counter()
     for item in plan.interventions:
         if item.op in ("ablate", "affine"):
@@ -485,7 +501,54 @@ def _resolve_affine(item: "AffineOp", vector: SteeringVector, field: str, store:
     _check_layers(layers, model, allowed, f"{field}.layers")
     for layer in layers:
         check_affine_shape(_at_layer(_layer_tensor, vector, layer, field), layer, f"{field}.vector")
-    return ResolvedIntervention("affine", store.put(vector), layers, item.scale, item.positions, False)
+    return ResolvedIntervention("affine", store.put(vector), layers, item.scale, item.positions, False,
+                                schedule=_schedule_of(item))
+
+
+_SCHEDULE = TypeAdapter(Schedule)
+
+
+def _schedule_of(item: "AddOp | AffineOp") -> tuple | None:
+    return schedules.as_tuple(item.schedule.model_dump(by_alias=True)) if item.schedule is not None else None
+
+
+def parse_schedule(data: object) -> tuple | None:
+    """A plan's JSON schedule (None when absent), checked like a spec's.
+
+    Raises:
+        SpecError: a malformed schedule.
+    """
+    if data is None:
+        return None
+    try:
+        return schedules.as_tuple(_SCHEDULE.validate_python(data).model_dump(by_alias=True))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(f"bad schedule: {err['msg']}", field="schedule") from exc
+
+
+def check_schedules(plan: SteeringPlan) -> None:
+    """A schedule scales its layer's composed change, so at a layer every edit other than sas must
+    carry the same schedule (or none), and only add (without normalize) and affine carry one.
+
+    Raises:
+        SpecError: naming the intervention that breaks this.
+    """
+    first: dict[int, tuple[int, tuple | None]] = {}
+    for i, item in enumerate(plan.interventions):
+        if item.schedule is not None and (item.op not in ("add", "affine") or item.normalize):
+            raise SpecError(f"schedule is supported on add (without normalize) and affine, not on {item.op!r}",
+                            field=f"interventions.{i}.schedule")
+        if item.op == "sas":
+            continue
+        for layer in item.layers:
+            j, sched = first.setdefault(layer, (i, item.schedule))
+            if sched != item.schedule:
+                raise SpecError(
+                    f"interventions {j} and {i} act at layer {layer} with different schedules; the edits at "
+                    "one layer share one schedule (it multiplies the layer's composed change)",
+                    field=f"interventions.{i}.schedule",
+                )
 
 
 def _check_sas_first(plan: SteeringPlan) -> None:

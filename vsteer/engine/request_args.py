@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from vsteer._errors import SpecError, VsteerError
-from vsteer.engine.plan import EXTRA_ARGS_KEY, SteeringPlan, _direction, _layer_tensor, check_affine_shape, fold_layer
+from vsteer.engine.plan import (EXTRA_ARGS_KEY, SteeringPlan, _direction, _layer_tensor, check_affine_shape,
+                                 check_schedules, fold_layer)
 from vsteer.kernels import BankLayout
 
 #: ``extra_args[CAPTURE_ARGS_KEY] = {"layers": [int], "path": str}``: write the residuals at the
@@ -90,13 +91,14 @@ def parse_request_args(extra_args: Mapping[str, Any] | None, prompt_len: int, li
 
 def cache_salt(args: RequestArgs, prompt_len: int, client_salt: str | None) -> str | None:
     """The prefix-cache salt of a request: ``client_salt`` unchanged for plain requests, else a
-    digest of the tenant, the plan, the prompt length when the plan's positions depend on where the
-    prompt ends, and the client's salt."""
+    digest of the tenant, the plan, the prompt length when the plan's positions or schedules depend
+    on where the prompt ends, and the client's salt."""
     if args.plan is None and args.tenant is None:
         return client_salt
     plan = args.plan
     relative = plan is not None and any(
-        it.rows or (isinstance(it.positions, str) and it.positions in _PROMPT_RELATIVE) for it in plan.interventions
+        it.rows or it.schedule is not None or (isinstance(it.positions, str) and it.positions in _PROMPT_RELATIVE)
+        for it in plan.interventions
     )
     parts = [args.tenant, plan.hash if plan else None, prompt_len if relative else None, client_salt]
     return "vsteer:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
@@ -141,6 +143,7 @@ def _check_plan(data: Any, prompt_len: int, limits: EngineLimits) -> SteeringPla
                 tensor = _layer_tensor(vec, layer)
                 if tensor.ndim != 2 or tensor.shape[0] < rows:
                     raise SpecError(f"per-position vector has fewer than {rows} rows at layer {layer}", field=f"{where}.vector")
+    check_schedules(plan)
     segments = plan.segments(prompt_len)
     keys = {s.key for s in segments if s.key is not None}
     if len(keys) > limits.max_slots:

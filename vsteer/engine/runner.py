@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vsteer import schedules
 from vsteer.engine.capture import CaptureBook
 from vsteer.engine.config import SteeringEngineConfig
 from vsteer.engine.effect_rows import EffectBook
@@ -39,6 +40,8 @@ class _RequestSteering:
     segments: list[Segment]
     keys: frozenset[str]
     single_key: str | None | bool  # the key when one segment covers everything, else False
+    prompt_len: int = 0
+    scheduled: tuple[tuple[np.ndarray, tuple], ...] = ()  # (bank rows of the layers, their schedule)
 
 
 class SteeringRunnerMixin:
@@ -93,9 +96,13 @@ class SteeringRunnerMixin:
         self._vsteer_slots = LRUSlotManager(num_slots, self._vsteer_write_slot)
         self._vsteer_index_host = np.zeros(max_tokens, dtype=np.int32)
         self._vsteer_index_stage = torch.from_numpy(self._vsteer_index_host)
+        self._vsteer_scale_stage = torch.ones(len(self._vsteer_buffers.layers), max_tokens, dtype=torch.float32)
         if self.device.type == "cuda":
             self._vsteer_index_stage = self._vsteer_index_stage.pin_memory()
             self._vsteer_index_host = self._vsteer_index_stage.numpy()
+            self._vsteer_scale_stage = self._vsteer_scale_stage.pin_memory()
+        self._vsteer_scale_host = self._vsteer_scale_stage.numpy()
+        self._vsteer_scale_prev = 0  # tokens whose multipliers the last step wrote
         self._vsteer_prev_tokens = 0
         self._vsteer_requests: dict[str, _RequestSteering] = {}
         # slot key -> (a plan using it, its active interventions, first position, live requests)
@@ -129,7 +136,12 @@ class SteeringRunnerMixin:
                 refs = source[3] if source else 0
                 self._vsteer_key_source[key] = (plan, seg.active, seg.start, refs + 1)
             single = segments[0].key if len(segments) == 1 else False
-            self._vsteer_requests[req_id] = _RequestSteering(segments, keys, single)
+            by_schedule: dict[tuple, list[int]] = {}
+            for layer, sched in plan.layer_schedules().items():
+                if layer in self._vsteer_layer_row:
+                    by_schedule.setdefault(sched, []).append(self._vsteer_layer_row[layer])
+            scheduled = tuple((np.array(sorted(rows)), sched) for sched, rows in by_schedule.items())
+            self._vsteer_requests[req_id] = _RequestSteering(segments, keys, single, prompt_len, scheduled)
         eff = extra.get(EFFECTS_ARGS_KEY)
         if eff is not None:
             self._vsteer_effects.register(req_id, eff, prompt_len)
@@ -226,6 +238,7 @@ class SteeringRunnerMixin:
                 if lo < hi:
                     idx[off + lo - start : off + hi - start] = self._vsteer_slots.acquire(seg.key) if seg.key else 0
         off = runs[-1].off + runs[-1].n if runs else 0
+        self._vsteer_fill_scale(runs)
         self._vsteer_capturing = self._vsteer_captures.plan_step(runs)
         if self._vsteer_buffers.sas:
             self._vsteer_fill_unions()
@@ -240,6 +253,29 @@ class SteeringRunnerMixin:
         if any_steered or self._vsteer_prev_tokens:
             self._vsteer_buffers.index[:end].copy_(self._vsteer_index_stage[:end], non_blocking=True)
         self._vsteer_prev_tokens = off if any_steered else 0
+
+    def _vsteer_fill_scale(self, runs: list[StepRun]) -> None:
+        """Per wrapped layer and token, the schedule's multiplier of the token's change (1 where
+        nothing is scheduled, and on tokens whose slot is the identity)."""
+        scale, idx = self._vsteer_scale_host, self._vsteer_index_host
+        prev = self._vsteer_scale_prev
+        if prev:
+            scale[:, :prev] = 1.0
+        end = 0
+        for run in runs:
+            st = self._vsteer_requests.get(run.req_id)
+            if st is None or not st.scheduled:
+                continue
+            t = np.arange(run.start, run.start + run.n) - st.prompt_len
+            live = idx[run.off : run.off + run.n] != 0
+            for rows, sched in st.scheduled:
+                scale[rows, run.off : run.off + run.n] = np.where(live, schedules.values(sched, t), 1.0)
+            end = run.off + run.n
+        top = max(end, prev)
+        if top:
+            self._vsteer_buffers.scale[:, :top].copy_(self._vsteer_scale_stage[:, :top], non_blocking=True)
+        self._vsteer_scale_prev = end
+        self._vsteer_buffers.activity.scaled = end > 0
 
     def _vsteer_fill_effect_index(self, runs: list[StepRun], off: int) -> None:
         idx = self._vsteer_effect_host
