@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 import torch
-
 from pydantic import TypeAdapter, ValidationError
 
 from vsteer import schedules

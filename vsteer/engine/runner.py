@@ -103,6 +103,7 @@ class SteeringRunnerMixin:
             self._vsteer_scale_stage = self._vsteer_scale_stage.pin_memory()
         self._vsteer_scale_host = self._vsteer_scale_stage.numpy()
         self._vsteer_scale_prev = 0  # tokens whose multipliers the last step wrote
+        self._vsteer_scheduled: set[str] = set()  # requests with a schedule: the only ones fill_scale visits
         self._vsteer_prev_tokens = 0
         self._vsteer_requests: dict[str, _RequestSteering] = {}
         # slot key -> (a plan using it, its active interventions, first position, live requests)
@@ -142,6 +143,8 @@ class SteeringRunnerMixin:
                     by_schedule.setdefault(sched, []).append(self._vsteer_layer_row[layer])
             scheduled = tuple((np.array(sorted(rows)), sched) for sched, rows in by_schedule.items())
             self._vsteer_requests[req_id] = _RequestSteering(segments, keys, single, prompt_len, scheduled)
+            if scheduled:
+                self._vsteer_scheduled.add(req_id)
         eff = extra.get(EFFECTS_ARGS_KEY)
         if eff is not None:
             self._vsteer_effects.register(req_id, eff, prompt_len)
@@ -159,6 +162,7 @@ class SteeringRunnerMixin:
         self._vsteer_forget_steering(req_id)
 
     def _vsteer_forget_steering(self, req_id: str) -> None:
+        self._vsteer_scheduled.discard(req_id)
         st = self._vsteer_requests.pop(req_id, None)
         for key in st.keys if st else ():
             plan, active, start, refs = self._vsteer_key_source[key]
@@ -257,15 +261,17 @@ class SteeringRunnerMixin:
     def _vsteer_fill_scale(self, runs: list[StepRun]) -> None:
         """Per wrapped layer and token, the schedule's multiplier of the token's change (1 where
         nothing is scheduled, and on tokens whose slot is the identity)."""
-        scale, idx = self._vsteer_scale_host, self._vsteer_index_host
         prev = self._vsteer_scale_prev
+        if not (prev or self._vsteer_scheduled):
+            return  # nothing scheduled now or last step: the device buffer holds ones
+        scale, idx = self._vsteer_scale_host, self._vsteer_index_host
         if prev:
             scale[:, :prev] = 1.0
         end = 0
         for run in runs:
-            st = self._vsteer_requests.get(run.req_id)
-            if st is None or not st.scheduled:
+            if run.req_id not in self._vsteer_scheduled:
                 continue
+            st = self._vsteer_requests[run.req_id]
             t = np.arange(run.start, run.start + run.n) - st.prompt_len
             live = idx[run.off : run.off + run.n] != 0
             for rows, sched in st.scheduled:
