@@ -27,6 +27,8 @@ import torch  # noqa: E402
 
 KV_BYTES = 256 * 2**20  # ~5,600 float32 tokens of SmolLM2: plenty for these tests
 ENGINE_KW = dict(dtype="float32", max_model_len=512, max_num_seqs=32, enable_prefix_caching=True, kv_cache_memory_bytes=KV_BYTES)
+#: layers where the shared engines pool prompts for conditional steering ("when")
+CONDITION_LAYERS = [6, 12]
 
 
 def subprocess_env() -> dict:
@@ -107,7 +109,7 @@ def eager_llm(model_path, store_dir, sae_store_dir):
     from vsteer.engine.llm import LLM
 
     return LLM(model_path, enforce_eager=True, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir,
-               effect_saes=["test-relu"], **ENGINE_KW)
+               effect_saes=["test-relu"], condition_layers=CONDITION_LAYERS, **ENGINE_KW)
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +117,7 @@ def compiled_llm(model_path, store_dir, sae_store_dir):
     from vsteer.engine.llm import LLM
 
     return LLM(model_path, enforce_eager=False, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir,
-               effect_saes=["test-relu"], **ENGINE_KW)
+               effect_saes=["test-relu"], condition_layers=CONDITION_LAYERS, **ENGINE_KW)
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +126,7 @@ def few_slots_llm(model_path, store_dir, sae_store_dir):
     from vsteer.engine.llm import LLM
 
     return LLM(model_path, enforce_eager=True, store=store_dir, max_slots=3, saes=["test-relu"],
-               sae_store=sae_store_dir, max_sas_support=64, **ENGINE_KW)
+               sae_store=sae_store_dir, max_sas_support=64, condition_layers=CONDITION_LAYERS, **ENGINE_KW)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -75,6 +77,60 @@ Schedule = Annotated[
 ]
 
 
+def _checked_vector(value: VectorRef | None) -> VectorRef | None:
+    if value is None:
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("vector reference is empty")
+    else:
+        if len(value) == 0:
+            raise ValueError("inline vector is empty")
+        bad = [i for i, x in enumerate(value) if not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"inline vector has NaN/Inf at index {bad[0]}")
+    return value
+
+
+class Condition(BaseModel):
+    """CAST's condition (Lee et al. 2024): with ``c`` the vector at ``layer`` and ``h`` the prompt's
+    pooled residual at the output of ``layer``, ``sim = cos(h, tanh(P h))``, ``P = c c^T / (c^T c)``.
+    The condition holds when ``sim > threshold`` (``above``) or ``sim < threshold`` (``below``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vector: VectorRef = Field(description="The condition vector: a stored name or sha256, a file, or an inline list.")
+    layer: int = Field(ge=0, description="Decoder layer whose OUTPUT (before its own steering) is pooled; it must "
+                                         "be one of the engine's condition_layers.")
+    threshold: float = Field(allow_inf_nan=False, description="Compared with the similarity.")
+    compare: Literal["above", "below"] = Field(
+        default="above", description='"above": holds when sim > threshold (IBM\'s comparator "smaller"); '
+        '"below": when sim < threshold (IBM\'s "larger").')
+    pool: Literal["mean", "last"] = Field(default="mean", description="Mean of the prompt's tokens, or its last token.")
+
+    @field_validator("vector")
+    @classmethod
+    def _check_vector(cls, value: VectorRef) -> VectorRef:
+        return _checked_vector(value)
+
+
+class ConditionSet(BaseModel):
+    """Several conditions combined with ``any`` or ``all``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    conditions: list[Condition] = Field(min_length=1, description="The conditions.")
+    combine: Literal["any", "all"] = Field(default="any", description="Gate on when any (or all) of them hold.")
+
+
+def _when_kind(value: Any) -> str:
+    return "set" if isinstance(value, dict) and "conditions" in value or isinstance(value, ConditionSet) else "one"
+
+
+When = Annotated[Union[Annotated[Condition, Tag("one")], Annotated[ConditionSet, Tag("set")]],
+                 Discriminator(_when_kind)]
+
+
 class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -104,8 +160,17 @@ class _Op(BaseModel):
         "schedule, which multiplies the layer's composed change.",
     )
 
+    when: When | None = Field(
+        default=None,
+        description="Conditional steering (CAST): a condition, or {conditions, combine}. Decided from the "
+        "request's own prompt; the gated edit then acts on the generated tokens, and on the last prompt "
+        "token at layers after every condition's layer. Not on sas; at a layer, all edits share one gate.",
+    )
+
     @model_validator(mode="after")
     def _check_schedule(self) -> "_Op":
+        if self.when is not None and getattr(self, "op", None) == "sas":
+            raise ValueError("when (conditional steering) is not supported on 'sas'")
         if self.schedule is None:
             return self
         op = getattr(self, "op", None)
@@ -118,18 +183,7 @@ class _Op(BaseModel):
     @field_validator("vector")
     @classmethod
     def _check_vector(cls, value: VectorRef | None) -> VectorRef | None:
-        if value is None:
-            return value
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError("vector reference is empty")
-        else:
-            if len(value) == 0:
-                raise ValueError("inline vector is empty")
-            bad = [i for i, x in enumerate(value) if not math.isfinite(x)]
-            if bad:
-                raise ValueError(f"inline vector has NaN/Inf at index {bad[0]}")
-        return value
+        return _checked_vector(value)
 
     @field_validator("layers")
     @classmethod
@@ -281,7 +335,7 @@ class SteeringSpec(BaseModel):
 
 
 _TYPE_NAMES = frozenset({"add", "ablate", "sara", "sas", "affine", "str", "int", "float", "bool", "list", "dict",
-                         "constant", "linear", "exp", "window"})
+                         "constant", "linear", "exp", "window", "one", "set"})
 
 
 def _is_union_branch(part: object) -> bool:

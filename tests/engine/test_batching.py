@@ -29,6 +29,14 @@ def _configs(directions) -> list[dict]:
         {"interventions": [{"op": "add", "vector": [0.05] * 576, "layers": [2, 3], "scale": 20.0}]},
         {"interventions": [{"op": "add", "vector": love, "layers": [10], "scale": 10.0,
                             "schedule": {"kind": "linear", "from": 1.0, "to": -1.0, "over": 8}}]},
+        {"interventions": [{"op": "add", "vector": love, "layers": [10], "scale": 10.0,
+                            "when": {"vector": wedding, "layer": 6, "threshold": -1.0}}]},
+        {"interventions": [
+            {"op": "add", "vector": love, "layers": [3], "scale": 6.0},
+            {"op": "add", "vector": wedding, "layers": [14], "scale": 12.0, "when": {"combine": "all", "conditions": [
+                {"vector": wedding, "layer": 6, "threshold": 0.0}, {"vector": love, "layer": 12, "threshold": 0.5,
+                                                                    "compare": "below", "pool": "last"}]}},
+        ]},
     ]
 
 

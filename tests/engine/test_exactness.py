@@ -27,7 +27,7 @@ def chunky(model_path, store_dir, sae_store_dir):
     llm = LLM(model_path, enforce_eager=True, store=store_dir, dtype="float32", max_model_len=512, block_size=32,
               max_num_batched_tokens=64, enable_chunked_prefill=True, max_num_seqs=8, enable_prefix_caching=True,
               kv_cache_memory_bytes=28 * 2**20, saes=["test-relu"], sae_store=sae_store_dir,
-              effect_saes=["test-relu"], disable_log_stats=False)
+              effect_saes=["test-relu"], condition_layers=[6, 12], disable_log_stats=False)
     _KEEP.append(llm)
     return llm
 
@@ -200,6 +200,60 @@ def test_a_scheduled_second_turn_on_a_warm_cache_equals_a_cold_run(chunky, direc
     reply = list(chunky.generate([turn1_ids], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
                                  steering=spec)[0].outputs[0].token_ids)
     turn2_ids = turn1_ids + reply + tok(" And then?")["input_ids"]
+    warm = chunky.generate([turn2_ids], SamplingParams(max_tokens=24, temperature=0.0), steering=spec)[0]
+    chunky.engine.reset_prefix_cache()
+    cold = chunky.generate([turn2_ids], SamplingParams(max_tokens=24, temperature=0.0), steering=spec)[0]
+    assert list(warm.outputs[0].token_ids) == list(cold.outputs[0].token_ids)
+
+
+def _gate_threshold(hf_model, tokenizer, vector, prompt: str) -> float:
+    """A threshold between the similarity of the prompt's whole mean at layer 6 and that of its
+    last 64-token chunk alone: a gate that pooled only part of a chunked prompt decides otherwise."""
+    from tests._reference.hf_steering import condition_sim
+
+    ids = tokenizer(prompt)["input_ids"]
+    h = hidden_states(hf_model, ids)[7][0].double()
+    full = condition_sim(h.mean(dim=0), vector.layers[6])
+    tail = condition_sim(h[(len(ids) - 1) // 64 * 64:].mean(dim=0), vector.layers[6])
+    assert abs(full - tail) > 1e-3, (full, tail)
+    return (full + tail) / 2
+
+
+def test_gates_under_chunked_prefill_and_preemption_equal_a_roomy_engine(chunky, eager_llm, directions, hf_model,
+                                                                         tokenizer):
+    """A gate pools its whole prompt: prompts prefilled over several 64-token steps, and requests
+    preempted and recomputed after their prompt ended, decide and generate as on an engine with room."""
+    love, wedding = directions["love"].sha256, directions["wedding"]
+    threshold = _gate_threshold(hf_model, tokenizer, wedding, LONG)
+    prompts = [LONG, "I think that", "The weather today is", "My best friend"] * 4
+    specs = []
+    for compare, pool in [("above", "mean"), ("below", "mean"), ("above", "last"), ("below", "last")]:
+        when = {"vector": wedding.sha256, "layer": 6, "threshold": threshold, "compare": compare, "pool": pool}
+        specs += [{"interventions": [{**_add(love, [10], 12.0), "when": when}]}] * 4
+    params = SamplingParams(max_tokens=81, temperature=0.0, ignore_eos=True, logprobs=0)
+    before = _preemptions(chunky)
+    got = chunky.generate(prompts, params, steering=specs)
+    assert _preemptions(chunky) > before, "the KV cache was large enough: nothing was preempted"
+    want = eager_llm.generate(prompts, params, steering=specs)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert list(g.outputs[0].token_ids) == list(w.outputs[0].token_ids), f"request {i}"
+    # "above" and "below" at one threshold: for each prompt exactly one of the two mean gates is on
+    plain = eager_llm.generate([LONG], params)[0].outputs[0]
+    lps = lambda out: [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]  # noqa: E731
+    changed = [max(abs(a - b) for a, b in zip(lps(got[i].outputs[0]), lps(plain))) > 1e-3 for i in (0, 4)]
+    assert sorted(changed) == [False, True], changed
+
+
+def test_a_gated_second_turn_on_a_warm_cache_equals_a_cold_run(chunky, directions):
+    """Turn 2 pools its whole prompt, turn 1's reply included, whatever the cache holds."""
+    tok = chunky.get_tokenizer()
+    when = {"vector": directions["wedding"].sha256, "layer": 12, "threshold": 0.0, "compare": "above"}
+    spec = {"interventions": [{**_add(directions["love"].sha256, [14], 12.0), "when": when}]}
+    turn1_ids = tok(LONG)["input_ids"]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    reply = list(chunky.generate([turn1_ids], params, steering=spec)[0].outputs[0].token_ids)
+    turn2_ids = turn1_ids + reply + tok(" And then?")["input_ids"]
+    chunky.generate([turn2_ids], SamplingParams(max_tokens=4, temperature=0.0))  # the unsteered prefix is cached too
     warm = chunky.generate([turn2_ids], SamplingParams(max_tokens=24, temperature=0.0), steering=spec)[0]
     chunky.engine.reset_prefix_cache()
     cold = chunky.generate([turn2_ids], SamplingParams(max_tokens=24, temperature=0.0), steering=spec)[0]

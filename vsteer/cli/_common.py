@@ -56,3 +56,21 @@ def echo_listing(rows: list[dict[str, Any]], *, as_json: bool, empty: str, heade
         return (*lead, *["?"] * (len(header) - len(lead) - 1), "(unreadable)")
 
     echo_table([header, *(damaged(r) if "error" in r else cells(r) for r in rows)])
+
+
+def layers_option(text: str, option: str, *, allow_all: bool) -> list[int] | None:
+    """A layers option: "none" -> [], "all" -> None (when allowed), "10,12" -> [10, 12]."""
+    value = text.strip().lower()
+    if value in ("", "none"):
+        return []
+    if value == "all" and allow_all:
+        return None
+    try:
+        layers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        words = '"none", "all"' if allow_all else '"none"'
+        raise click.BadParameter(f"expected {words} or comma-separated layer numbers, got {text!r}",
+                                 param_hint=option) from None
+    if any(layer < 0 for layer in layers):
+        raise click.BadParameter("layers are 0 or more", param_hint=option)
+    return layers

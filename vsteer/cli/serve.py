@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from vsteer.cli._common import layers_option
+
 
 __all__ = ["serve"]
 
@@ -31,10 +33,14 @@ __all__ = ["serve"]
 @click.option("--default-steering", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help='JSON steering spec for requests without a "steering" key; a request\'s own spec replaces it '
                    'and "steering": null turns it off.')
+@click.option("--condition-layers", default="none", show_default=True,
+              help='Layers where conditional steering ("when") may read the prompt: "none" or a comma list like 6,8.')
+@click.option("--max-conditions", default=2, show_default=True, help="Conditions (and distinct gates) one request may carry.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | None, max_abs_scale: float,
           tenants: Path | None, saes: tuple[str, ...], max_sas_support: int, sae_store: Path | None,
-          capture_layers: str, default_steering: Path | None, vllm_args: tuple[str, ...]) -> None:
+          capture_layers: str, default_steering: Path | None, condition_layers: str, max_conditions: int,
+          vllm_args: tuple[str, ...]) -> None:
     """vLLM's OpenAI-compatible server with per-request steering: vsteer serve [MODEL] [vllm serve options].
 
     MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
@@ -49,7 +55,9 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
         os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(tenants.read_text()).model_dump_json()
     serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
                max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store,
-               capture_layers=_capture_layers(capture_layers), default_steering=_read_spec(default_steering))
+               capture_layers=_capture_layers(capture_layers), default_steering=_read_spec(default_steering),
+               condition_layers=layers_option(condition_layers, "--condition-layers", allow_all=False) or [],
+               max_conditions=max_conditions)
 
 
 def _read_spec(path: Path | None) -> object:
@@ -66,16 +74,4 @@ def _read_spec(path: Path | None) -> object:
 
 def _capture_layers(text: str) -> list[int] | None:
     """``--capture-layers``: "none" -> [], "all" -> None (every steerable layer), "10,12" -> [10, 12]."""
-    value = text.strip().lower()
-    if value in ("", "none"):
-        return []
-    if value == "all":
-        return None
-    try:
-        layers = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f'expected "none", "all" or comma-separated layer numbers, got {text!r}',
-                                 param_hint="--capture-layers") from None
-    if any(layer < 0 for layer in layers):
-        raise click.BadParameter("layers are 0 or more", param_hint="--capture-layers")
-    return layers
+    return layers_option(text, "--capture-layers", allow_all=True)

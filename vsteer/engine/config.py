@@ -64,6 +64,15 @@ class SteeringEngineConfig(BaseModel):
         "step's sas vectors; ReLU/JumpReLU). Requests that would exceed it wait; a value >= d_sae never binds.",
     )
 
+    condition_layers: list[int] = Field(
+        default_factory=list,
+        description="Layers where the engine pools each gated request's prompt for conditional steering "
+        "(``when``). Each costs (max_num_seqs + 1) x (2 + max_conditions) x hidden x 4 bytes and, per step, "
+        "the condition math over those rows (compiled engines: every step).",
+    )
+    max_conditions: int = Field(default=2, ge=1, le=16,
+                                description="Conditions (and distinct gates) one request may carry.")
+
     @classmethod
     def from_vllm(cls, additional_config: Mapping[str, Any] | None) -> "SteeringEngineConfig":
         data = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)

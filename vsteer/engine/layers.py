@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vsteer._errors import UnsupportedArchitectureError
+from vsteer.engine.gate_layers import ConditionLayer, GateBuffers, attach_gates, gate_buffers
 from vsteer.kernels import BankLayout, get_sas_backend, get_steer_backend, sae_activate
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class StepActivity:
         self.sas_len: dict[int, int] = {}  # SAS layer -> size of the step's feature union
         self.accumulate: bool = False  # some token of the step adds to an effect row
         self.scaled: bool = False  # some token of the step has a schedule's multiplier
+        self.gated: bool = False  # some token of the step has a gate (conditional steering)
+        self.pooling: bool = False  # some gated prompt token is pooled at the condition layers
+        self.finalizing: bool = False  # some gated request's prompt ends: its conditions are decided
 
 
 class _SasDelta:
@@ -92,21 +96,23 @@ class _EffectSums:
         self._vsteer_acc_sums.index_add_(0, self._vsteer_acc_index[:n], codes)
 
 
-class _PreSteer(_SasDelta, _EffectSums):
-    """What a layer does with its output before the slot op: capture it, sum its SAE codes,
-    and return the SAS change (None where the layer has no SAS). Which of these a layer does is
-    fixed when it is wrapped, so the branches below are static for torch.compile."""
+class _PreSteer(_SasDelta, _EffectSums, ConditionLayer):
+    """What a layer does with its output before the slot op: capture it, sum its SAE codes, pool
+    gated prompts, and return the SAS change (None where the layer has no SAS). Which of these a
+    layer does is fixed when it is wrapped, so the branches below are static for torch.compile."""
 
     def _vsteer_step_scale(self, n: int) -> torch.Tensor | None:
-        """The per-token multipliers of this layer's change (schedules). Compiled engines always
-        read them (all ones when nothing is scheduled); eager ones only on steps that need them."""
-        if self._vsteer_eager and not self._vsteer_activity.scaled:
-            return None
-        return self._vsteer_scale[:n]
+        """The per-token multipliers of this layer's change (schedules times gates). Compiled
+        engines always read them (all ones when nothing is scheduled or gated); eager ones only on
+        steps that need them."""
+        scale = None if self._vsteer_eager and not self._vsteer_activity.scaled else self._vsteer_scale[:n]
+        return self._vsteer_gate_scale(scale, n)
 
     def _vsteer_pre(self, stream: torch.Tensor, n: int) -> torch.Tensor | None:
         if self._vsteer_capture is not None:
             self._vsteer_capture[:n].copy_(stream)
+        if self._vsteer_pool_sum is not None:
+            self._vsteer_conditions(stream, n)
         if self._vsteer_acc_sums is not None:
             self._vsteer_accumulate(stream, n)
         return self._vsteer_sas_delta(stream, n) if self._vsteer_sas_activation is not None else None
@@ -154,6 +160,7 @@ class _SkipUnusedLayer:
             self._vsteer_layer in act.steer
             or (act.capture and self._vsteer_capture is not None)
             or (act.accumulate and self._vsteer_acc_sums is not None)
+            or (act.pooling and self._vsteer_pool_sum is not None)
         ):
             return super().forward(*args, **kwargs)
         return super(self._vsteer_mixin, self).forward(*args, **kwargs)
@@ -225,6 +232,7 @@ class SteeringBuffers(NamedTuple):
     sas: dict[int, SasBuffers]  # SAE layer -> its SAS state
     effect_index: torch.Tensor  # [max_tokens] int64 effect row per token; 0 = not measured
     scale: torch.Tensor  # [len(layers), max_tokens] float32 multiplier of each token's change (schedules)
+    gates: GateBuffers | None  # conditional steering (None: the engine has no condition layers)
 
 
 def wrap_decoder_layers(
@@ -242,6 +250,9 @@ def wrap_decoder_layers(
     max_sas_support: int = 1024,
     effect_layers: frozenset[int] = frozenset(),
     effect_rows: int = 0,
+    condition_layers: frozenset[int] = frozenset(),
+    gate_rows: int = 0,
+    max_conditions: int = 2,
 ) -> SteeringBuffers:
     """Swap each steerable decoder layer's class for its steered subclass; return the buffers.
 
@@ -250,6 +261,8 @@ def wrap_decoder_layers(
     ``saes`` (layer -> SAE) gives those layers the SAS op, touching at most ``max_sas_support``
     features per step (ReLU/JumpReLU). ``effect_layers`` (a subset of the SAE layers) also sum
     the SAE codes of each token into its effect row (``effect_rows`` rows besides row 0).
+    ``condition_layers`` pool the prompts of up to ``gate_rows`` gated requests for their
+    conditions (at most ``max_conditions`` each; :mod:`vsteer.engine.gate_layers`).
     """
     present = find_decoder_layers(model)
     wanted = sorted(present) if steerable_layers is None else sorted(set(steerable_layers) & set(present))
@@ -266,6 +279,11 @@ def wrap_decoder_layers(
         raise ValueError(f"SAE layers {missing} are not steerable layers of this engine")
     if not set(effect_layers) <= set(saes):
         raise ValueError(f"effect layers {sorted(set(effect_layers) - set(saes))} have no SAE")
+    if not set(condition_layers) <= set(wanted):
+        raise ValueError(f"condition layers {sorted(set(condition_layers) - set(wanted))} are not steerable layers")
+    gates = gate_buffers(rows=gate_rows, k=max_conditions, hidden=layout.hidden_size, layers=len(wanted),
+                         max_tokens=max_tokens, condition_layers=sorted(condition_layers),
+                         device=device) if condition_layers else None
     sas_state: dict[int, SasBuffers] = {}
     effect_index = torch.zeros(max_tokens, dtype=torch.int64, device=device)
     for row, layer in enumerate(wanted):
@@ -284,6 +302,7 @@ def wrap_decoder_layers(
         module._vsteer_apply = apply
         module._vsteer_eager = eager
         module._vsteer_sas_activation = None
+        attach_gates(module, gates, layer, row)
         if layer not in effect_layers:
             module._vsteer_acc_sums = None
         if layer in saes:
@@ -296,9 +315,9 @@ def wrap_decoder_layers(
                 sas_state[layer] = sas_state[layer]._replace(effect_sums=sums)
         module._vsteer_reads_stream = (
             module._vsteer_capture is not None or module._vsteer_acc_sums is not None
-            or module._vsteer_sas_activation is not None
+            or module._vsteer_sas_activation is not None or module._vsteer_pool_sum is not None
         )
-    return SteeringBuffers(tuple(wanted), bank, index, capture, activity, sas_state, effect_index, scale)
+    return SteeringBuffers(tuple(wanted), bank, index, capture, activity, sas_state, effect_index, scale, gates)
 
 
 def _attach_sae(module: nn.Module, sae: "SparseAutoencoder", num_slots: int, max_support: int, device: torch.device) -> SasBuffers:

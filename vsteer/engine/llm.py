@@ -59,6 +59,9 @@ class LLM:
         sae_store: SAE-store folder (default ``$VSTEER_SAE_STORE`` or ``<cache>/saes``).
         effect_saes: names among ``saes`` whose layer sums SAE codes per request during
             generation, for feature-effect measurement (``vsteer.effects``).
+        condition_layers: layers where conditional steering (``"when"``) may read the prompt;
+            each costs a little work per step (see ``SteeringEngineConfig.condition_layers``).
+        max_conditions: conditions (and distinct gates) one request may carry.
         max_abs_scale: reject specs with a larger |scale|.
         **engine_kwargs: passed to ``vllm.LLM`` (``dtype``, ``enforce_eager``, ``max_model_len``...).
             On CPU the KV cache defaults to 4 GiB (vLLM would reserve 92% of RAM).
@@ -84,6 +87,8 @@ class LLM:
         max_sas_support: int = 1024,
         sae_store: str | os.PathLike | None = None,
         effect_saes: Sequence[str] = (),
+        condition_layers: Sequence[int] = (),
+        max_conditions: int = 2,
         **engine_kwargs: Any,
     ) -> None:
         _pin_v1_runner()
@@ -105,6 +110,8 @@ class LLM:
             sae_shapes={name: (sae.layer, sae.d_sae) for name, sae in self.saes.items()},
             max_sas_support=max_sas_support,
             effect_saes=list(effect_saes),
+            condition_layers=sorted({int(x) for x in condition_layers}),
+            max_conditions=max_conditions,
         )
         unknown = sorted(set(effect_saes) - set(self.saes))
         if unknown:
@@ -160,6 +167,8 @@ class LLM:
             saes=self.saes,
             sae_store=self.sae_store,
             max_sas_support=self.config.max_sas_support,
+            condition_layers=self.config.condition_layers,
+            max_conditions=self.config.max_conditions,
         )
 
     # --- generation -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
@@ -28,6 +28,8 @@ from vsteer.spec import (
     AblateOp,
     AffineOp,
     AddOp,
+    Condition,
+    ConditionSet,
     SaraOp,
     SasOp,
     Schedule,
@@ -60,6 +62,7 @@ class ResolvedIntervention:
     support: int = 0  # sas: non-zero features of the vector (0 for TopK: nothing to budget)
     width: int = 0  # sas: the SAE's d_sae
     schedule: tuple | None = None  # vsteer.schedules form; None = the scale at every token
+    when: tuple | None = None  # (combine, ((vector sha, layer, threshold, compare, pool), ...)); None = ungated
 
     def to_json(self) -> dict:
         data = {
@@ -75,6 +78,8 @@ class ResolvedIntervention:
             data.update(sae=self.sae, support=self.support, width=self.width)
         if self.schedule is not None:  # absent otherwise: plans without schedules keep their hashes
             data["schedule"] = schedules.from_tuple(self.schedule)
+        if self.when is not None:
+            data["when"] = when_to_json(self.when)
         return data
 
     @classmethod
@@ -92,6 +97,7 @@ class ResolvedIntervention:
             support=int(data.get("support", 0)),
             width=int(data.get("width", 0)),
             schedule=parse_schedule(data.get("schedule")),
+            when=parse_when(data.get("when")),
         )
 
     def active_at(self, start: int, prompt_len: int) -> bool:
@@ -161,6 +167,7 @@ class SteeringPlan:
             d = self.interventions[i].to_json()
             del d["positions"]
             d.pop("schedule", None)  # applied per token on top of the row: rows are shared
+            d.pop("when", None)  # so is the gate
             if d["rows"]:
                 d["row"] = start
             items.append(d)
@@ -194,6 +201,15 @@ class SteeringPlan:
         """Layer -> the schedule its (non-sas) edits share, for the layers that have one."""
         return {layer: it.schedule for it in self.interventions if it.schedule is not None and it.op != "sas"
                 for layer in it.layers}
+
+    def layer_gates(self) -> dict[int, tuple]:
+        """Layer -> the gate (``when``) its (non-sas) edits share, for the gated layers."""
+        return {layer: it.when for it in self.interventions if it.when is not None and it.op != "sas"
+                for layer in it.layers}
+
+    def gates(self) -> tuple[tuple, ...]:
+        """The plan's distinct gates, in order of first use."""
+        return tuple(dict.fromkeys(it.when for it in self.interventions if it.when is not None))
 
     def sas_widths(self) -> dict[int, int]:
         """SAE layer -> d_sae, for the layers this plan's sas ops use."""
@@ -311,6 +327,8 @@ def resolve_spec(
     saes: Mapping[str, "SparseAutoencoder"] | None = None,
     sae_store: "SaeStore | None" = None,
     max_sas_support: int | None = None,
+    condition_layers: Sequence[int] | None = None,
+    max_conditions: int | None = None,
 ) -> SteeringPlan | None:
     """Validate a steering request and resolve its vectors into the store.
 
@@ -327,6 +345,8 @@ def resolve_spec(
         saes: the SAEs loaded in the engine, by name (``sas`` ops must name one of them).
         sae_store: where ``sae:<name>/<feature>`` references look for SAEs the engine did not load.
         max_sas_support: the engine's bound on the features one SAS layer touches per step.
+        condition_layers: the layers where the engine pools prompts for conditions (None: any).
+        max_conditions: the engine's bound on conditions (and on distinct gates) per request.
 
     Raises:
         SpecError: naming the bad field.
@@ -381,9 +401,16 @@ def resolve_spec(
                                             schedule=_schedule_of(item)))
         else:
             out.append(ResolvedIntervention("ablate", sha, layers, 1.0, item.positions, False))
+    out = [
+        replace(r, when=_resolve_when(item.when, f"interventions.{i}.when", store, model, allow_paths, saes, sae_store,
+                                      condition_layers))
+        if getattr(item, "when", None) is not None else r
+        for i, (r, item) in enumerate(zip(out, parsed.interventions))
+    ]
     plan = SteeringPlan(tuple(out))
     _check_sas_first(plan)
     check_schedules(plan)
+    check_gates(plan, condition_layers, max_conditions)
     ranks: Counter[int] = Counter()
     for item in plan.interventions:
         if item.op in ("ablate", "affine"):
@@ -548,6 +575,111 @@ def check_schedules(plan: SteeringPlan) -> None:
                     "one layer share one schedule (it multiplies the layer's composed change)",
                     field=f"interventions.{i}.schedule",
                 )
+
+
+def when_to_json(when: tuple) -> dict:
+    """The JSON form of a resolved gate."""
+    combine, conditions = when
+    return {"combine": combine, "conditions": [
+        {"vector": sha, "layer": layer, "threshold": thr, "compare": compare, "pool": pool}
+        for sha, layer, thr, compare, pool in conditions]}
+
+
+def parse_when(data: object) -> tuple | None:
+    """A plan's JSON gate (None when absent), checked like a spec's.
+
+    Raises:
+        SpecError: a malformed gate.
+    """
+    if data is None:
+        return None
+    try:
+        parsed = ConditionSet.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(f"bad gate: {err['msg']}", field="when") from exc
+    for cond in parsed.conditions:
+        if not isinstance(cond.vector, str) or len(cond.vector) != 64:
+            raise SpecError("a resolved condition names its vector by sha256", field="when.conditions")
+    return _when_tuple(parsed, [c.vector for c in parsed.conditions])
+
+
+def _when_tuple(when: ConditionSet, shas: Sequence[str]) -> tuple:
+    return (when.combine, tuple((sha, c.layer, float(c.threshold), c.compare, c.pool)
+                                for sha, c in zip(shas, when.conditions)))
+
+
+def _resolve_when(when: "Condition | ConditionSet", field: str, store: VectorStore, model: ModelShape,
+                  allow_paths: bool, saes: Mapping[str, "SparseAutoencoder"] | None,
+                  sae_store: "SaeStore | None", condition_layers: Sequence[int] | None) -> tuple:
+    """Resolve a spec's gate: each condition vector into the store, checked at its layer."""
+    single = isinstance(when, Condition)
+    conditions = ConditionSet(conditions=[when]) if single else when
+    shas = []
+    for k, cond in enumerate(conditions.conditions):
+        where = field if single else f"{field}.conditions.{k}"
+        if not 0 <= cond.layer < model.num_layers:
+            raise SpecError(f"layer {cond.layer} is out of range: {model.name} has layers 0..{model.num_layers - 1}",
+                            field=f"{where}.layer")
+        if condition_layers is not None and cond.layer not in condition_layers:
+            raise SpecError(f"layer {cond.layer} is not a condition layer of this engine (condition layers: "
+                            f"{sorted(condition_layers)}); start it with condition_layers including {cond.layer}",
+                            field=f"{where}.layer")
+        vector = _load_ref(cond.vector, [cond.layer], store=store, field=f"{where}.vector", allow_paths=allow_paths,
+                           saes=saes, sae_store=sae_store)
+        if vector.hidden_size != model.hidden_size:
+            raise SpecError(f"condition vector has hidden size {vector.hidden_size} but {model.name} has "
+                            f"{model.hidden_size}", field=f"{where}.vector")
+        if vector.model is not None and vector.model != model.name:
+            raise SpecError(f"vector was computed for model {vector.model!r}, not {model.name!r}", field=f"{where}.vector")
+        if vector.num_positions is not None:
+            raise SpecError("a condition vector is one direction, not per-position rows", field=f"{where}.vector")
+        try:
+            direction = _direction(vector, cond.layer)
+        except SpecError as exc:
+            raise SpecError(exc.reason, field=f"{where}.vector") from exc
+        if not bool(torch.isfinite(direction).all()) or float(direction.norm()) == 0.0:
+            raise SpecError(f"condition vector is zero or not finite at layer {cond.layer}", field=f"{where}.vector")
+        shas.append(store.put(vector))
+    return _when_tuple(conditions, shas)
+
+
+def check_gates(plan: SteeringPlan, condition_layers: Sequence[int] | None = None,
+                max_conditions: int | None = None) -> None:
+    """A gate multiplies its layer's composed change, so at a layer every edit other than sas carries
+    the same gate (or none); sas carries none. Condition layers must be the engine's, and a request
+    has at most ``max_conditions`` conditions and as many distinct gates.
+
+    Raises:
+        SpecError: naming the intervention that breaks this.
+    """
+    first: dict[int, tuple[int, tuple | None]] = {}
+    for i, item in enumerate(plan.interventions):
+        if item.op == "sas":
+            if item.when is not None:
+                raise SpecError("when (conditional steering) is not supported on sas", field=f"interventions.{i}.when")
+            continue
+        for layer in item.layers:
+            j, gate = first.setdefault(layer, (i, item.when))
+            if gate != item.when:
+                raise SpecError(
+                    f"interventions {j} and {i} act at layer {layer} with different conditions; the edits at one "
+                    "layer share one gate (it multiplies the layer's composed change)",
+                    field=f"interventions.{i}.when",
+                )
+        if item.when is not None and condition_layers is not None:
+            bad = sorted({c[1] for c in item.when[1]} - set(condition_layers))
+            if bad:
+                raise SpecError(
+                    f"layer {bad[0]} is not a condition layer of this engine (condition layers: "
+                    f"{sorted(condition_layers)}); start it with condition_layers including {bad[0]}",
+                    field=f"interventions.{i}.when",
+                )
+    gates = plan.gates()
+    count = sum(len(g[1]) for g in gates)
+    if max_conditions is not None and max(count, len(gates)) > max_conditions:
+        raise SpecError(f"the request has {count} conditions in {len(gates)} gates; the engine takes at most "
+                        f"max_conditions={max_conditions} of each", field="interventions")
 
 
 def _check_sas_first(plan: SteeringPlan) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from vsteer._errors import SpecError, VsteerError
 from vsteer.engine.plan import (EXTRA_ARGS_KEY, SteeringPlan, _direction, _layer_tensor, check_affine_shape,
-                                 check_schedules, fold_layer)
+                                 check_gates, check_schedules, fold_layer)
 from vsteer.kernels import BankLayout
 
 #: ``extra_args[CAPTURE_ARGS_KEY] = {"layers": [int], "path": str}``: write the residuals at the
@@ -51,6 +51,8 @@ class EngineLimits:
     sae_shapes: Mapping[str, tuple[int, int]]  # name -> (layer, d_sae)
     effects: bool
     vectors: Callable[[str], Any]  # sha -> SteeringVector (the engine's store)
+    condition_layers: frozenset[int] = frozenset()
+    max_conditions: int = 2
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,15 @@ class RequestArgs:
     tenant: str | None = None
 
     @property
+    def gated(self) -> bool:
+        """Whether the plan has conditional (``when``) edits."""
+        return self.plan is not None and bool(self.plan.gates())
+
+    @property
     def reads_every_token(self) -> bool:
-        """Capture and effect requests run every prompt token through the model (no cache reads)."""
-        return self.capture is not None or self.effects is not None
+        """Capture, effect and gated requests run every prompt token through the model (no cache
+        reads): a gate pools the whole prompt."""
+        return self.capture is not None or self.effects is not None or self.gated
 
 
 def parse_request_args(extra_args: Mapping[str, Any] | None, prompt_len: int, limits: EngineLimits) -> RequestArgs:
@@ -97,7 +105,7 @@ def cache_salt(args: RequestArgs, prompt_len: int, client_salt: str | None) -> s
         return client_salt
     plan = args.plan
     relative = plan is not None and any(
-        it.rows or it.schedule is not None or (isinstance(it.positions, str) and it.positions in _PROMPT_RELATIVE)
+        it.rows or it.schedule is not None or it.when is not None or (isinstance(it.positions, str) and it.positions in _PROMPT_RELATIVE)
         for it in plan.interventions
     )
     parts = [args.tenant, plan.hash if plan else None, prompt_len if relative else None, client_salt]
@@ -144,6 +152,12 @@ def _check_plan(data: Any, prompt_len: int, limits: EngineLimits) -> SteeringPla
                 if tensor.ndim != 2 or tensor.shape[0] < rows:
                     raise SpecError(f"per-position vector has fewer than {rows} rows at layer {layer}", field=f"{where}.vector")
     check_schedules(plan)
+    check_gates(plan, limits.condition_layers, limits.max_conditions)
+    for _, conditions in plan.gates():
+        for sha, layer, *_ in conditions:
+            size = _direction(vector(sha), layer).shape[-1]
+            if size != limits.hidden_size:
+                raise SpecError(f"condition vector has hidden size {size}, the model {limits.hidden_size}", field="when")
     segments = plan.segments(prompt_len)
     keys = {s.key for s in segments if s.key is not None}
     if len(keys) > limits.max_slots:

@@ -23,6 +23,7 @@ from vsteer import schedules
 from vsteer.engine.capture import CaptureBook
 from vsteer.engine.config import SteeringEngineConfig
 from vsteer.engine.effect_rows import EffectBook
+from vsteer.engine.gates import GateBook
 from vsteer.engine.layers import SteeringBuffers, wrap_decoder_layers
 from vsteer._errors import EngineError
 from vsteer.engine.plan import EXTRA_ARGS_KEY, Segment, SteeringPlan, _direction, fold_layer
@@ -78,6 +79,9 @@ class SteeringRunnerMixin:
             max_sas_support=cfg.max_sas_support,
             effect_layers=frozenset(names[n] for n in cfg.effect_saes),
             effect_rows=effect_rows if cfg.effect_saes else 0,
+            condition_layers=frozenset(cfg.condition_layers),
+            gate_rows=int(self.scheduler_config.max_num_seqs),
+            max_conditions=cfg.max_conditions,
         )
         self._vsteer_effects = EffectBook(
             {layer: sas.effect_sums for layer, sas in self._vsteer_buffers.sas.items() if sas.effect_sums is not None},
@@ -93,6 +97,8 @@ class SteeringRunnerMixin:
         self._vsteer_slot_layers: dict[int, frozenset[int]] = {}  # slot -> layers its row changes
         self._vsteer_layer_row = {layer: i for i, layer in enumerate(self._vsteer_buffers.layers)}
         self._vsteer_store = VectorStore(Path(cfg.store))
+        gates = self._vsteer_buffers.gates
+        self._vsteer_gates = GateBook(gates, self._vsteer_layer_row, self._vsteer_store.get) if gates else None
         self._vsteer_slots = LRUSlotManager(num_slots, self._vsteer_write_slot)
         self._vsteer_index_host = np.zeros(max_tokens, dtype=np.int32)
         self._vsteer_index_stage = torch.from_numpy(self._vsteer_index_host)
@@ -145,6 +151,8 @@ class SteeringRunnerMixin:
             self._vsteer_requests[req_id] = _RequestSteering(segments, keys, single, prompt_len, scheduled)
             if scheduled:
                 self._vsteer_scheduled.add(req_id)
+            if self._vsteer_gates is not None and plan.gates():
+                self._vsteer_gates.register(req_id, plan, prompt_len)
         eff = extra.get(EFFECTS_ARGS_KEY)
         if eff is not None:
             self._vsteer_effects.register(req_id, eff, prompt_len)
@@ -163,6 +171,8 @@ class SteeringRunnerMixin:
 
     def _vsteer_forget_steering(self, req_id: str) -> None:
         self._vsteer_scheduled.discard(req_id)
+        if self._vsteer_gates is not None:
+            self._vsteer_gates.forget(req_id)
         st = self._vsteer_requests.pop(req_id, None)
         for key in st.keys if st else ():
             plan, active, start, refs = self._vsteer_key_source[key]
@@ -243,6 +253,9 @@ class SteeringRunnerMixin:
                     idx[off + lo - start : off + hi - start] = self._vsteer_slots.acquire(seg.key) if seg.key else 0
         off = runs[-1].off + runs[-1].n if runs else 0
         self._vsteer_fill_scale(runs)
+        if self._vsteer_gates is not None:
+            activity = self._vsteer_buffers.activity
+            activity.gated, activity.pooling, activity.finalizing = self._vsteer_gates.fill(runs)
         self._vsteer_capturing = self._vsteer_captures.plan_step(runs)
         if self._vsteer_buffers.sas:
             self._vsteer_fill_unions()

@@ -89,8 +89,14 @@ class SteeringScheduler(Scheduler):
             sae_shapes=dict(cfg.sae_shapes),
             effects=bool(cfg.effect_saes),
             vectors=store.get,
+            condition_layers=frozenset(cfg.condition_layers),
+            max_conditions=cfg.max_conditions,
         )
         self._vsteer_sas_capacity = cfg.max_sas_support
+        # gated requests admitted and not finished, each holding one row of the runner's gate pool
+        # (max_num_seqs rows): preempted ones keep theirs, new ones wait for a free row
+        self._vsteer_gated: set[str] = set()
+        self._vsteer_gate_rows = int(self.vllm_config.scheduler_config.max_num_seqs)
         self._vsteer_held_back = 0  # requests held back in the last step, for metrics
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
@@ -137,15 +143,25 @@ class SteeringScheduler(Scheduler):
         keys = request_slot_keys(request)
         if not keys:
             return True
+        gated = request._vsteer_args.gated and request.request_id not in self._vsteer_gated
+        if gated and len(self._vsteer_gated) >= self._vsteer_gate_rows:
+            self._vsteer_held_back += 1
+            return False
         # self.running only grows during the waiting scan; fold in what was appended since.
         for req in self.running[self._vsteer_seen :]:
             self._vsteer_running_keys |= request_slot_keys(req)
             self._vsteer_running_loads.update(request_sas_loads(req))
         self._vsteer_seen = len(self.running)
         if len(self._vsteer_running_keys | keys) <= self._vsteer_capacity and self._sas_fits(request):
+            if gated:
+                self._vsteer_gated.add(request.request_id)
             return True
         self._vsteer_held_back += 1
         return False
+
+    def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        self._vsteer_gated.discard(request.request_id)
+        return super()._free_request(request, *args, **kwargs)
 
     def _sas_fits(self, request: Any) -> bool:
         """Whether the supports of the running sas configs plus the new ones stay within the

@@ -59,6 +59,24 @@ def parse_row(data: Any, index: int) -> tuple[str, RolloutRow]:
     return str(row.id if row.id is not None else index), row
 
 
+def condition_layers(rows: Any) -> list[int]:
+    """The layers the rows' conditional steering (``when``) reads, for the engine's
+    ``condition_layers``; rows that do not parse are skipped here (they fail later, by name)."""
+    from vsteer.spec import Condition, parse_spec
+
+    layers: set[int] = set()
+    for _, data in rows:
+        try:
+            spec = parse_spec(data.get("steering")) if isinstance(data, dict) else None
+        except SpecError:
+            continue
+        for item in spec.interventions if spec is not None else ():
+            when = getattr(item, "when", None)
+            if when is not None:
+                layers.update(c.layer for c in ([when] if isinstance(when, Condition) else when.conditions))
+    return sorted(layers)
+
+
 def sample_seed(run_seed: int, row_id: str, sample: int, row_seed: int | None = None) -> int:
     """Seed of one sample: the row's own seed for sample 0 if given, else derived from the run
     seed, the row id and the sample index, so reruns and any number of workers agree."""

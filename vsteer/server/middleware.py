@@ -120,7 +120,8 @@ class _Resolver:
             plan = resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
                                 max_ablation_rank=engine.max_ablation_rank, max_slots=engine.max_slots,
                                 max_abs_scale=max_abs_scale, allow_paths=False, saes=self._saes[0],
-                                sae_store=self._saes[1], max_sas_support=engine.max_sas_support)
+                                sae_store=self._saes[1], max_sas_support=engine.max_sas_support,
+                                condition_layers=engine.condition_layers, max_conditions=engine.max_conditions)
         except SpecError:
             raise
         except (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError) as exc:

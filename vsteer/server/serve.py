@@ -45,11 +45,13 @@ def refuse_unsupported_args(args: Sequence[str]) -> None:
 def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_rank: int,
                vector_store: Path | None, max_abs_scale: float, saes: Sequence[str] = (),
                max_sas_support: int = 1024, sae_store: Path | None = None,
-               capture_layers: Sequence[int] | None = (), default_steering: Any = None) -> None:
+               capture_layers: Sequence[int] | None = (), default_steering: Any = None,
+               condition_layers: Sequence[int] = (), max_conditions: int = 2) -> None:
     """Start the server (blocks). ``vllm_args``: ``[MODEL] [vllm serve options]``.
 
     ``capture_layers``: layers that get an activation-capture buffer; the default ``()`` allocates
     none (the server never captures), ``None`` gives every steerable layer one.
+    ``condition_layers``: layers where conditional steering (``when``) may pool the prompt.
     ``default_steering``: a spec applied to requests that carry no ``steering`` key (checked here,
     before the engine starts; ``SpecError`` names ``--default-steering`` and the field).
     """
@@ -75,7 +77,8 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
                                   store=str((vector_store or default_vector_store()).absolute()),
                                   saes=sae_paths, max_sas_support=max_sas_support,
                                   sae_shapes={n: (s.layer, s.d_sae) for n, s in sae_objs.items()},
-                                  capture_layers=None if capture_layers is None else sorted(set(capture_layers)))
+                                  capture_layers=None if capture_layers is None else sorted(set(capture_layers)),
+                                  condition_layers=sorted(set(condition_layers)), max_conditions=max_conditions)
     os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
                                          "sae_store": str(sae_db.root), "default_steering": default_steering})
     if default_steering is not None:
