@@ -6,6 +6,7 @@ Usage::
     python benchmarks/throughput.py --threads 1 --repeats 5
     python benchmarks/throughput.py --compile             # torch.compile (~70 s start per engine)
     python benchmarks/throughput.py --compile --affine-rank 4 --skip-narrow   # + a rank-4 affine edit
+    python benchmarks/throughput.py --compile --gated --skip-narrow           # + 64 gated specs (CAST)
 
 Workload: ``--num-prompts`` distinct short prompts (default 64), greedy, ``--max-tokens`` new
 tokens each (default 64) with ``ignore_eos=True`` so every request generates exactly that many.
@@ -30,6 +31,11 @@ others):
                  at layer 10, the same for every prompt (K=1). The vsteer engines are then built
                  with ``max_ablation_rank=R``, so every row pays for the wider bank, and the
                  outputs are named ``...-affine-rank<R>`` with their own RESULTS.md section.
+    gated64      only with ``--gated``: the k64 specs, each gated by a condition read at layer
+                 6 (a random unit condition vector; threshold -1, "above" for even requests,
+                 "below" for odd ones, so exactly half are gated on, decided on the device like
+                 any gate). The vsteer engines are built with ``condition_layers=[6]``, outputs are
+                 named ``...-gated`` with their own RESULTS.md section.
 
 Every engine gets one untimed warm-up ``generate`` of the full batch first. Then each scenario
 runs ``--repeats`` times, round-robin (the order rotates every repeat) so machine noise hits all
@@ -110,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-narrow", action="store_true", help="do not build the steerable_layers=[10] engine")
     p.add_argument("--affine-rank", type=int, default=0,
                    help="add the 'affine' scenario (a rank-R affine edit at layer 10); engines get max_ablation_rank=R")
+    p.add_argument("--gated", action="store_true",
+                   help="add the 'gated64' scenario; vsteer engines get condition_layers=[6]")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the JSON and PNG go")
     p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="markdown file to update")
     p.add_argument("--no-results-md", action="store_true", help="do not touch the markdown file")
@@ -257,6 +265,15 @@ def build_specs(llm, args: argparse.Namespace) -> dict[str, object]:
         b = random_unit(gen, d) * args.scale
         sha = llm.store.put(affine_vector({STEER_LAYER: (A, B, b)}, model=shape.name))
         specs["affine"] = {"interventions": [{"op": "affine", "vector": sha, "layers": [STEER_LAYER], "scale": 1.0}]}
+    if args.gated:
+        cond = llm.store.put(SteeringVector.from_tensors({COND_LAYER: random_unit(gen, shape.hidden_size)},
+                                                         model=shape.name, method="random"))
+        specs["gated64"] = [
+            {"interventions": [{**one(singles[i % 64])["interventions"][0],
+                                "when": {"vector": cond, "layer": COND_LAYER, "threshold": -1.0,
+                                         "compare": "above" if i % 2 == 0 else "below"}}]}
+            for i in range(n)
+        ]
     specs["scheduled"] = {"interventions": [{**one(singles[0])["interventions"][0],
                                              "schedule": {"kind": "linear", "from": 1.0, "to": 0.0,
                                                           "over": args.max_tokens}}]}
@@ -286,7 +303,10 @@ SCENARIOS = [
      "narrow", "one_layer", 1),
     ("scheduled", f"vsteer, 1 vector @ layer {STEER_LAYER} with a linear schedule (K=1)", "vsteer", "scheduled", 1),
     ("affine", f"vsteer, 1 affine edit @ layer {STEER_LAYER} (K=1)", "vsteer", "affine", 1),
+    ("gated64", f"vsteer, the K=64 vectors, each gated by a condition @ layer 6 (half on)", "vsteer", "gated64", 64),
 ]
+COND_LAYER = 6
+AIM_GATED_VS_K64 = 0.95  # 64 distinct gated specs, half on, within 5 % of the same specs ungated
 AIM_AFFINE_VS_ADD = 0.95  # a rank-4 affine edit, or a schedule, within 5 % of plain `add`
 
 
@@ -374,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, seed=args.seed)
     expected = n * args.max_tokens
     vsteer_kw = {"max_ablation_rank": args.affine_rank} if args.affine_rank else {}
+    if args.gated:
+        vsteer_kw["condition_layers"] = [COND_LAYER]
     engine_kw = {
         "dtype": args.dtype,
         "enforce_eager": not args.compile,
@@ -505,6 +527,13 @@ def main(argv: list[str] | None = None) -> int:
             "value": value, "threshold": AIM_AFFINE_VS_ADD, "met": value >= AIM_AFFINE_VS_ADD,
             "measure": "affine / one_layer",
         })
+    if "gated64" in by:
+        value = by["gated64"]["tok_s_median"] / by["k64"]["tok_s_median"]
+        aims.append({
+            "aim": f"64 distinct gated specs (half on) >= {AIM_GATED_VS_K64:.2f} x the same specs ungated",
+            "value": value, "threshold": AIM_GATED_VS_K64, "met": value >= AIM_GATED_VS_K64,
+            "measure": "gated64 / k64",
+        })
     if "narrow" in by:
         aims.append({
             "aim": f"(extra) one layer on an engine wrapping only layer {STEER_LAYER} >= {AIM_ONE_LAYER:.2f} x plain vLLM",
@@ -550,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = "compiled" if args.compile else "eager"
     tag = f"{mode}-affine-rank{args.affine_rank}" if args.affine_rank else mode
+    tag += "-gated" if args.gated else ""
     json_path = out_dir / f"throughput-cpu-{tag}.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     png_path = out_dir / f"throughput-cpu-{tag}.png"
@@ -608,6 +638,9 @@ def plot(result: dict, path: Path) -> bool:
         ax.plot([1], [by["compose"]["tok_s_median"]], marker="s", linestyle="none", color="tab:red", label="4 vectors x all layers (K=1)")
     if "scheduled" in by:
         ax.plot([1], [by["scheduled"]["tok_s_median"]], marker="v", linestyle="none", color="tab:brown", label="scheduled vector (K=1)")
+    if "gated64" in by:
+        ax.plot([64], [by["gated64"]["tok_s_median"]], marker="P", linestyle="none", color="tab:olive",
+                label="K=64, each gated (half on)")
     if "affine" in by:
         ax.plot([1], [by["affine"]["tok_s_median"]], marker="D", linestyle="none", color="tab:orange", label="affine edit (K=1)")
     if "narrow" in by:
@@ -639,6 +672,8 @@ def write_results_md(path: Path, result: dict, table: str, json_path: Path, png_
     rank = result["engine_kwargs"].get("max_ablation_rank")
     if rank:
         title += f", max_ablation_rank {rank}"
+    if result["engine_kwargs"].get("condition_layers"):
+        title += f", condition_layers {result['engine_kwargs']['condition_layers']}"
     m = result["machine"]
     w = result["workload"]
 

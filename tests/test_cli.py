@@ -62,6 +62,10 @@ def test_generate_jsonl_matches_python_api(tmp_path, caa_vector, eager_llm):
         {"prompt": "I think that", "steering": {"interventions": [{"op": "add", "vector": str(caa_vector), "scale": 8.0,
                                                                    "schedule": {"kind": "exp", "half_life": 3}}]},
          "max_tokens": 8, "temperature": 0.0},
+        *({"prompt": "I think that", "steering": {"interventions": [
+            {"op": "add", "vector": str(caa_vector), "scale": 8.0,
+             "when": {"vector": str(caa_vector), "layer": 12, "threshold": -1.0, "compare": compare}}]},
+          "max_tokens": 8, "temperature": 0.0} for compare in ("above", "below")),
     ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -74,6 +78,8 @@ def test_generate_jsonl_matches_python_api(tmp_path, caa_vector, eager_llm):
         assert g["token_ids"] == list(w.outputs[0].token_ids)
         assert g["text"] == w.outputs[0].text
     assert got[0]["token_ids"] != got[1]["token_ids"], "the steered row must differ from the unsteered one"
+    # --condition-layers auto gave the engine layer 12: the gate that always holds steers, the other never
+    assert got[5]["token_ids"] != got[0]["token_ids"] and got[6]["token_ids"] == got[0]["token_ids"]
 
 
 def test_generate_bad_row_goes_to_the_errors_file(tmp_path):
@@ -113,3 +119,34 @@ def test_extract_actadd_and_sara_then_steer_by_name(tmp_path, eager_llm, monkeyp
     inline = {"interventions": [{"op": "sara", "attract": "I love everyone.", "repel": "I hate everyone.", "layers": [12], "scale": 1.0}]}
     from_file, from_texts = (eager_llm.generate(["I think that"], params, steering=s)[0] for s in (sara, inline))
     assert from_file.outputs[0].token_ids == from_texts.outputs[0].token_ids
+
+
+def test_extract_condition_and_search_match_the_python_api(tmp_path, eager_llm):
+    """`vsteer extract condition` then `vsteer condition search` (two engines in subprocesses) give
+    the vector and the per-layer best points that the Python API computes here."""
+    from vsteer.methods.condition import best_point, condition_vector, search_condition
+
+    travel = ["Where should I go on vacation in Spain?", "How do I book a cheap flight to Rome?",
+              "Plan a week of sightseeing in Tokyo.", "Which beaches in Greece should I visit?"]
+    other = ["How do I bake bread?", "What is the derivative of x squared?", "How do I fix a leaking tap?",
+             "Explain how vaccines work."]
+    (tmp_path / "pos.txt").write_text("\n".join(travel) + "\n")
+    (tmp_path / "neg.txt").write_text("\n".join(other) + "\n")
+    out = tmp_path / "cond.safetensors"
+    run("extract", "condition", "--positive", str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"),
+        "--layers", "6,12", "--output", str(out), "--dtype", "float32")
+    v = load_vector(out)
+    assert v.method == "cast-condition-pca-center" and sorted(v.layers) == [6, 12]
+    ref = condition_vector(eager_llm, travel, other, [6, 12])
+    for layer in (6, 12):
+        assert float(ref.layers[layer] @ v.layers[layer]) > 0.999
+    proc = run("condition", "search", "--vector", str(out), "--positive", str(tmp_path / "pos.txt"),
+               "--negative", str(tmp_path / "neg.txt"), "--plot", str(tmp_path / "search.png"),
+               "--json", str(tmp_path / "search.json"), "--dtype", "float32")
+    points = search_condition(eager_llm, v, travel, other, [6, 12])
+    got = json.loads((tmp_path / "search.json").read_text())
+    for mine, theirs in zip(points, got["points"]):
+        assert (theirs["layer"], theirs["compare"], theirs["f1"]) == (mine.layer, mine.compare, mine.f1)
+        assert abs(theirs["threshold"] - mine.threshold) < 1e-4
+    assert got["best"] == best_point(points).layer and f'"layer": {got["best"]}' in proc.stdout
+    assert (tmp_path / "search.png").stat().st_size > 0

@@ -65,7 +65,7 @@ def edge(model_path, edge_store, tmp_path_factory):
         "alice": {"keys": [KEYS["alice"]]},
         "bob": {"keys": [KEYS["bob"]], "max_configs_in_flight": 1},
     }}))
-    proc, base = _start(model_path, root / "server.log", edge_store, ["--tenants", str(tenants)],
+    proc, base = _start(model_path, root / "server.log", edge_store, ["--tenants", str(tenants), "--condition-layers", "6"],
                         ["--enable-prompt-tokens-details"])
     yield base
     stop(proc)
@@ -425,9 +425,17 @@ def _strategies():
         optional={"from": numbers | values, "to": numbers | values, "over": numbers | values,
                   "half_life": numbers | values, "start": numbers | values, "length": numbers | values,
                   "unknown": values}) | values
+    condition = st.fixed_dictionaries({"vector": refs, "layer": st.integers(-3, 40) | numbers | values,
+                                       "threshold": numbers | values},
+                                      optional={"compare": st.sampled_from(["above", "below", "up"]) | values,
+                                                "pool": st.sampled_from(["mean", "last", "max"]) | values,
+                                                "unknown": values})
+    whens = (condition | st.fixed_dictionaries({"conditions": st.lists(condition, max_size=4) | values},
+                                               optional={"combine": st.sampled_from(["any", "all", "most"]) | values})
+             | values)
     fuzzed = st.fixed_dictionaries({"op": ops, "vector": refs, "layers": layers},
                                    optional={"scale": numbers | text | values, "positions": positions, "normalize": values,
-                                             "sae": text, "unknown": values, "schedule": schedules})
+                                             "sae": text, "unknown": values, "schedule": schedules, "when": whens})
     valid = st.builds(lambda scale, layer: {"op": "add", "vector": "pub", "layers": [layer], "scale": scale},
                       st.floats(-20, 20, allow_nan=False), st.integers(0, 29))
     valid_scheduled = st.builds(
@@ -435,7 +443,13 @@ def _strategies():
         st.floats(-20, 20, allow_nan=False), st.integers(0, 29),
         st.sampled_from([{"kind": "linear", "from": 1.0, "to": -1.0, "over": 3}, {"kind": "exp", "half_life": 0.5},
                          {"kind": "window", "start": 0, "length": 1}, {"kind": "constant"}]))
-    interventions = st.lists(fuzzed | valid | valid_scheduled, max_size=5)
+    valid_gated = st.builds(
+        lambda scale, layer, threshold, compare, pool: {
+            "op": "add", "vector": "pub", "layers": [layer], "scale": scale,
+            "when": {"vector": "pub", "layer": 6, "threshold": threshold, "compare": compare, "pool": pool}},
+        st.floats(-20, 20, allow_nan=False), st.integers(0, 29), st.floats(-1.5, 1.5, allow_nan=False),
+        st.sampled_from(["above", "below"]), st.sampled_from(["mean", "last"]))
+    interventions = st.lists(fuzzed | valid | valid_scheduled | valid_gated, max_size=5)
     steering = (st.fixed_dictionaries({"interventions": interventions}) | interventions | values | deep
                 | st.dictionaries(text, values, max_size=3) | st.fixed_dictionaries({"interventions": values}))
     return st.tuples(steering, st.sampled_from(["body", "xargs_text", "xargs_object", "both"]))

@@ -21,7 +21,7 @@ def start_server(model_path, log, extra_args=(), *, store):
 @pytest.fixture(scope="module")
 def server(model_path, eager_llm, sae_store_dir, tmp_path_factory):
     yield from start_server(model_path, tmp_path_factory.mktemp("serve") / "server.log", store=eager_llm.store.root,
-                            extra_args=("--sae", "test-relu", "--sae-store", str(sae_store_dir)))
+                            extra_args=("--sae", "test-relu", "--sae-store", str(sae_store_dir), "--condition-layers", "6"))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,22 @@ def test_scheduled_steering_over_http_equals_the_python_api(client, eager_llm, d
     assert positive.choices[0].text != got.choices[0].text
 
 
+def test_gated_steering_over_http_equals_the_python_api(client, eager_llm, directions):
+    """A gate reaches the engine through HTTP and decides per request: "above -1" holds for any
+    prompt (steered like the Python API), "below -1" never (exactly unsteered)."""
+    prompt = "I think that"
+    on, off = ({"interventions": [{**_spec(directions, 10.0)["interventions"][0],
+                                   "when": {"vector": directions["wedding"].sha256, "layer": 6, "threshold": -1.0,
+                                            "compare": compare}}]} for compare in ("above", "below"))
+    want_on, want_off = eager_llm.generate([prompt, prompt], SamplingParams(max_tokens=12, temperature=0.0),
+                                           steering=[on, off])
+    got_on, got_off = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                                 extra_body={"steering": spec}) for spec in (on, off))
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert got_on.choices[0].text == want_on.outputs[0].text != plain.choices[0].text
+    assert got_off.choices[0].text == want_off.outputs[0].text == plain.choices[0].text
+
+
 def test_steered_chat_completion(client, directions):
     messages = [{"role": "user", "content": "Describe your neighbour in one sentence."}]
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
@@ -85,6 +101,10 @@ BAD = {
     "bad schedule": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [3],
                                                       "schedule": {"kind": "exp", "half_life": -2}}]}},
                      "interventions.0.schedule.half_life"),
+    "gate at a layer without pooling": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [3],
+                                                                         "when": {"vector": [1.0] * 576, "layer": 7,
+                                                                                  "threshold": 0.0}}]}},
+                                        "interventions.0.when.layer"),
 }
 
 

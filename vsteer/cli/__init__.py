@@ -6,6 +6,7 @@
     models.py     vsteer models               -> vsteer.models
     generate.py   vsteer generate             -> vsteer.jobs
     extract.py    vsteer extract ...          -> vsteer.methods
+    condition.py  vsteer condition search     -> vsteer.methods.condition
     vectors.py    vsteer vectors ...          -> vsteer.vectors.VectorStore
     sae.py        vsteer sae ...              -> vsteer.sae
     effects.py    vsteer effects ...          -> vsteer.effects
@@ -19,6 +20,7 @@ it) and never import this package's ``__init__``; this file only assembles them.
 from __future__ import annotations
 
 from vsteer.cli._app import cli, main
+from vsteer.cli.condition import condition
 from vsteer.cli.demo import demo
 from vsteer.cli.effects import effects
 from vsteer.cli.eval import eval_group
@@ -31,5 +33,5 @@ from vsteer.cli.vectors import vectors
 
 __all__ = ["cli", "main"]
 
-for _command in (demo, serve, models, generate, extract, vectors, effects, eval_group, sae):
+for _command in (demo, serve, models, generate, extract, condition, vectors, effects, eval_group, sae):
     cli.add_command(_command)

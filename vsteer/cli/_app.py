@@ -26,7 +26,8 @@ def _quiet_defaults() -> None:
 
 #: Commands that start an engine (and so write to the log file): (command, subcommand or None).
 _ENGINE_COMMANDS = {("demo", None), ("serve", None), ("generate", None), ("extract", None), ("effects", "measure"),
-                    ("eval", "run"), ("sae", "train")}
+                    ("eval", "run"), ("sae", "train"),
+                    ("condition", "search")}
 
 
 @click.group()

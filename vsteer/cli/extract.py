@@ -195,6 +195,33 @@ def extract_pca(model: str, positive: Path, negative: Path, layers: str, mode: s
     _write(llm, vector, output, name)
 
 
+@extract.command("condition")
+@_model_opt
+@click.option("--positive", required=True, type=_text_file, help="Prompts where the condition holds, one per line.")
+@click.option("--negative", required=True, type=_text_file, help="Prompts where it does not, one per line.")
+@click.option("--layers", required=True, help="Comma-separated decoder layers, e.g. 4,6,8.")
+@click.option("--method", type=click.Choice(["pca-center", "mean-difference"]), default="pca-center", show_default=True,
+              help="pca-center (IBM's) pairs line i of --positive with line i of --negative.")
+@_out_opt
+@_name_opt
+@_eager_opt
+@_dtype_opt
+def extract_condition(model: str, positive: Path, negative: Path, layers: str, method: str, output: Path,
+                      name: str | None, eager: bool, dtype: str | None) -> None:
+    """CAST condition vectors from two prompt sets, each prompt mean-pooled (then `vsteer condition search`)."""
+    from vsteer.methods import condition_vector
+
+    layer_ids = _layer_list(layers, "--layers")
+    pos, neg = _lines(positive), _lines(negative)
+    if method == "pca-center" and len(pos) != len(neg):
+        raise SpecError(f"pca-center pairs the lines: {len(pos)} positive, {len(neg)} negative (give as many, "
+                        "or --method mean-difference)", field="--negative")
+    llm = _extract_engine(model, layer_ids, eager, dtype)
+    with _capturing():
+        vector = condition_vector(llm, pos, neg, layer_ids, method=method, model=llm.model_shape.name)
+    _write(llm, vector, output, name)
+
+
 @extract.command("sara")
 @_model_opt
 @click.option("--attract", required=True, help="Text whose activations steered prompts move toward.")
