@@ -129,6 +129,12 @@ def main() -> None:
         "Love-hate margin of the replies (nats; higher = warmer), mean per group:", "",
         "| setting | travel questions | other questions |", "|---|---|---|",
         *(f"| {name} | {v['travel']:+.2f} | {v['other']:+.2f} |" for name, v in table.items()),
+        "", "Against unsteered: " + "; ".join(
+            f"{name} moves travel replies by {table[name]['travel'] - table['unsteered']['travel']:+.2f} and other "
+            f"replies by {table[name]['other'] - table['unsteered']['other']:+.2f} nats" for name in ("unconditional", "gated"))
+        + ". The gated vector does not act on the prompt (only on the last prompt token, at layers after the "
+        "condition layer, and on generated tokens), so its shift on gated-on prompts can be smaller than the "
+        "unconditional one; on gated-off prompts the replies are exactly the unsteered ones.",
         "", "Sample replies (first two of each test group):", "",
         *(f"- *{s['question']}* (gate {'on' if s['gate'] else 'off'})\n  - unsteered: {s['unsteered']!r}\n"
           f"  - unconditional: {s['unconditional']!r}\n  - gated: {s['gated']!r}" for s in samples),

@@ -67,8 +67,9 @@ class SteeringEngineConfig(BaseModel):
     condition_layers: list[int] = Field(
         default_factory=list,
         description="Layers where the engine pools each gated request's prompt for conditional steering "
-        "(``when``). Each costs (max_num_seqs + 1) x (2 + max_conditions) x hidden x 4 bytes and, per step, "
-        "the condition math over those rows (compiled engines: every step).",
+        "(``when``). Memory: (max_num_seqs + 1) x hidden x 4 x (max_conditions + 2 x condition layers) bytes; "
+        "per step, each condition layer pools the step's tokens and evaluates every row's conditions "
+        "(compiled engines: every step; eager ones only on steps with gated prompts).",
     )
     max_conditions: int = Field(default=2, ge=1, le=16,
                                 description="Conditions (and distinct gates) one request may carry.")

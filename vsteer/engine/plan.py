@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -546,11 +546,33 @@ def parse_schedule(data: object) -> tuple | None:
     """
     if data is None:
         return None
+    return schedules.as_tuple(_validated(_SCHEDULE.validate_python, data, "schedule").model_dump(by_alias=True))
+
+
+def _validated(validate: Callable[[object], object], data: object, field: str) -> Any:
+    """``validate(data)``, a ValidationError turned into a SpecError naming ``field``."""
     try:
-        return schedules.as_tuple(_SCHEDULE.validate_python(data).model_dump(by_alias=True))
+        return validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise SpecError(f"bad schedule: {err['msg']}", field="schedule") from exc
+        raise SpecError(f"bad {field}: {exc.errors()[0]['msg']}", field=field) from exc
+
+
+def _check_one_per_layer(plan: SteeringPlan, attr: str, what: str) -> None:
+    """At each layer, every edit other than sas carries the same ``attr`` (or none): it multiplies
+    the layer's composed change."""
+    first: dict[int, tuple[int, tuple | None]] = {}
+    for i, item in enumerate(plan.interventions):
+        if item.op == "sas":
+            continue
+        value = getattr(item, attr)
+        for layer in item.layers:
+            j, seen = first.setdefault(layer, (i, value))
+            if seen != value:
+                raise SpecError(
+                    f"interventions {j} and {i} act at layer {layer} with different {what}s; the edits at "
+                    f"one layer share one {what} (it multiplies the layer's composed change)",
+                    field=f"interventions.{i}.{attr}",
+                )
 
 
 def check_schedules(plan: SteeringPlan) -> None:
@@ -560,21 +582,11 @@ def check_schedules(plan: SteeringPlan) -> None:
     Raises:
         SpecError: naming the intervention that breaks this.
     """
-    first: dict[int, tuple[int, tuple | None]] = {}
     for i, item in enumerate(plan.interventions):
         if item.schedule is not None and (item.op not in ("add", "affine") or item.normalize):
             raise SpecError(f"schedule is supported on add (without normalize) and affine, not on {item.op!r}",
                             field=f"interventions.{i}.schedule")
-        if item.op == "sas":
-            continue
-        for layer in item.layers:
-            j, sched = first.setdefault(layer, (i, item.schedule))
-            if sched != item.schedule:
-                raise SpecError(
-                    f"interventions {j} and {i} act at layer {layer} with different schedules; the edits at "
-                    "one layer share one schedule (it multiplies the layer's composed change)",
-                    field=f"interventions.{i}.schedule",
-                )
+    _check_one_per_layer(plan, "schedule", "schedule")
 
 
 def when_to_json(when: tuple) -> dict:
@@ -593,11 +605,7 @@ def parse_when(data: object) -> tuple | None:
     """
     if data is None:
         return None
-    try:
-        parsed = ConditionSet.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise SpecError(f"bad gate: {err['msg']}", field="when") from exc
+    parsed = _validated(ConditionSet.model_validate, data, "when")
     for cond in parsed.conditions:
         if not isinstance(cond.vector, str) or len(cond.vector) != 64:
             raise SpecError("a resolved condition names its vector by sha256", field="when.conditions")
@@ -653,20 +661,10 @@ def check_gates(plan: SteeringPlan, condition_layers: Sequence[int] | None = Non
     Raises:
         SpecError: naming the intervention that breaks this.
     """
-    first: dict[int, tuple[int, tuple | None]] = {}
+    _check_one_per_layer(plan, "when", "gate")
     for i, item in enumerate(plan.interventions):
-        if item.op == "sas":
-            if item.when is not None:
-                raise SpecError("when (conditional steering) is not supported on sas", field=f"interventions.{i}.when")
-            continue
-        for layer in item.layers:
-            j, gate = first.setdefault(layer, (i, item.when))
-            if gate != item.when:
-                raise SpecError(
-                    f"interventions {j} and {i} act at layer {layer} with different conditions; the edits at one "
-                    "layer share one gate (it multiplies the layer's composed change)",
-                    field=f"interventions.{i}.when",
-                )
+        if item.op == "sas" and item.when is not None:
+            raise SpecError("when (conditional steering) is not supported on sas", field=f"interventions.{i}.when")
         if item.when is not None and condition_layers is not None:
             bad = sorted({c[1] for c in item.when[1]} - set(condition_layers))
             if bad:
