@@ -27,7 +27,8 @@ def tenant_server(model_path, tmp_path_factory):
         "alice": {"keys": [KEYS["alice"]], "max_vectors": 2},
         "bob": {"keys": [KEYS["bob"]], "max_configs_in_flight": 1},
     }}))
-    yield from start_server(model_path, root / "server.log", ["--tenants", str(tenants)], store=store.root)
+    yield from start_server(model_path, root / "server.log", ["--tenants", str(tenants), "--condition-layers", "6"],
+                            store=store.root)
 
 
 def _h(who: str) -> dict:
@@ -64,6 +65,15 @@ def test_a_tenant_cannot_see_use_or_delete_another_tenants_vector(tenant_server,
         denied = _complete(tenant_server, "bob", ref)
         assert denied.status_code == 404 and denied.json()["error"]["param"] == "interventions.0.vector"
     assert httpx.delete(f"{tenant_server}/v1/vectors/{sha}", headers=_h("bob")).status_code == 404
+    # a condition vector is a vector too: alice may gate on hers, bob may not
+    cond = {"vector": "mine", "layer": 6, "threshold": 0.0}
+    for when, param in ((cond, "interventions.0.when.vector"),
+                        ({"conditions": [cond]}, "interventions.0.when.conditions.0.vector")):
+        gated = {"steering": {"interventions": [{"op": "add", "vector": "public-ones", "layers": [10], "when": when}]}}
+        body = {"model": MODEL, "prompt": "My weekend", "max_tokens": 4, "temperature": 0, **gated}
+        assert httpx.post(f"{tenant_server}/v1/completions", json=body, headers=_h("alice"), timeout=60).status_code == 200
+        denied = httpx.post(f"{tenant_server}/v1/completions", json=body, headers=_h("bob"), timeout=60)
+        assert denied.status_code == 404 and denied.json()["error"]["param"] == param, denied.text
     assert httpx.get(f"{tenant_server}/v1/vectors/mine", headers=_h("alice")).status_code == 200
     # both see and use the operator's public vector, neither can delete it
     for who in ("alice", "bob"):

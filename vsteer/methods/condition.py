@@ -170,6 +170,7 @@ def plot_condition_search(points: Sequence[ConditionPoint], path: str | os.PathL
     ax.axvline(best.layer, color="grey", linewidth=0.8)
     ax.annotate(f"layer {best.layer}\n{best.compare} {best.threshold:.4f}", (best.layer, best.f1),
                 textcoords="offset points", xytext=(6, -28), fontsize=8)
+    ax.set_xticks(layers)
     ax.set_xlabel("condition layer (output of decoder layer)")
     ax.set_ylabel("score on the labelled prompts")
     ax.set_ylim(-0.02, 1.05)

@@ -142,14 +142,24 @@ class _Resolver:
         if parsed is None:
             return None
         public = self._setup[1].names()
-        items = []
-        for i, item in enumerate(parsed.model_dump(mode="json")["interventions"]):
-            ref = item.get("vector")
+
+        def visible(holder: dict, field: str) -> None:
+            ref = holder.get("vector")
             if isinstance(ref, str) and not ref.startswith(SAE_FEATURE_PREFIX):  # SAE features are public
                 sha = self.tenants.visible(tenant, ref, public)
                 if sha is None:
-                    raise NotFoundError(f"unknown vector {ref!r}", field=f"interventions.{i}.vector")
-                item["vector"] = sha
+                    raise NotFoundError(f"unknown vector {ref!r}", field=f"{field}.vector")
+                holder["vector"] = sha
+
+        items = []
+        for i, item in enumerate(parsed.model_dump(mode="json")["interventions"]):
+            visible(item, f"interventions.{i}")
+            when = item.get("when")
+            if isinstance(when, dict) and "conditions" in when:  # a condition vector is a vector too
+                for k, cond in enumerate(when["conditions"]):
+                    visible(cond, f"interventions.{i}.when.conditions.{k}")
+            elif isinstance(when, dict):
+                visible(when, f"interventions.{i}.when")
             items.append({k: v for k, v in item.items() if v is not None})
         return {"interventions": items}
 
