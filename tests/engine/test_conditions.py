@@ -148,3 +148,13 @@ def test_engine_plan_json_refuses_a_malformed_gate():
                                                                                   "threshold": 0.1}]}}]}
     with pytest.raises(SpecError, match="sha256"):
         SteeringPlan.from_extra_args(data)
+
+
+def test_condition_layers_the_engine_does_not_wrap_are_refused_before_it_starts(model_path, store_dir):
+    from vsteer.engine.llm import LLM
+
+    for kwargs, bad in (({"condition_layers": [6, 30]}, "[30]"),
+                        ({"condition_layers": [6, 12], "steerable_layers": [6, 10]}, "[12]")):
+        with pytest.raises(SpecError) as err:
+            LLM(model_path, store=store_dir, enforce_eager=True, **kwargs)
+        assert err.value.field == "condition_layers" and bad in err.value.reason

@@ -74,6 +74,21 @@ class SteeringEngineConfig(BaseModel):
     max_conditions: int = Field(default=2, ge=1, le=16,
                                 description="Conditions (and distinct gates) one request may carry.")
 
+    def check_condition_layers(self, num_layers: int) -> None:
+        """Refuse condition layers the model does not have or the engine does not wrap.
+
+        Raises:
+            SpecError: naming ``condition_layers``.
+        """
+        from vsteer._errors import SpecError
+
+        wrapped = set(range(num_layers) if self.steerable_layers is None else self.steerable_layers)
+        bad = sorted(set(self.condition_layers) - wrapped)
+        if bad:
+            raise SpecError(f"condition layers {bad} are not steerable layers of this engine (layers 0..{num_layers - 1}"
+                            + (f", steerable {sorted(wrapped)})" if self.steerable_layers is not None else ")"),
+                            field="condition_layers")
+
     @classmethod
     def from_vllm(cls, additional_config: Mapping[str, Any] | None) -> "SteeringEngineConfig":
         data = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)

@@ -113,6 +113,7 @@ class LLM:
             condition_layers=sorted({int(x) for x in condition_layers}),
             max_conditions=max_conditions,
         )
+        self.config.check_condition_layers(info.num_layers)
         unknown = sorted(set(effect_saes) - set(self.saes))
         if unknown:
             raise SpecError(f"effect_saes {unknown} are not among saes {sorted(self.saes)}", field="effect_saes")

@@ -79,6 +79,7 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
                                   sae_shapes={n: (s.layer, s.d_sae) for n, s in sae_objs.items()},
                                   capture_layers=None if capture_layers is None else sorted(set(capture_layers)),
                                   condition_layers=sorted(set(condition_layers)), max_conditions=max_conditions)
+    config.check_condition_layers(info.num_layers)
     os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
                                          "sae_store": str(sae_db.root), "default_steering": default_steering})
     if default_steering is not None:
