@@ -45,10 +45,14 @@ class GateBook:
         self._vectors = vectors
         self._free = list(range(buffers.rows, 0, -1))
         self._live: dict[str, _Gated] = {}
-        max_tokens = buffers.pool_index.shape[1]
-        self._pool = np.zeros((2, max_tokens), dtype=np.int64)
-        self._gate = np.zeros((len(layer_row), max_tokens), dtype=np.int64)
-        self._finalize = np.zeros(buffers.rows + 1, dtype=np.float32)
+        # host staging (pinned on CUDA, like the slot index, so the copies do not wait for the GPU)
+        pin = buffers.gate_index.device.type == "cuda"
+        stage = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, pin_memory=pin)  # noqa: E731
+        self._pool_stage = stage(2, buffers.pool_index.shape[1], dtype=torch.int64)
+        self._gate_stage = stage(len(layer_row), buffers.gate_index.shape[1], dtype=torch.int64)
+        self._finalize_stage = stage(buffers.rows + 1, dtype=torch.float32)
+        self._pool, self._gate = self._pool_stage.numpy(), self._gate_stage.numpy()
+        self._finalize = self._finalize_stage.numpy()
         self._prev = 0  # batch rows the last step wrote
         self._prev_final = False
 
@@ -144,9 +148,9 @@ class GateBook:
         top = max(end, prev)
         g = self.buffers
         if top:
-            g.pool_index[:, :top].copy_(torch.from_numpy(pool[:, :top]))
-            g.gate_index[:, :top].copy_(torch.from_numpy(gate[:, :top]))
+            g.pool_index[:, :top].copy_(self._pool_stage[:, :top], non_blocking=True)
+            g.gate_index[:, :top].copy_(self._gate_stage[:, :top], non_blocking=True)
         if finalizing or self._prev_final:
-            g.finalize.copy_(torch.from_numpy(fin))
+            g.finalize.copy_(self._finalize_stage, non_blocking=True)
         self._prev, self._prev_final = end, finalizing
         return end > 0, pooling, finalizing
