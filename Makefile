@@ -8,10 +8,11 @@ setup:
 demo: setup
 	.venv/bin/vsteer demo
 
-# One pytest process: two workers (`bash scripts/test.sh -n 2 --dist loadgroup`) took 16.5 minutes where
-# one process took 27 on a 2-core machine but need more than 20 GiB and ran out of memory on a 24 GiB one.
+# Two pytest workers; each takes whole groups of tests (tests/conftest.py: group_of), longest first.
+PYTEST_WORKERS = -n 2 --no-loadscope-reorder
+
 test: setup
-	bash scripts/test.sh
+	bash scripts/test.sh $(PYTEST_WORKERS)
 
 test-fast: setup
-	bash scripts/test.sh -m "not compiled and not ray and not gpu"
+	bash scripts/test.sh $(PYTEST_WORKERS) -m "not compiled and not ray and not gpu"

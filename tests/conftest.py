@@ -169,19 +169,57 @@ def directions(eager_llm):
     return {"love": love, "wedding": wedding}
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under ``bash scripts/test.sh -n 2 --dist loadgroup`` (optional; ``make test`` runs one
-    process, where this grouping and ordering change nothing but the order) a test module runs on one worker, so its
-    module-scoped engines and servers are built once; the Ray tests share one group (two local Ray
-    clusters never start at once) and so do the compiled-engine tests (one compiled engine per run)."""
-    import pytest
+#: modules that build in-process engines of their own (besides the session's eager one), or the
+#: compiled engine, the few-slots engine or plain vLLM: under xdist they run on one worker, so those
+#: engines (which a process never frees) exist once per run
+ENGINE_MODULES = ("tests/engine/test_architectures.py", "tests/engine/test_batching.py",
+                  "tests/engine/test_conditions.py", "tests/engine/test_exactness.py",
+                  "tests/engine/test_preemption.py", "tests/engine/test_sas_engine.py",
+                  "tests/engine/test_vllm_features.py")
+#: modules that start a local Ray cluster: one at a time
+RAY_MODULES = ("tests/effects/test_effects_ray.py", "tests/jobs/test_ray_pool.py")
+#: groups in the order workers take them: the longest first (measured with --durations), so no
+#: worker is left alone with a long one at the end
+FIRST_GROUPS = ("engines", "tests/test_readme.py", "ray", "tests/server/test_edge.py", "tests/test_cli.py",
+                "tests/server/test_compare.py", "tests/eval/test_eval_harness.py")
+#: modules that start `vsteer serve` (a server and its engine process, ~3.5 GB)
+SERVER_MODULES = ("tests/server/", "tests/eval/test_eval_harness.py")
 
+
+def group_of(nodeid: str) -> str:
+    """The group a test runs in under xdist: "engines", "ray", or its module's path."""
+    path = nodeid.split("::")[0]
+    return "engines" if path in ENGINE_MODULES else "ray" if path in RAY_MODULES else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n 2`` (``make test``) a worker takes a whole group (see :func:`group_of`), so
+    module-scoped engines and servers start once and only the session's eager engine is built on
+    both workers. The worker holding the "engines" group (~11 GB) takes no group that starts a
+    server or Ray cluster, so the two workers stay within 24 GB. (xdist's own ``--dist loadgroup``
+    marks do not group tests under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if "engines" in self.assigned_work.get(node, {}):
+                light = [g for g in self.workqueue if g != "ray" and not g.startswith(SERVER_MODULES)]
+                if not light:
+                    return  # the other worker takes the rest
+                self.workqueue.move_to_end(light[0], last=False)
+            super()._assign_work_unit(node)
+
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the groups longest first; every test marked ``compiled`` or ``ray`` is in its group."""
     for item in items:
-        if not any(m.name == "xdist_group" for m in item.iter_markers()):
-            marked = [name for name in ("ray", "compiled") if item.get_closest_marker(name)]
-            group = marked[0] if marked else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(group))
-    # loadgroup hands groups out in collection order: start the longest ones first so that no
-    # worker is left alone with one at the end (measured with --durations).
-    first = ("tests/test_readme.py", "tests/effects/test_effects_cli.py", "tests/sae/test_sae_train.py")
-    items.sort(key=lambda item: next((i for i, f in enumerate(first) if item.nodeid.startswith(f)), len(first)))
+        group = group_of(item.nodeid)
+        assert not item.get_closest_marker("compiled") or group == "engines", f"{item.nodeid}: add to ENGINE_MODULES"
+        assert not item.get_closest_marker("ray") or group == "ray", f"{item.nodeid}: add to RAY_MODULES"
+    rank = {g: i for i, g in enumerate(FIRST_GROUPS)}
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import subprocess_env
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 SKIPPED_LINES = {
@@ -63,7 +65,7 @@ def _bash_lines() -> list[str]:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = subprocess_env()  # a bounded KV cache: vLLM would otherwise size it from the machine's free memory
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["VSTEER_VECTOR_STORE"] = str(tmp_path / "vectors")
     env["VSTEER_SAE_STORE"] = str(tmp_path / "saes")

@@ -5,15 +5,13 @@ loopback, driven over real HTTP.
   engine on any route; the server keeps serving.
 - Client cache salts live in their own namespace; tenants never share KV blocks.
 - Fuzzed steering fields are answered 4xx or 200, never 5xx, and change nothing afterwards.
-- Clients that disconnect release what they held; uploads and deletes never corrupt the store,
-  not even under SIGKILL.
+- Clients that disconnect release what they held; uploads and deletes never corrupt the store
+  (under SIGKILL: test_upload_crash.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -323,57 +321,6 @@ def _check_store(root: Path) -> None:
             assert sha in data["vectors"], (path.name, name)
             assert sha in shas, (path.name, name)
     assert not [p.name for p in root.glob("*.safetensors") if len(p.stem) != 64], "a temporary file was left as a vector"
-
-
-def test_sigkill_during_uploads_leaves_no_partial_vector(model_path, tmp_path):
-    store = tmp_path / "store"
-    proc, base = _start(model_path, tmp_path / "server.log", store, max_model_len=256)
-    try:
-        payloads = []
-        for i in range(8):
-            v = SteeringVector.from_tensors({layer: torch.randn(576) for layer in range(30)})  # ~70 KB each
-            save_vector(v, tmp_path / f"{i}.safetensors")
-            payloads.append((tmp_path / f"{i}.safetensors").read_bytes())
-
-        def slow_body(data: bytes):
-            for k in range(0, len(data), 8192):
-                yield data[k:k + 8192]
-                time.sleep(0.01)
-
-        def uploader(n: int) -> None:
-            with httpx.Client(base_url=base, timeout=30) as c:
-                for j in range(100):
-                    data = payloads[(n + j) % len(payloads)]
-                    try:
-                        c.post("/v1/vectors", params={"name": f"v{n}"},
-                               content=slow_body(data) if j % 2 else data)
-                        c.delete(f"/v1/vectors/v{n}")
-                    except httpx.HTTPError:
-                        return
-
-        threads = [threading.Thread(target=uploader, args=(n,), daemon=True) for n in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(3.0)  # uploads (whole and chunked) and deletes are in flight
-        import psutil
-
-        engine_procs = psutil.Process(proc.pid).children(recursive=True)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        for child in engine_procs:  # the engine core outlives a SIGKILLed server; do not leak it
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        for t in threads:
-            t.join(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    _check_store(store)
-    assert len(list(store.glob("*.safetensors"))) >= 1 or (store / "names.json").exists()  # uploads did happen
 
 
 # --- fuzzing --------------------------------------------------------------------------------------
