@@ -1,6 +1,6 @@
 """Shared fixtures: the real default model, real vLLM engines (one eager, one compiled, float32).
 
-Engines are expensive (eager ~5-10 s, compiled ~70 s on 2 CPU cores), so each kind is built once
+Engines are expensive (eager ~5-10 s, compiled ~100 s on 2 CPU cores), so each kind is built once
 per test session. Environment variables must be set before vLLM is imported.
 """
 
