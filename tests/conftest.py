@@ -176,22 +176,30 @@ ENGINE_MODULES = ("tests/engine/test_architectures.py", "tests/engine/test_batch
                   "tests/engine/test_conditions.py", "tests/engine/test_exactness.py",
                   "tests/engine/test_preemption.py", "tests/engine/test_sas_engine.py",
                   "tests/engine/test_vllm_features.py")
+#: modules that share one server (package scope): one group
+SHARED_SERVER = "tests/server/shared_server/"
 #: modules that start a local Ray cluster: one at a time
 RAY_MODULES = ("tests/effects/test_effects_ray.py", "tests/jobs/test_ray_pool.py")
 #: groups in the order workers take them: the longest first (measured with --durations), so no
-#: worker is left alone with a long one at the end
-FIRST_GROUPS = ("engines", "tests/test_readme.py", "ray", "tests/server/test_edge.py", "tests/test_cli.py",
-                "tests/server/test_compare.py", "tests/eval/test_eval_harness.py")
+#: worker is left alone with a long one at the end; the server groups (which the "engines" worker
+#: never takes) before the other long ones, which that worker takes once its engines are done.
+#: An entry ending in "/" stands for every group under that folder.
+FIRST_GROUPS = ("engines", "tests/test_readme.py", "ray", "tests/server/test_edge.py", SHARED_SERVER, "tests/server/",
+                "tests/test_cli.py", "tests/sae/test_sae_train.py", "tests/jobs/test_rollouts.py",
+                "tests/effects/test_effects_cli.py", "tests/eval/test_eval_harness.py")
 #: modules that start `vsteer serve` (a server and its engine process, ~3.5 GB)
-SERVER_MODULES = ("tests/server/", "tests/eval/test_eval_harness.py")
+SERVER_MODULES = ("tests/server/",)
 
 
 def group_of(nodeid: str) -> str:
-    """The group a test runs in under xdist: "engines", "ray", or its module's path."""
+    """The group a test runs in under xdist: "engines", "ray", the shared server's folder, or its module's path."""
     path = nodeid.split("::")[0]
+    if path.startswith(SHARED_SERVER):
+        return SHARED_SERVER
     return "engines" if path in ENGINE_MODULES else "ray" if path in RAY_MODULES else path
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """Under ``-n 2`` (``make test``) a worker takes a whole group (see :func:`group_of`), so
     module-scoped engines and servers start once and only the session's eager engine is built on
@@ -221,5 +229,8 @@ def pytest_collection_modifyitems(config, items):
         group = group_of(item.nodeid)
         assert not item.get_closest_marker("compiled") or group == "engines", f"{item.nodeid}: add to ENGINE_MODULES"
         assert not item.get_closest_marker("ray") or group == "ray", f"{item.nodeid}: add to RAY_MODULES"
-    rank = {g: i for i, g in enumerate(FIRST_GROUPS)}
-    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))
+    def rank(group: str) -> int:
+        return next((i for i, first in enumerate(FIRST_GROUPS) if group == first or
+                     (first.endswith("/") and group.startswith(first))), len(FIRST_GROUPS))
+
+    items.sort(key=lambda item: rank(group_of(item.nodeid)))

@@ -1,5 +1,6 @@
 """The steering-quality harness end to end on the default model: local scorer, methods, resume,
-monotone scores, and the judge client against a real `vsteer serve` started here."""
+monotone scores, and the judge client's errors (its run against a real `vsteer serve`:
+tests/server/shared_server/test_judge.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import threading
 
 import pytest
 
-from tests.conftest import serve_process
 from vsteer.eval import (
     JudgeParseError,
     JudgeResponseError,
@@ -26,9 +26,6 @@ from vsteer.eval import (
     run_eval,
 )
 from vsteer.server.process import free_port
-
-SERVED = "smollm2-judge"
-
 
 @pytest.fixture(scope="module")
 def scorer(eager_llm):
@@ -165,43 +162,7 @@ def test_scores_are_monotone_in_the_obvious_cases(eager_llm, scorer, tmp_path):
     assert summary["best"][0]["scale"] == 80.0
 
 
-# --- the judge client -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def judge_server(model_path, eager_llm, tmp_path_factory):
-    """A real `vsteer serve` of the default model on loopback."""
-    yield from serve_process(model_path, tmp_path_factory.mktemp("judge") / "server.log", store=eager_llm.store.root,
-                             served_model_name=SERVED, max_model_len=1024, max_num_seqs=8)
-
-
-def test_judge_scorer_against_a_real_vsteer_serve(judge_server, eager_llm, tmp_path):
-    judge = JudgeScorer(judge_server + "/v1", SERVED, retries=1, concurrency=2, max_tokens=8)
-    judge.check()  # one real chat completion
-    london = load_concepts(["london"])[0]
-    items = [ScoreItem("I think", " London is lovely in spring.", london),
-             ScoreItem("I think", " the printer needs paper.", london)]
-    scores = judge.score(items)
-    assert judge.requests_sent >= 1 + 2 * len(items)
-    for s in scores:
-        assert s.details["behaviour_reply"] and s.details["coherence_reply"]  # the server answered
-        for value, kind in ((s.behaviour, "behaviour"), (s.coherence, "coherence")):
-            if value is None:  # the tiny judge may answer without a number: surfaced, not hidden
-                assert any(f"no score 1..10 in the judge's {kind} reply" in e for e in s.details["errors"])
-            else:
-                assert 0.0 <= value <= 1.0
-
-    # the harness records which judge produced the numbers
-    summary = run_eval(eager_llm, ["london"], ["caa"], [0, 64], n=1, max_tokens=8, scorer=judge, out_dir=tmp_path,
-                       progress=False, plots=False)
-    record = load_records(tmp_path)[0]
-    assert record["scorer"] == {**judge.describe()} and record["scorer"]["url"] == judge_server + "/v1"
-    assert record["scorer"]["model"] == SERVED
-    assert f"judge {SERVED} at {judge_server}/v1" in (tmp_path / "results.md").read_text()
-    assert len(summary["cells"]) == 2
-
-    with pytest.raises(JudgeResponseError, match="HTTP 404"):  # a model the endpoint does not serve
-        JudgeScorer(judge_server + "/v1", "no-such-model", retries=0).check()
-
-
+# --- the judge client (against a real server: tests/server/shared_server/test_judge.py) ------------------
 def test_judge_scorer_errors_are_clear():
     with pytest.raises(JudgeUnreachableError, match="unreachable"):
         JudgeScorer(f"http://127.0.0.1:{free_port()}/v1", "m", retries=1, backoff=0.01, timeout=2).check()

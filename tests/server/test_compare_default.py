@@ -1,6 +1,6 @@
 """`"steering_compare": true` on a server with --default-steering and a tenant: the default is the
-steered half, and the unsteered half takes no steering config. Its own module, so that its server
-never runs beside test_compare.py's."""
+steered half, and the unsteered half takes no steering config. Its own module (and server), outside
+shared_server/, whose server has no default."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import serve_process
-from tests.server.test_compare import MODEL, PROMPT, _post, _spec, _text
+from tests.server.shared_server.test_compare import MODEL, PROMPT, _post, _spec, _text
 
 KEY = "sk-compare-tenant-key"
 

@@ -8,9 +8,10 @@ import httpx
 import pytest
 import torch
 
-from tests.server.test_serve import MODEL, start_server
+from tests.conftest import serve_process
 from vsteer import SteeringVector, save_vector
 
+MODEL = "smollm2"
 KEYS = {"alice": "sk-alice-test-key", "bob": "sk-bob-test-key"}
 
 
@@ -27,8 +28,8 @@ def tenant_server(model_path, tmp_path_factory):
         "alice": {"keys": [KEYS["alice"]], "max_vectors": 2},
         "bob": {"keys": [KEYS["bob"]], "max_configs_in_flight": 1},
     }}))
-    yield from start_server(model_path, root / "server.log", ["--tenants", str(tenants), "--condition-layers", "6"],
-                            store=store.root)
+    yield from serve_process(model_path, root / "server.log", ["--tenants", str(tenants), "--condition-layers", "6"],
+                             store=store.root, served_model_name=MODEL)
 
 
 def _h(who: str) -> dict:

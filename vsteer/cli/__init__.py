@@ -1,6 +1,7 @@
 """The ``vsteer`` command line: a thin adapter over the Python API, one module per command group.
 
-    _app.py       the root group, logging (quiet by default), ``main`` (errors as one line)
+    _app.py       the root group, logging (quiet by default), ``main`` (errors as one line),
+                  ``run`` (the console command: ``main``, then a fast exit)
     _common.py    options and output helpers the groups share
     demo.py       vsteer demo                 -> vsteer.demo
     models.py     vsteer models               -> vsteer.models
@@ -19,7 +20,7 @@ it) and never import this package's ``__init__``; this file only assembles them.
 
 from __future__ import annotations
 
-from vsteer.cli._app import cli, main
+from vsteer.cli._app import cli, main, run
 from vsteer.cli.condition import condition
 from vsteer.cli.demo import demo
 from vsteer.cli.effects import effects
@@ -31,7 +32,7 @@ from vsteer.cli.sae import sae
 from vsteer.cli.serve import serve
 from vsteer.cli.vectors import vectors
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "run"]
 
 for _command in (demo, serve, models, generate, extract, condition, vectors, effects, eval_group, sae):
     cli.add_command(_command)

@@ -1,4 +1,5 @@
-"""`vsteer serve` as a real server process on loopback, driven over HTTP by the official OpenAI client."""
+"""`vsteer serve` as a real server process on loopback (this folder's shared server), driven over HTTP
+by the official OpenAI client."""
 
 from __future__ import annotations
 
@@ -8,20 +9,7 @@ import time
 import pytest
 from vllm import SamplingParams
 
-from tests.conftest import serve_process
-
-MODEL = "smollm2"
-
-
-def start_server(model_path, log, extra_args=(), *, store):
-    """Start `vsteer serve` on a free loopback port; yields its base URL, stops it afterwards."""
-    yield from serve_process(model_path, log, extra_args, store=store, served_model_name=MODEL)
-
-
-@pytest.fixture(scope="module")
-def server(model_path, eager_llm, sae_store_dir, tmp_path_factory):
-    yield from start_server(model_path, tmp_path_factory.mktemp("serve") / "server.log", store=eager_llm.store.root,
-                            extra_args=("--sae", "test-relu", "--sae-store", str(sae_store_dir), "--condition-layers", "6"))
+MODEL = "smollm2"  # the shared server's --served-model-name (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,14 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import serve_process
+MODEL = "smollm2"  # the shared server's --served-model-name (conftest.py)
 
-MODEL = "smollm2"
 PROMPT = "I think that"
 MESSAGES = [{"role": "user", "content": "Describe your neighbour in one sentence."}]
 
 
 def _spec(directions, scale: float = 12.0) -> dict:
     return {"interventions": [{"op": "add", "vector": directions["love"].sha256, "layers": [10], "scale": scale}]}
-
-
-@pytest.fixture(scope="module")
-def server(model_path, eager_llm, directions, tmp_path_factory):
-    """A server without --default-steering (so that a request can have no steering at all)."""
-    yield from serve_process(model_path, tmp_path_factory.mktemp("serve-compare") / "server.log",
-                             store=eager_llm.store.root, served_model_name=MODEL)
 
 
 @pytest.fixture(scope="module")
