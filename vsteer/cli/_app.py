@@ -102,6 +102,8 @@ def run() -> NoReturn:
     command. Everything a normal exit does for the user still happens first: other threads finish,
     atexit handlers run (engine shutdown, log handlers flushed), stdout and stderr are flushed."""
     code = main()
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)  # under a profiler or debugger, which report after the command returns
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
