@@ -63,12 +63,12 @@ def start_serve(model_path, log: Path, vsteer_args=(), vllm_args=(), *, store, s
 
 
 def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_name: str, max_model_len: int = 512,
-                  max_num_seqs: int = 16):
+                  max_num_seqs: int = 16, vllm_args=()):
     """Run `vsteer serve` (see :func:`start_serve`); yields its base URL, stops it afterwards, and
     checks no API key reached its log."""
     from vsteer.server.process import stop
 
-    proc, base = start_serve(model_path, log, extra_args, store=store, served_model_name=served_model_name,
+    proc, base = start_serve(model_path, log, extra_args, vllm_args, store=store, served_model_name=served_model_name,
                              max_model_len=max_model_len, max_num_seqs=max_num_seqs)
     yield base
     stop(proc)
@@ -176,15 +176,15 @@ ENGINE_MODULES = ("tests/engine/test_architectures.py", "tests/engine/test_batch
                   "tests/engine/test_conditions.py", "tests/engine/test_exactness.py",
                   "tests/engine/test_preemption.py", "tests/engine/test_sas_engine.py",
                   "tests/engine/test_vllm_features.py")
-#: modules that share one server (package scope): one group
-SHARED_SERVER = "tests/server/shared_server/"
+#: folders whose modules share one server (package scope): one group each
+SHARED_SERVERS = ("tests/server/tenant_server/", "tests/server/shared_server/")
 #: modules that start a local Ray cluster: one at a time
 RAY_MODULES = ("tests/effects/test_effects_ray.py", "tests/jobs/test_ray_pool.py")
 #: groups in the order workers take them: the longest first (measured with --durations), so no
 #: worker is left alone with a long one at the end; the server groups (which the "engines" worker
 #: never takes) before the other long ones, which that worker takes once its engines are done.
 #: An entry ending in "/" stands for every group under that folder.
-FIRST_GROUPS = ("engines", "tests/test_readme.py", "ray", "tests/server/test_edge.py", SHARED_SERVER, "tests/server/",
+FIRST_GROUPS = ("engines", "tests/test_readme.py", "ray", *SHARED_SERVERS, "tests/server/",
                 "tests/test_cli.py", "tests/sae/test_sae_train.py", "tests/jobs/test_rollouts.py",
                 "tests/effects/test_effects_cli.py", "tests/eval/test_eval_harness.py")
 #: modules that start `vsteer serve` (a server and its engine process, ~3.5 GB)
@@ -192,10 +192,11 @@ SERVER_MODULES = ("tests/server/",)
 
 
 def group_of(nodeid: str) -> str:
-    """The group a test runs in under xdist: "engines", "ray", the shared server's folder, or its module's path."""
+    """The group a test runs in under xdist: "engines", "ray", a shared server's folder, or its module's path."""
     path = nodeid.split("::")[0]
-    if path.startswith(SHARED_SERVER):
-        return SHARED_SERVER
+    shared = next((folder for folder in SHARED_SERVERS if path.startswith(folder)), None)
+    if shared:
+        return shared
     return "engines" if path in ENGINE_MODULES else "ray" if path in RAY_MODULES else path
 
 

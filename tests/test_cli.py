@@ -53,7 +53,10 @@ def test_extract_caa_writes_a_vector_with_metadata(caa_vector, eager_llm):
     assert cos > 0.99
 
 
-def test_generate_jsonl_matches_python_api(tmp_path, caa_vector, eager_llm):
+BAD_ROW = {"prompt": "hi", "steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [99]}]}}
+
+
+def test_generate_jsonl_matches_python_api_and_a_bad_row_goes_to_the_errors_file(tmp_path, caa_vector, eager_llm):
     rows = [
         {"prompt": "I think that", "steering": None, "max_tokens": 8, "temperature": 0.0},
         {"prompt": "I think that", "steering": {"interventions": [{"op": "add", "vector": str(caa_vector), "scale": 4.0}]}, "max_tokens": 8, "temperature": 0.0},
@@ -68,8 +71,9 @@ def test_generate_jsonl_matches_python_api(tmp_path, caa_vector, eager_llm):
           "max_tokens": 8, "temperature": 0.0} for compare in ("above", "below")),
     ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    run("generate", "--model", "smollm2", "--input", str(src), "--output", str(dst), "--eager", "--dtype", "float32", "--max-slots", "4")
+    src.write_text("\n".join(json.dumps(r) for r in [*rows, BAD_ROW]) + "\n")
+    proc = run("generate", "--model", "smollm2", "--input", str(src), "--output", str(dst), "--eager", "--dtype", "float32",
+               "--max-slots", "4")
     got = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [g["prompt"] for g in got] == [r["prompt"] for r in rows]
     params = [SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r.get("seed")) for r in rows]
@@ -80,17 +84,10 @@ def test_generate_jsonl_matches_python_api(tmp_path, caa_vector, eager_llm):
     assert got[0]["token_ids"] != got[1]["token_ids"], "the steered row must differ from the unsteered one"
     # --condition-layers auto gave the engine layer 12: the gate that always holds steers, the other never
     assert got[5]["token_ids"] != got[0]["token_ids"] and got[6]["token_ids"] == got[0]["token_ids"]
-
-
-def test_generate_bad_row_goes_to_the_errors_file(tmp_path):
-    src = tmp_path / "in.jsonl"
-    src.write_text(json.dumps({"prompt": "hi", "steering": None, "max_tokens": 4}) + "\n"
-                   + json.dumps({"prompt": "hi", "steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [99]}]}}) + "\n")
-    proc = run("generate", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--eager", "--max-model-len", "512")
+    # the bad row is reported with its row, field and reason; every other row was answered
     assert "1 bad rows" in proc.stderr
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 1
     [error] = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
-    assert error["row_id"] == "1" and error["field"] == "steering.interventions.0.layers"
+    assert error["row_id"] == str(len(rows)) and error["field"] == "steering.interventions.0.layers"
     assert "layer 99 is out of range" in error["error"]
 
 

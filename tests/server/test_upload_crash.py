@@ -1,6 +1,6 @@
 """A `vsteer serve` SIGKILLed while uploads (whole and chunked) and deletes are in flight leaves
 no partial vector in its store. Its own module, so that its server never runs beside
-test_edge.py's."""
+tenant_server/test_edge.py's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import httpx
 import torch
 
-from tests.server.test_edge import _check_store, _start
+from tests.server.tenant_server.test_edge import _check_store, _start
 from vsteer import SteeringVector, save_vector
 
 

@@ -1,5 +1,5 @@
 """The serving edge under hostile input, faults and load: a real `vsteer serve` with tenants on
-loopback, driven over real HTTP.
+loopback (this folder's, shared with test_tenants.py: conftest.py), driven over real HTTP.
 
 - No client-supplied engine argument (``vllm_xargs`` keys starting with ``vsteer``) reaches the
   engine on any route; the server keeps serving.
@@ -22,29 +22,13 @@ import pytest
 import torch
 
 from tests.conftest import start_serve
+from tests.server.tenant_server import MODEL
+from tests.server.tenant_server import auth as _h
 from vsteer import SteeringVector, save_vector
 
-MODEL = "smollm2"
-KEYS = {"alice": "sk-alice-edge-key", "bob": "sk-bob-edge-key"}
 RESERVED = ["vsteer", "vsteer_capture", "vsteer_effects", "vsteer_tenant", "VSteer", "VSTEER_EFFECTS", "vSteer_anything"]
 #: A prompt of more than two 128-token KV blocks (the CPU block size), so that prefix caching shows.
 LONG_PROMPT = " ".join(f"Item {i} of the list is a small red box on a shelf." for i in range(30))
-
-
-def _h(who: str) -> dict:
-    return {"Authorization": f"Bearer {KEYS[who]}"}
-
-
-@pytest.fixture(scope="module")
-def edge_store(tmp_path_factory) -> Path:
-    from vsteer.vectors import VectorStore
-
-    root = tmp_path_factory.mktemp("edge") / "store"
-    store = VectorStore(root)
-    g = torch.Generator().manual_seed(1)
-    v = torch.randn(576, generator=g)
-    store.set_name("pub", store.put(SteeringVector.from_tensors({10: v / v.norm()})))
-    return root
 
 
 def _start(model_path: str, log: Path, store: Path, vsteer_args=(), vllm_args=(), max_model_len: int = 512):
@@ -54,25 +38,8 @@ def _start(model_path: str, log: Path, store: Path, vsteer_args=(), vllm_args=()
 
 
 @pytest.fixture(scope="module")
-def edge(model_path, edge_store, tmp_path_factory):
-    from vsteer.server.process import stop
-
-    root = tmp_path_factory.mktemp("edge-server")
-    tenants = root / "tenants.json"
-    tenants.write_text(json.dumps({"tenants": {
-        "alice": {"keys": [KEYS["alice"]]},
-        "bob": {"keys": [KEYS["bob"]], "max_configs_in_flight": 1},
-    }}))
-    proc, base = _start(model_path, root / "server.log", edge_store, ["--tenants", str(tenants), "--condition-layers", "6"],
-                        ["--enable-prompt-tokens-details"])
-    yield base
-    stop(proc)
-    assert b"sk-" not in (root / "server.log").read_bytes(), "an API key reached the server log"
-
-
-@pytest.fixture(scope="module")
-def http(edge):
-    with httpx.Client(base_url=edge, timeout=120) as client:
+def http(tenant_server):
+    with httpx.Client(base_url=tenant_server, timeout=120) as client:
         yield client
 
 
@@ -182,7 +149,7 @@ def test_every_route_needs_a_key(http):
 
 # --- cache salts and KV isolation ----------------------------------------------------------------
 
-def test_a_client_salt_cannot_plant_unsteered_kv_for_a_steered_request(http, edge_store, model_path):
+def test_a_client_salt_cannot_plant_unsteered_kv_for_a_steered_request(http, tenant_store, model_path):
     """The old edge salted steered requests with ``vsteer-<plan hash>``: a client that sent that
     salt on an unsteered request planted KV that a steered request would then read. Client salts
     now live in their own namespace."""
@@ -191,9 +158,9 @@ def test_a_client_salt_cannot_plant_unsteered_kv_for_a_steered_request(http, edg
     from vsteer.vectors import VectorStore
 
     info = model_info(model_path)
-    sha = VectorStore(edge_store).names()["pub"]
+    sha = VectorStore(tenant_store).names()["pub"]
     plan = resolve_spec({"interventions": [{"op": "add", "vector": sha, "layers": [10], "scale": 6.0}]},
-                        store=VectorStore(edge_store), model=ModelShape(info.name, info.num_layers, info.hidden_size))
+                        store=VectorStore(tenant_store), model=ModelShape(info.name, info.num_layers, info.hidden_size))
     prompt = "Salted. " + LONG_PROMPT
     for salt in (f"vsteer-{plan.hash}", f"vsteer:{plan.hash}", "vsteer-" + "0" * 64):
         assert _complete(http, prompt=prompt, max_tokens=2, cache_salt=salt).status_code == 200  # plant
@@ -249,11 +216,11 @@ def test_capture_layers_option():
 
 # --- faults ---------------------------------------------------------------------------------------
 
-def test_clients_that_disconnect_mid_stream_release_their_slots(http, edge):
+def test_clients_that_disconnect_mid_stream_release_their_slots(http, tenant_server):
     body = {"model": MODEL, "prompt": "Tell a long story:", "max_tokens": 300, "temperature": 0, "ignore_eos": True,
             "stream": True, "steering": _steering(3.0)}
     for _ in range(3):
-        with httpx.Client(base_url=edge, timeout=60) as own:
+        with httpx.Client(base_url=tenant_server, timeout=60) as own:
             with own.stream("POST", "/v1/completions", json=body, headers=_h("bob")) as r:
                 assert r.status_code == 200
                 lines = r.iter_lines()
@@ -269,7 +236,7 @@ def test_clients_that_disconnect_mid_stream_release_their_slots(http, edge):
     assert other.status_code == 200, other.text
 
 
-def test_concurrent_upload_and_delete_of_one_name_never_corrupt_the_store(http, edge, edge_store, tmp_path):
+def test_concurrent_upload_and_delete_of_one_name_never_corrupt_the_store(http, tenant_server, tenant_store, tmp_path):
     """Two tenants upload and delete the same name (and the same contents, stored once) at once."""
     files = []
     for i in range(3):
@@ -281,7 +248,7 @@ def test_concurrent_upload_and_delete_of_one_name_never_corrupt_the_store(http, 
 
     def worker(who: str, n: int) -> None:
         try:
-            with httpx.Client(base_url=edge, timeout=60, headers=_h(who)) as c:
+            with httpx.Client(base_url=tenant_server, timeout=60, headers=_h(who)) as c:
                 for j in range(10):
                     if (n + j) % 2:
                         codes.append(c.post("/v1/vectors", params={"name": "race"}, content=files[(n + j) % 3]).status_code)
@@ -298,7 +265,7 @@ def test_concurrent_upload_and_delete_of_one_name_never_corrupt_the_store(http, 
     assert not errors, errors
     assert set(codes) <= {200, 201, 404}, sorted(set(codes))
     assert 201 in codes and 200 in codes
-    _check_store(edge_store)
+    _check_store(tenant_store)
     for who in ("alice", "bob"):
         if http.get("/v1/vectors/race", headers=_h(who)).status_code == 200:  # whatever won serves a whole vector
             assert _complete(http, who=who, max_tokens=2, steering=_steering(vector="race")).status_code == 200
@@ -402,13 +369,13 @@ def _strategies():
     return st.tuples(steering, st.sampled_from(["body", "xargs_text", "xargs_object", "both"]))
 
 
-def test_fuzzed_steering_is_answered_4xx_or_200_never_5xx(http, edge):
+def test_fuzzed_steering_is_answered_4xx_or_200_never_5xx(http, tenant_server):
     from hypothesis import HealthCheck, given, settings
 
     good = _steering(8.0)
     before = (_text(_complete(http, steering=good)), _text(_complete(http)))
     statuses: list[int] = []
-    session = httpx.Client(base_url=edge, timeout=60, headers={**_h("alice"), "content-type": "application/json"})
+    session = httpx.Client(base_url=tenant_server, timeout=60, headers={**_h("alice"), "content-type": "application/json"})
 
     @settings(max_examples=2000, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))

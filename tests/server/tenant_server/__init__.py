@@ -1,0 +1,15 @@
+"""The tenants of this folder's shared server (conftest.py starts it), and their keys."""
+
+MODEL = "smollm2"  # the tests use this name
+KEYS = {"alice": "sk-alice-edge-key", "bob": "sk-bob-edge-key", "carol": "sk-carol-test-key", "dave": "sk-dave-test-key"}
+TENANTS = {
+    "alice": {"keys": [KEYS["alice"]]},
+    "bob": {"keys": [KEYS["bob"]], "max_configs_in_flight": 1},
+    "carol": {"keys": [KEYS["carol"]], "max_vectors": 2},
+    "dave": {"keys": [KEYS["dave"]], "max_configs_in_flight": 1},
+}
+
+
+def auth(who: str) -> dict:
+    """The Authorization header of tenant ``who``."""
+    return {"Authorization": f"Bearer {KEYS[who]}"}

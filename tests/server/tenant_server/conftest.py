@@ -1,0 +1,39 @@
+"""One `vsteer serve` with tenants for every module in this folder; it stops after the last of them
+(package scope; under xdist these modules are one group, tests/conftest.py: group_of).
+
+Each module has tenants of its own (test_edge.py: alice and bob; test_tenants.py: carol and dave),
+so that what one module's tenants upload or hold never shows in the other's checks. The store holds
+two public vectors: "pub" (a random unit direction at layer 10) and "public-ones"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import serve_process
+from tests.server.tenant_server import MODEL, TENANTS
+
+
+@pytest.fixture(scope="package")
+def tenant_store(tmp_path_factory) -> Path:
+    """The server's vector store, with the operator's two public vectors."""
+    from vsteer import SteeringVector
+    from vsteer.vectors import VectorStore
+
+    store = VectorStore(tmp_path_factory.mktemp("tenant-server") / "store")
+    v = torch.randn(576, generator=torch.Generator().manual_seed(1))
+    store.set_name("pub", store.put(SteeringVector.from_tensors({10: v / v.norm()})))
+    store.set_name("public-ones", store.put(SteeringVector.from_tensors({10: torch.ones(576) / 24})))
+    return store.root
+
+
+@pytest.fixture(scope="package")
+def tenant_server(model_path, tenant_store, tmp_path_factory):
+    """The base URL of the server (tenants above, a condition layer, prompt-token details in usage)."""
+    root = tmp_path_factory.mktemp("tenant-server-run")
+    (root / "tenants.json").write_text(json.dumps({"tenants": TENANTS}))
+    yield from serve_process(model_path, root / "server.log", ["--tenants", str(root / "tenants.json"), "--condition-layers", "6"],
+                             vllm_args=["--enable-prompt-tokens-details"], store=tenant_store, served_model_name=MODEL)
