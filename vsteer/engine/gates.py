@@ -32,8 +32,9 @@ class _Gated:
     row: int
     prompt_len: int
     done: int  # prompt positions below this were pooled
-    layers: tuple[tuple[np.ndarray, np.ndarray, int, int], ...]  # per gate: bank rows, their layers, gate slot,
-    # and the gate's last condition layer
+    # per gate: its bank rows, those of them after the gate's last condition layer (the last prompt
+    # token reads the gate there), and its gate slot; fixed at registration, so a step builds no index arrays
+    layers: tuple[tuple[np.ndarray, np.ndarray, int], ...]
 
 
 class GateBook:
@@ -101,8 +102,9 @@ class GateBook:
             if lyr in self._layer_row:
                 by_gate.setdefault(gate, []).append(lyr)
         layers = tuple(
-            (np.array([self._layer_row[x] for x in sorted(ls)]), np.array(sorted(ls)),
-             g.gate_slot(row, groups.index(gate)), gate_layers[gate])
+            (np.array([self._layer_row[x] for x in sorted(ls)]),
+             np.array([self._layer_row[x] for x in sorted(ls) if x > gate_layers[gate]], dtype=np.int64),
+             g.gate_slot(row, groups.index(gate)))
             for gate, ls in by_gate.items()
         )
         self._live[req_id] = _Gated(row, prompt_len, 0, layers)
@@ -140,11 +142,12 @@ class GateBook:
                     fin[st.row] = 1.0
                     finalizing = True
                 st.done = hi
-            positions = np.arange(start, start + n)
-            for rows, layer_ids, slot, known_after in st.layers:
-                gate[rows, off:end] = np.where(positions >= st.prompt_len, slot, GATE_OFF)
+            generated = off + min(max(st.prompt_len - start, 0), n)  # first generated position in the step
+            for rows, known_rows, slot in st.layers:
+                gate[rows, off:generated] = GATE_OFF
+                gate[rows, generated:end] = slot
                 if start <= last < start + n:  # the gate is known after its last condition layer
-                    gate[rows[layer_ids > known_after], off + last - start] = slot
+                    gate[known_rows, off + last - start] = slot
         top = max(end, prev)
         g = self.buffers
         if top:
