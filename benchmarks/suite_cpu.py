@@ -1,14 +1,15 @@
 """Where the test suite's CPU time goes: the pytest workers' own work vs the processes they start.
 
 Runs the suite (``make test``'s command by default) while reading ``/proc`` every ``--interval``
-seconds, and sorts every process under it into a kind (pytest worker, ``vsteer`` command,
-``vsteer serve``, vLLM engine core, Ray, other). Each process's CPU is its last reading of
+seconds, and sorts every process under it into a kind (pytest process, ``vsteer`` command,
+``vsteer serve``, vLLM engine core or tensor-parallel worker, Ray, other). Each process's CPU is its last reading of
 user+system time, so a process shorter than one interval is missed (its CPU is counted nowhere).
 
-    python benchmarks/suite_cpu.py                       # make test's command, ~15 min on 2 cores
+    python benchmarks/suite_cpu.py                       # make test's command, ~13 min on 2 cores
     python benchmarks/suite_cpu.py -- -m "not compiled"  # extra pytest arguments after --
 
-Writes ``results/suite-cpu.{json,png}`` and a section of ``RESULTS.md``. Linux only.
+Writes ``results/suite-cpu.{json,png,log}`` (the log is pytest's output) and a section of
+``RESULTS.md``. Linux only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import publish  # noqa: E402
+
+from vsteer._cpu import cpu_flags, has_native_bf16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -126,15 +129,13 @@ def main() -> None:
     importers = [r for r in seen.values() if r["kind"] != "pytest process" and r.get("cpu_s", 0) >= 0.75 * import_cpu]
     spared = total_cpu - len(importers) * import_cpu
     cores = os.cpu_count() or 1
-    flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
-    isa = "AVX-512" + (" with avx512_bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags else "AVX2 only"
-    machine = f"{os.cpu_count()} cores x86-64, {isa}"
+    flags = cpu_flags() or frozenset()
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2 only") + (" with native bfloat16" if has_native_bf16(flags) else "")
+    machine = f"{cores} cores x86-64, {isa}"
     _plot(timeline, RESULTS / "suite-cpu.png", machine)
-    slowest = sorted((r for r in seen.values() if r["kind"] != "pytest process"), key=lambda r: -r.get("cpu_s", 0))[:10]
     data = {"pytest_exit": proc.returncode, "wall_s": round(wall, 1), "cpu_s": round(total_cpu, 1), "by_kind": by_kind,
             "vllm_import_cpu_s": round(import_cpu, 2), "processes_importing_vllm": len(importers),
             "cpu_s_without_those_imports": round(spared, 1),
-            "slowest_started": [{k: r[k] for k in ("kind", "cpu_s", "cmd")} for r in slowest],
             "processes": sorted(seen.values(), key=lambda r: r["start_s"])}
     body = [f"`{' '.join(command)}` (exit {proc.returncode}) took {wall / 60:.1f} min of wall time and "
             f"{total_cpu / 60:.1f} CPU-min ({total_cpu / wall:.2f} cores busy on average). Each process's CPU is its "
@@ -163,15 +164,14 @@ def _plot(timeline: list[tuple[float, dict[str, float]]], path: Path, machine: s
     # busy cores per kind in 10 s bins (a process first seen late brings its CPU so far into one reading)
     width, ends, busy = 10.0, [], {k: [] for k in KINDS}
     last_t, last = 0.0, {}
-    for t, totals in timeline:
-        if t - last_t >= width or (t, totals) == timeline[-1]:
+    for i, (t, totals) in enumerate(timeline):
+        if t - last_t >= width or i == len(timeline) - 1:
             for k in KINDS:
                 busy[k].append(max(totals.get(k, 0.0) - last.get(k, 0.0), 0.0) / (t - last_t))
             ends.append(t)
             last_t, last = t, totals
-    ts = [0.0, *ends]
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.stackplot([t / 60 for t in ts[1:]], *[busy[k] for k in KINDS], labels=KINDS, step="pre")
+    ax.stackplot([t / 60 for t in ends], *[busy[k] for k in KINDS], labels=KINDS, step="pre")
     ax.set(xlabel="minutes into the run", ylabel="cores busy", title=f"test suite: CPU by kind of process ({machine})")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

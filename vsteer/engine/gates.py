@@ -102,8 +102,8 @@ class GateBook:
             if lyr in self._layer_row:
                 by_gate.setdefault(gate, []).append(lyr)
         layers = tuple(
-            (np.array([self._layer_row[x] for x in sorted(ls)]),
-             np.array([self._layer_row[x] for x in sorted(ls) if x > gate_layers[gate]], dtype=np.int64),
+            (np.array([self._layer_row[x] for x in ls]),
+             np.array([self._layer_row[x] for x in ls if x > gate_layers[gate]], dtype=np.int64),
              g.gate_slot(row, groups.index(gate)))
             for gate, ls in by_gate.items()
         )

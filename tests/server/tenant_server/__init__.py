@@ -1,6 +1,7 @@
 """The tenants of this folder's shared server (conftest.py starts it), and their keys."""
 
 MODEL = "smollm2"  # the tests use this name
+PUBLIC = ("pub", "public-ones")  # the operator's public vectors in the server's store (conftest.py)
 KEYS = {"alice": "sk-alice-edge-key", "bob": "sk-bob-edge-key", "carol": "sk-carol-test-key", "dave": "sk-dave-test-key"}
 TENANTS = {
     "alice": {"keys": [KEYS["alice"]]},

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import serve_process
-from tests.server.tenant_server import MODEL, TENANTS
+from tests.server.tenant_server import MODEL, PUBLIC, TENANTS
 
 
 @pytest.fixture(scope="package")
@@ -25,14 +25,14 @@ def tenant_store(tmp_path_factory) -> Path:
 
     store = VectorStore(tmp_path_factory.mktemp("tenant-server") / "store")
     v = torch.randn(576, generator=torch.Generator().manual_seed(1))
-    store.set_name("pub", store.put(SteeringVector.from_tensors({10: v / v.norm()})))
-    store.set_name("public-ones", store.put(SteeringVector.from_tensors({10: torch.ones(576) / 24})))
+    for name, direction in zip(PUBLIC, (v / v.norm(), torch.ones(576) / 24)):
+        store.set_name(name, store.put(SteeringVector.from_tensors({10: direction})))
     return store.root
 
 
 @pytest.fixture(scope="package")
 def tenant_server(model_path, tenant_store, tmp_path_factory):
-    """The base URL of the server (tenants above, a condition layer, prompt-token details in usage)."""
+    """The base URL of the server (the tenants of __init__.py, a condition layer, prompt-token details in usage)."""
     root = tmp_path_factory.mktemp("tenant-server-run")
     (root / "tenants.json").write_text(json.dumps({"tenants": TENANTS}))
     yield from serve_process(model_path, root / "server.log", ["--tenants", str(root / "tenants.json"), "--condition-layers", "6"],

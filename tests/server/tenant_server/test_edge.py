@@ -22,8 +22,7 @@ import pytest
 import torch
 
 from tests.conftest import start_serve
-from tests.server.tenant_server import MODEL
-from tests.server.tenant_server import auth as _h
+from tests.server.tenant_server import MODEL, auth
 from vsteer import SteeringVector, save_vector
 
 RESERVED = ["vsteer", "vsteer_capture", "vsteer_effects", "vsteer_tenant", "VSteer", "VSTEER_EFFECTS", "vSteer_anything"]
@@ -49,7 +48,7 @@ def _steering(scale: float = 8.0, vector: object = "pub") -> dict:
 
 def _complete(http: httpx.Client, who: str = "alice", prompt: str = "I think that", max_tokens: int = 8, **extra) -> httpx.Response:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
-    return http.post("/v1/completions", json=body, headers=_h(who))
+    return http.post("/v1/completions", json=body, headers=auth(who))
 
 
 def _text(r: httpx.Response) -> str:
@@ -88,7 +87,7 @@ def test_every_route_that_takes_engine_arguments_is_covered(http):
     """Every route of this vLLM whose request body has ``vllm_xargs`` is one the edge steers and tags."""
     from vsteer.server.middleware import XARGS_PATHS
 
-    spec = http.get("/openapi.json", headers=_h("alice")).json()
+    spec = http.get("/openapi.json", headers=auth("alice")).json()
     schemas = spec["components"]["schemas"]
     with_xargs = set()
     for path, methods in spec["paths"].items():
@@ -105,18 +104,18 @@ def test_every_route_that_takes_engine_arguments_is_covered(http):
 def test_reserved_engine_keys_are_refused_on_every_route(http, key):
     value = json.dumps({"interventions": [{"op": "add", "vector": "0" * 64, "layers": [10], "scale": 1e30}]})
     for route, body in _route_bodies(key, value).items():
-        r = http.post(route, json=body, headers=_h("alice"))
+        r = http.post(route, json=body, headers=auth("alice"))
         assert r.status_code == 400, (route, r.text)
         param = r.json()["error"]["param"]
         want = f"sampling_params.extra_args.{key}" if route == "/inference/v1/generate" else f"vllm_xargs.{key}"
         assert param == want, (route, r.json())
     # a form body (vLLM's audio routes take vllm_xargs as JSON text in a form field)
     form = http.post("/v1/audio/transcriptions", data={"model": MODEL, "vllm_xargs": json.dumps({key: value})},
-                     files={"file": ("a.wav", b"RIFF0000WAVE", "audio/wav")}, headers=_h("alice"))
+                     files={"file": ("a.wav", b"RIFF0000WAVE", "audio/wav")}, headers=auth("alice"))
     assert form.status_code == 400 and form.json()["error"]["param"] == f"vllm_xargs.{key}", form.text
     # nested in a batch, with steering beside it, or as JSON text in a JSON body
     nested = {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "steering": _steering(), "vllm_xargs": {"steering": "null", key: 1}}
-    r = http.post("/v1/completions", json=nested, headers=_h("alice"))
+    r = http.post("/v1/completions", json=nested, headers=auth("alice"))
     assert r.status_code == 400 and r.json()["error"]["param"] == f"vllm_xargs.{key}", r.text
     assert _complete(http, max_tokens=2).status_code == 200  # still serving
 
@@ -124,7 +123,7 @@ def test_reserved_engine_keys_are_refused_on_every_route(http, key):
 def test_steering_on_a_route_that_cannot_carry_it_is_refused(http):
     chat = [[{"role": "user", "content": "Hi"}]]
     r = http.post("/v1/chat/completions/batch", json={"model": MODEL, "messages": chat, "max_tokens": 1, "steering": _steering()},
-                  headers=_h("alice"))
+                  headers=auth("alice"))
     assert r.status_code == 400 and r.json()["error"]["param"] == "steering", r.text
 
 
@@ -132,12 +131,12 @@ def test_steering_on_responses_and_messages_routes(http):
     """The edge steers every route that carries vllm_xargs, not only the completion routes."""
     chat = [{"role": "user", "content": "Describe your neighbour."}]
     base = {"model": MODEL, "messages": chat, "max_tokens": 8, "temperature": 0}
-    plain = http.post("/v1/messages", json=base, headers=_h("alice"))
-    steered = http.post("/v1/messages", json={**base, "steering": _steering(12.0)}, headers=_h("alice"))
+    plain = http.post("/v1/messages", json=base, headers=auth("alice"))
+    steered = http.post("/v1/messages", json={**base, "steering": _steering(12.0)}, headers=auth("alice"))
     assert plain.status_code == 200 and steered.status_code == 200, (plain.text, steered.text)
     assert plain.json()["content"] != steered.json()["content"]
     bad = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 4,
-                                           "steering": _steering(vector="not-a-vector")}, headers=_h("alice"))
+                                           "steering": _steering(vector="not-a-vector")}, headers=auth("alice"))
     assert bad.status_code == 404 and bad.json()["error"]["param"] == "interventions.0.vector", bad.text
 
 
@@ -221,7 +220,7 @@ def test_clients_that_disconnect_mid_stream_release_their_slots(http, tenant_ser
             "stream": True, "steering": _steering(3.0)}
     for _ in range(3):
         with httpx.Client(base_url=tenant_server, timeout=60) as own:
-            with own.stream("POST", "/v1/completions", json=body, headers=_h("bob")) as r:
+            with own.stream("POST", "/v1/completions", json=body, headers=auth("bob")) as r:
                 assert r.status_code == 200
                 lines = r.iter_lines()
                 next(lines)
@@ -248,7 +247,7 @@ def test_concurrent_upload_and_delete_of_one_name_never_corrupt_the_store(http, 
 
     def worker(who: str, n: int) -> None:
         try:
-            with httpx.Client(base_url=tenant_server, timeout=60, headers=_h(who)) as c:
+            with httpx.Client(base_url=tenant_server, timeout=60, headers=auth(who)) as c:
                 for j in range(10):
                     if (n + j) % 2:
                         codes.append(c.post("/v1/vectors", params={"name": "race"}, content=files[(n + j) % 3]).status_code)
@@ -267,7 +266,7 @@ def test_concurrent_upload_and_delete_of_one_name_never_corrupt_the_store(http, 
     assert 201 in codes and 200 in codes
     _check_store(tenant_store)
     for who in ("alice", "bob"):
-        if http.get("/v1/vectors/race", headers=_h(who)).status_code == 200:  # whatever won serves a whole vector
+        if http.get("/v1/vectors/race", headers=auth(who)).status_code == 200:  # whatever won serves a whole vector
             assert _complete(http, who=who, max_tokens=2, steering=_steering(vector="race")).status_code == 200
 
 
@@ -375,7 +374,7 @@ def test_fuzzed_steering_is_answered_4xx_or_200_never_5xx(http, tenant_server):
     good = _steering(8.0)
     before = (_text(_complete(http, steering=good)), _text(_complete(http)))
     statuses: list[int] = []
-    session = httpx.Client(base_url=tenant_server, timeout=60, headers={**_h("alice"), "content-type": "application/json"})
+    session = httpx.Client(base_url=tenant_server, timeout=60, headers={**auth("alice"), "content-type": "application/json"})
 
     @settings(max_examples=2000, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import torch
 
-from tests.server.tenant_server import MODEL, auth
+from tests.server.tenant_server import MODEL, PUBLIC, auth
 from vsteer import SteeringVector, save_vector
 
 
@@ -23,7 +23,9 @@ def test_keys_are_required(tenant_server):
     assert httpx.get(f"{tenant_server}/health").status_code == 200
 
 
-def test_a_tenant_cannot_see_use_or_delete_another_tenants_vector(tenant_server, tmp_path):
+def test_a_tenant_cannot_see_use_or_delete_another_tenants_vector(tenant_server, tenant_store, tmp_path):
+    from vsteer.vectors import VectorStore
+
     v = SteeringVector.from_tensors({10: torch.linspace(-1, 1, 576)})
     save_vector(v, tmp_path / "v.safetensors")
     up = httpx.post(f"{tenant_server}/v1/vectors", params={"name": "mine"}, content=(tmp_path / "v.safetensors").read_bytes(),
@@ -33,7 +35,8 @@ def test_a_tenant_cannot_see_use_or_delete_another_tenants_vector(tenant_server,
     assert _complete(tenant_server, "carol", "mine").status_code == 200
     assert _complete(tenant_server, "carol", sha).status_code == 200
     listed_by_dave = [item["sha256"] for item in httpx.get(f"{tenant_server}/v1/vectors", headers=auth("dave")).json()["data"]]
-    assert sha not in listed_by_dave and len(listed_by_dave) == 2  # only the public vectors
+    public = {VectorStore(tenant_store).names()[name] for name in PUBLIC}
+    assert sha not in listed_by_dave and set(listed_by_dave) == public and len(listed_by_dave) == len(public)
     assert httpx.get(f"{tenant_server}/v1/vectors/mine", headers=auth("dave")).status_code == 404
     assert httpx.get(f"{tenant_server}/v1/vectors/{sha}", headers=auth("dave")).status_code == 404
     for ref in ("mine", sha):
