@@ -35,6 +35,34 @@ def publish(title: str, json_path: Path, data: dict, body: list[str], *, machine
     write_section(title, "\n".join(header + body).rstrip("\n") + "\n\n", results_md)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_description() -> str:
+    """The CPU as every benchmark states it: architecture, model, cores, and the two flags that
+    decide speed on CPU here (AVX-512 or AVX2 only; bfloat16 native or emulated), e.g.
+    ``x86_64 Intel(R) Xeon(R) ..., 2 cores, AVX-512, native bfloat16``."""
+    import os
+    import platform
+
+    from vsteer._cpu import cpu_flags, has_native_bf16
+
+    flags = cpu_flags() or frozenset()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+    bf16 = "native bfloat16" if has_native_bf16(flags) else "bfloat16 emulated"
+    return f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {isa}, {bf16}"
+
+
 def cpu_env(threads: int) -> None:
     """Environment for an in-process vLLM-CPU benchmark; call before torch or vLLM is imported."""
     import os

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
-from _results import cpu_env, publish
+from _results import cpu_description, cpu_env, publish
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "cast_travel.json"
@@ -108,7 +106,7 @@ def main() -> None:
         samples.append({"question": (data["travel"][20:] + data["other"][20:])[i],
                         "gate": engine_on[i], **{name: by[name][i].outputs[0].text for name in settings}})
     dtype = str(llm.engine.llm_engine.model_config.dtype).replace("torch.", "")
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={args.threads}, dtype {dtype}, eager; "
+    machine = (f"{cpu_description()}, OMP_NUM_THREADS={args.threads}, dtype {dtype}, eager; "
                f"{time.monotonic() - t0:.0f} s in all")
     result = {"best": best.when("<condition vector>"), "points": points_table(points), "test": {
         "engine_on": engine_on, "offline_on": offline_on, "labels": labels, "sims": sims, "precision": precision,

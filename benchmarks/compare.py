@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish  # noqa: E402
+from _results import cpu_description, publish  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Against the alternatives (CPU)"
@@ -146,7 +145,7 @@ def main() -> None:
     memory = {"bank_bytes_formula": layers * slots * (2 + 2 * rank) * hidden * 4 + layers * slots * 4,
               "bank_bytes_measured": stats["bank_bytes"], "capture_bytes_measured": stats["capture_bytes"],
               "per_slot_per_layer_bytes": (2 + 2 * rank) * hidden * 4 + 4}
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vLLM {vllm.__version__}, {args.threads} threads, {args.dtype}, eager"
+    machine = f"{cpu_description()}, torch {torch.__version__}, vLLM {vllm.__version__}, {args.threads} threads, {args.dtype}, eager"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     _plot(rows, args.out_dir / "compare-cpu.png")
     lines = [f"{args.num_prompts} prompts x {args.max_tokens} new tokens (fixed length), greedy and sampled "

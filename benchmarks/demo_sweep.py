@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import cpu_description  # noqa: E402
 
 
 def main() -> None:
@@ -67,7 +71,7 @@ def main() -> None:
         by[(L, s)] = (mean(margins[sl]), mean([sc.coherence for sc in scores[sl]]))
     base_m, base_c = by[(None, 0.0)]
     print(f"dtype {dtype}, eager, greedy, {n} prompts x {args.tokens} tokens, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', '?')}, {platform.processor() or platform.machine()}; "
+          f"{os.environ.get('OMP_NUM_THREADS', '?')}, {cpu_description()}; "
           f"{time.monotonic() - t0:.0f} s")
     print(f"unsteered: margin {base_m:+.2f} nats, coherence {base_c:.2f}\n")
     print("| layer | scale | margin +s | margin -s | love shift | hate shift | coherence +s | coherence -s | usable |")

@@ -20,8 +20,6 @@ Run:  python benchmarks/effects_throughput.py   (writes results/effects-throughp
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import cpu_env, publish, stored_sae  # noqa: E402
+from _results import cpu_description, cpu_env, publish, stored_sae  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Feature-effect measurement throughput (CPU)"
@@ -98,7 +96,7 @@ def main() -> None:
         r["x_plain_vllm"] = round(r["rollouts_per_s"] / base, 3)
     steered, fused, two = rows[1], rows[2], rows[3]
     aim_met = fused["x_plain_vllm"] >= AIM
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vLLM {vllm.__version__}, "
+    machine = (f"{cpu_description()}, torch {torch.__version__}, vLLM {vllm.__version__}, "
                f"{args.threads} threads, {args.dtype}, eager")
     lines = [f"{args.vectors} vectors (decoder rows of `{args.sae}`, layer {sae.layer}, d_sae {sae.d_sae}) x "
              f"{args.rollouts} rollouts x {args.tokens} tokens from \"I think\" (top_k 50, top_p 0.3, no EOS stop), "

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish  # noqa: E402
+from _results import cpu_description, publish  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["I think that", "My neighbour is", "Today I feel", "The best thing about people is",
@@ -109,7 +108,7 @@ def main() -> None:
                      "per_prompt": {str(s): margins[m][s] for s in multipliers}})
         print(f"{m:55s} " + "  ".join(f"{x:+.3f}" for x in means) + ("  as expected" if ok else "  NOT monotone as expected"))
 
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, {args.dtype}"
+    machine = f"{cpu_description()}, torch {torch.__version__}, {args.threads} threads, {args.dtype}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     _plot(rows, multipliers, args.out_dir / "method-effects.png")
     lines = ["Mean over 8 neutral prompts of the next-token log-probability margin of 8 positive over 8 "

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish  # noqa: E402
+from _results import cpu_description, publish  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Rollout job throughput (CPU)"
@@ -116,7 +115,7 @@ def main() -> None:
     base = results[0]["tokens_per_s"]
     for r in results:
         r["x_plain"] = round(r["tokens_per_s"] / base, 3)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vLLM {vllm.__version__}, {args.dtype}, eager"
+    machine = f"{cpu_description()}, torch {torch.__version__}, vLLM {vllm.__version__}, {args.dtype}, eager"
     lines = [f"{args.rows} rows x {args.max_tokens} greedy tokens (ignore_eos), half steered (each its own vector at layer 10), "
              f"chunks of {args.chunk_rows} rows. Ray rows exclude actor start-up (the pool is started first). "
              "Plain vLLM runs unsteered rows only; everything else runs the same rows through the job.", "",

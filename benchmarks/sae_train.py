@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish
+from _results import cpu_description, publish
 
 HERE = Path(__file__).resolve().parent
 
@@ -91,7 +90,7 @@ def main() -> None:
 
     ev, lm, tr = report["eval"], report["lm"], report["train"]
     sparsity = f"TopK k={k}" if k else f"L1 coefficient {args.l1}"
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores ({args.threads} threads), torch {torch.__version__}, "
+    machine = (f"{cpu_description()} ({args.threads} threads), torch {torch.__version__}, "
                f"vLLM {vllm.__version__}, {args.dtype} engine, eager")
     lines = [
         (f"SmolLM2-135M-Instruct, layer {args.layer} (resid_post), width {args.width}, {args.activation} ({sparsity}). "

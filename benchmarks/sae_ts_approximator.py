@@ -23,15 +23,13 @@ Run:  python benchmarks/sae_ts_approximator.py   (CPU, 2 threads: ~12 min per 20
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import cpu_env, publish, stored_sae  # noqa: E402
+from _results import cpu_description, cpu_env, publish, stored_sae  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## SAE-TS effect approximator (CPU)"
@@ -147,7 +145,7 @@ def main() -> None:
         check.append(row)
         print(row, flush=True)
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vLLM {vllm.__version__}, "
+    machine = (f"{cpu_description()}, torch {torch.__version__}, vLLM {vllm.__version__}, "
                f"{args.threads} threads, compiled")
     m = metrics
     lines = [

@@ -21,8 +21,6 @@ Run:  python benchmarks/sas_throughput.py   (writes results/sas-throughput-cpu.{
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import cpu_env, publish, stored_sae  # noqa: E402
+from _results import cpu_description, cpu_env, publish, stored_sae  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## SAS throughput (CPU)"
@@ -119,7 +117,7 @@ def main() -> None:
     aim_rows = [r for r in rows if r.get("support") is not None and r["support"] <= 128]
     aim_met = all(r["x_additive"] >= AIM for r in aim_rows)
     mode = "compiled" if args.compile else "eager"
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vLLM {vllm.__version__}, "
+    machine = (f"{cpu_description()}, torch {torch.__version__}, vLLM {vllm.__version__}, "
                f"{args.threads} threads, {args.dtype}, {mode}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     _plot(rows, supports, args.out_dir / "sas-throughput-cpu.png")

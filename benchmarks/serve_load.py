@@ -27,23 +27,12 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish  # noqa: E402
+from _results import cpu_description, publish  # noqa: E402
 
 from vsteer.server.process import free_port, stop, wait_until_healthy  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Serving under load: tenants, 200 configs, 16 slots (CPU)"
-
-
-def _cpu() -> str:
-    """CPU model name and whether it has AVX-512 (from lscpu)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown CPU")
-    flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
-    return f"{model}, {'with' if 'avx512f' in flags else 'no'} AVX-512"
 
 
 def main() -> None:
@@ -138,7 +127,7 @@ def main() -> None:
         "wall_s": round(wall, 2), "requests_per_s": round(len(ok) / wall, 2), "tokens_per_s": round(tokens / wall, 1),
     }
     print(json.dumps(summary, indent=2))
-    machine = (f"x86_64 {_cpu()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
+    machine = (f"{cpu_description()} (shared), torch {torch.__version__}, "
                f"OMP_NUM_THREADS={args.threads}, float32, eager")
     s = summary
     publish(SECTION, args.out_dir / "serve-load-tenants.json", {"summary": summary}, [

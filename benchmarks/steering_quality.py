@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish
+from _results import cpu_description, publish
 
 HERE = Path(__file__).resolve().parent
 TITLE = "## Steering quality (SAE-TS protocol, local scorer)"
@@ -89,7 +88,7 @@ def main() -> None:
             plots.append(f"`results/{dst}`")
     n_requests = sum(1 for c in summary["cells"] if c["scale"] != 0) * args.n + args.n
     examples = _examples(work, summary, concepts[0].name)
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+    machine = (f"{cpu_description()}, torch {torch.__version__}, {args.threads} threads, "
                f"{args.dtype}, eager")
     lines = [
         (f"SAE-TS protocol (METHODS.md) on SmolLM2-135M-Instruct, numbers from the **{scorer_label(summary['scorer'])}**, "

@@ -23,9 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import publish  # noqa: E402
+from _results import cpu_description, publish  # noqa: E402
 
-from vsteer._cpu import cpu_flags, has_native_bf16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -129,9 +128,7 @@ def main() -> None:
     importers = [r for r in seen.values() if r["kind"] != "pytest process" and r.get("cpu_s", 0) >= 0.75 * import_cpu]
     spared = total_cpu - len(importers) * import_cpu
     cores = os.cpu_count() or 1
-    flags = cpu_flags() or frozenset()
-    isa = ("AVX-512" if "avx512f" in flags else "AVX2 only") + (" with native bfloat16" if has_native_bf16(flags) else "")
-    machine = f"{cores} cores x86-64, {isa}"
+    machine = cpu_description()
     _plot(timeline, RESULTS / "suite-cpu.png", machine)
     data = {"pytest_exit": proc.returncode, "wall_s": round(wall, 1), "cpu_s": round(total_cpu, 1), "by_kind": by_kind,
             "vllm_import_cpu_s": round(import_cpu, 2), "processes_importing_vllm": len(importers),

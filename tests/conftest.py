@@ -116,8 +116,10 @@ def eager_llm(model_path, store_dir, sae_store_dir):
 def compiled_llm(model_path, store_dir, sae_store_dir):
     from vsteer.engine.llm import LLM
 
+    # A 512-token step budget (vLLM's CPU default is 4096): the compiled engine's warm-up run then
+    # costs ~1 s instead of ~9; a longer step would be chunked, which must not change any result.
     return LLM(model_path, enforce_eager=False, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir,
-               effect_saes=["test-relu"], condition_layers=CONDITION_LAYERS, **ENGINE_KW)
+               effect_saes=["test-relu"], condition_layers=CONDITION_LAYERS, max_num_batched_tokens=512, **ENGINE_KW)
 
 
 @pytest.fixture(scope="session")

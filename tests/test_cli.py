@@ -72,8 +72,8 @@ def test_generate_jsonl_matches_python_api_and_a_bad_row_goes_to_the_errors_file
     ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in [*rows, BAD_ROW]) + "\n")
-    proc = run("generate", "--model", "smollm2", "--input", str(src), "--output", str(dst), "--eager", "--dtype", "float32",
-               "--max-slots", "4")
+    # no --model: the default model
+    proc = run("generate", "--input", str(src), "--output", str(dst), "--eager", "--dtype", "float32", "--max-slots", "4")
     got = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [g["prompt"] for g in got] == [r["prompt"] for r in rows]
     params = [SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r.get("seed")) for r in rows]
