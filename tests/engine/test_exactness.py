@@ -47,6 +47,22 @@ def test_capture_of_a_prompt_split_over_steps_equals_hf(chunky, hf_model, tokeni
         torch.testing.assert_close(cap[layer], ref[layer + 1][0], atol=2e-3, rtol=1e-3)
 
 
+def test_capture_of_many_prompts_split_across_steps_equals_each_alone(chunky):
+    """Nine prompts (19 to 53 tokens) through 64-token steps: several are split between two steps
+    next to other prompts; every prompt's rows equal those of the prompt captured alone."""
+    tok = chunky.get_tokenizer()
+    texts = [f"Sentence number {i} talks about castles, kings and the weather in the valley below. " * (1 + i % 3)
+             for i in range(9)]
+    seqs = [tok(t)["input_ids"] for t in texts]
+    assert sum(len(s) for s in seqs) > 4 * 64 and max(len(s) for s in seqs) < 64
+    together = chunky.capture(seqs, [3, 15])
+    for i, ids in enumerate(seqs):
+        alone = chunky.capture([ids], [3, 15])[0]
+        for layer in (3, 15):
+            assert together[i][layer].shape == (len(ids), 576)
+            torch.testing.assert_close(together[i][layer], alone[layer], atol=1e-4, rtol=1e-4)
+
+
 def test_capture_after_a_prefix_cache_hit_has_every_row(chunky, hf_model, tokenizer):
     prompt = LONG + "Which king built it?"
     chunky.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0))  # fills the prefix cache

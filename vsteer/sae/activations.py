@@ -175,13 +175,6 @@ def _groups(seqs: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
     return groups
 
 
-def _capture_unchunked(llm: Any, seqs: list[list[int]], layer: int) -> list[dict[int, torch.Tensor]]:
-    """``llm.capture`` in groups of at most one scheduler step of tokens, so that no sequence is
-    split by chunked prefill: vsteer's capture returns wrong rows for a prompt whose prefill
-    spans two engine steps (seen with 64 sequences of ~150 tokens and a 4096-token budget)."""
-    return [c for group in _groups(seqs, _token_budget(llm)) for c in llm.capture([seqs[i] for i in group], [layer])]
-
-
 def collect_activations(
     llm: Any,
     layer: int,
@@ -276,7 +269,7 @@ def collect_activations(
                 else:
                     start = 1
                 starts.append(min(max(start, 1), len(seq)))
-            caps = _capture_unchunked(llm, seqs, layer)
+            caps = llm.capture(seqs, [layer])
             acts = torch.cat([c[layer][s:] for c, s in zip(caps, starts)]).float().contiguous()
             lengths = torch.tensor([0] + [len(s) for s in seqs], dtype=torch.int64)
             tensors = {
