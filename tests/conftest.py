@@ -116,8 +116,10 @@ def eager_llm(model_path, store_dir, sae_store_dir):
 def compiled_llm(model_path, store_dir, sae_store_dir):
     from vsteer.engine.llm import LLM
 
-    # A 512-token step budget (vLLM's CPU default is 4096): the compiled engine's warm-up run then
-    # costs ~1 s instead of ~9; a longer step would be chunked, which must not change any result.
+    # A 512-token step budget (vLLM's CPU default is 4096): vLLM's warm-up run of the compiled engine
+    # is one step of that size (its "Initial profiling/warmup run took" log line read 9.0 s at 4096
+    # and 1.05 s at 512 on a 2-core AVX-512 machine); a longer step is chunked, which must not
+    # change any result.
     return LLM(model_path, enforce_eager=False, store=store_dir, saes=TEST_SAES, sae_store=sae_store_dir,
                effect_saes=["test-relu"], condition_layers=CONDITION_LAYERS, max_num_batched_tokens=512, **ENGINE_KW)
 
