@@ -48,6 +48,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+#: environment variables that keep torch, oneDNN and MKL off AVX-512 (set all three to emulate an AVX2-only CPU)
+ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def cpu_description() -> str:
     """The CPU as every benchmark states it: architecture, model, cores, and the two flags that
     decide speed on CPU here (AVX-512 or AVX2 only; bfloat16 native or emulated), e.g.
@@ -55,10 +59,13 @@ def cpu_description() -> str:
     import os
     import platform
 
-    from vsteer._cpu import cpu_flags, has_native_bf16
+    from vsteer._cpu import cpu_flags, has_native_bf16, kernel_cap
 
     flags = cpu_flags() or frozenset()
     isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+    if kernel_cap():  # an AVX2-only machine emulated on an AVX-512 one: the variables that keep the kernels off AVX-512
+        caps = [f"{var}={os.environ[var]}" for var in ISA_CAP_VARS if os.environ.get(var)]
+        isa += f" with kernels kept to AVX2 ({', '.join(caps)})"
     bf16 = "native bfloat16" if has_native_bf16(flags) else "bfloat16 emulated"
     return f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {isa}, {bf16}"
 

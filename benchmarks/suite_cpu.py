@@ -7,8 +7,10 @@ user+system time, so a process shorter than one interval is missed (its CPU is c
 
     python benchmarks/suite_cpu.py                       # make test's command, ~13 min on 2 cores
     python benchmarks/suite_cpu.py -- -m "not compiled"  # extra pytest arguments after --
+    # an AVX2-only CPU, emulated on an AVX-512 one (same clock and cores, kernels kept to AVX2):
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/suite_cpu.py --tag avx2
 
-Writes ``results/suite-cpu.{json,png,log}`` (the log is pytest's output) and a section of
+Writes ``results/suite-cpu[-TAG].{json,png,log}`` (the log is pytest's output) and a section of
 ``RESULTS.md``. Linux only.
 """
 
@@ -91,12 +93,14 @@ def vllm_import_cpu(repeats: int = 2) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between readings of /proc")
+    ap.add_argument("--tag", default="", help="names a run kept apart from the default one (its files and section)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args()
+    stem = "suite-cpu" + (f"-{args.tag}" if args.tag else "")
 
     command = ["bash", "scripts/test.sh", "-n", "2", "--no-loadscope-reorder", "-q", *args.pytest_args]
     start = time.monotonic()
-    log = RESULTS / "suite-cpu.log"  # pytest's own output
+    log = RESULTS / f"{stem}.log"  # pytest's own output
     RESULTS.mkdir(parents=True, exist_ok=True)
     seen: dict[int, dict] = {}
     timeline: list[tuple[float, dict[str, float]]] = []
@@ -129,7 +133,7 @@ def main() -> None:
     spared = total_cpu - len(importers) * import_cpu
     cores = os.cpu_count() or 1
     machine = cpu_description()
-    _plot(timeline, RESULTS / "suite-cpu.png", machine)
+    _plot(timeline, RESULTS / f"{stem}.png", machine)
     data = {"pytest_exit": proc.returncode, "wall_s": round(wall, 1), "cpu_s": round(total_cpu, 1), "by_kind": by_kind,
             "vllm_import_cpu_s": round(import_cpu, 2), "processes_importing_vllm": len(importers),
             "cpu_s_without_those_imports": round(spared, 1),
@@ -146,8 +150,9 @@ def main() -> None:
              f"servers that build an engine, vLLM's engine-core and tensor-parallel workers, Ray's engine actors). "
              f"Without those imports the suite would still need {spared / 60:.1f} CPU-min: at least "
              f"{spared / 60 / cores:.1f} min of wall time on {cores} cores.", "",
-             "![suite CPU by kind](results/suite-cpu.png)", ""]
-    publish("## Test suite: CPU by kind of process", RESULTS / "suite-cpu.json", data, body, machine=machine)
+             f"![suite CPU by kind](results/{stem}.png)", ""]
+    title = "## Test suite" + (f" ({args.tag})" if args.tag else "") + ": CPU by kind of process"
+    publish(title, RESULTS / f"{stem}.json", data, body, machine=machine)
     print("\n".join(body))
     sys.exit(proc.returncode)
 
