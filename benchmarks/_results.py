@@ -78,6 +78,7 @@ def cpu_env(threads: int) -> None:
     os.environ.update(OMP_NUM_THREADS=str(threads), VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                       VLLM_NO_USAGE_STATS="1", VLLM_USE_V2_MODEL_RUNNER="0")
     os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp())
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.environ["VLLM_CACHE_ROOT"], "inductor"))
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # engines get kv_cache_memory_bytes instead
 
 
