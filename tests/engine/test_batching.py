@@ -100,6 +100,33 @@ def test_compiled_engine_gives_the_same_tokens(compiled_llm, eager_llm, directio
     assert changed == set(range(len(_configs(directions)))), "a config left the compiled engine's output unchanged"
 
 
+def _compile_cache_key(worker) -> tuple:
+    """(pinned width, vLLM's config hash, the hash with another width): vLLM names its AOT compile
+    cache (torch_compile_cache/torch_aot_compile/<hash>) by factors that include the config hash."""
+    cc, cfg = worker.vllm_config.compilation_config.inductor_compile_config, worker.vllm_config
+    width = cc["cpp.simdlen"]
+    mine = cfg.compute_hash()
+    cc["cpp.simdlen"] = 128 if width != 128 else 256
+    other = cfg.compute_hash()
+    cc["cpp.simdlen"] = width
+    return width, mine, other
+
+
+@pytest.mark.compiled
+def test_compiled_engine_keys_its_compile_cache_on_the_vector_width(compiled_llm):
+    """The CPU worker pinned inductor's vector width before compiling (compile_key.py), so the
+    compile cache the engine wrote is named by a hash that includes it."""
+    import os
+    from pathlib import Path
+
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    [(width, mine, other)] = compiled_llm.engine.collective_rpc(_compile_cache_key)
+    assert width == pick_vec_isa().bit_width() and mine != other
+    aot = Path(os.environ["VLLM_CACHE_ROOT"]) / "torch_compile_cache" / "torch_aot_compile"
+    assert aot.is_dir() and any(aot.iterdir()), "the compiled engine wrote no compile cache"
+
+
 def test_more_configs_than_slots(few_slots_llm, directions, alone):
     small = few_slots_llm
     configs = _configs(directions)

@@ -15,6 +15,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from vsteer._errors import EngineError
+from vsteer.engine.compile_key import pin_vector_width
 from vsteer.engine.runner import steered_runner_class
 
 
@@ -42,6 +43,11 @@ class _SteeredWorkerMixin:
 
 class SteeredCPUWorker(_SteeredWorkerMixin, CPUWorker):
     """CPU worker with per-request steering."""
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        # before the model is built and traced: vLLM hashes the config into its cache paths then
+        pin_vector_width(self.vllm_config.compilation_config)
+        super().load_model(*args, **kwargs)
 
 
 class SteeredGPUWorker(_SteeredWorkerMixin, Worker):
