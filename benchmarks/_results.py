@@ -27,7 +27,10 @@ def publish(title: str, json_path: Path, data: dict, body: list[str], *, machine
     import json
     import sys
 
-    command = "python benchmarks/" + Path(sys.argv[0]).name + "".join(f" {a}" for a in sys.argv[1:])
+    import os
+
+    caps = "".join(f"{var}={os.environ[var]} " for var in ISA_CAP_VARS if os.environ.get(var))
+    command = caps + "python benchmarks/" + Path(sys.argv[0]).name + "".join(f" {a}" for a in sys.argv[1:])
     date = dt.date.today().isoformat()
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"command": command, "machine": machine, "date": date, **data}, indent=2))
