@@ -27,9 +27,7 @@ def publish(title: str, json_path: Path, data: dict, body: list[str], *, machine
     import json
     import sys
 
-    import os
-
-    caps = "".join(f"{var}={os.environ[var]} " for var in ISA_CAP_VARS if os.environ.get(var))
+    caps = "".join(f"{cap} " for cap in isa_caps())
     command = caps + "python benchmarks/" + Path(sys.argv[0]).name + "".join(f" {a}" for a in sys.argv[1:])
     date = dt.date.today().isoformat()
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,10 +53,17 @@ def cpu_model() -> str:
 ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
+def isa_caps() -> list[str]:
+    """``VAR=value`` for each of :data:`ISA_CAP_VARS` set in this process."""
+    import os
+
+    return [f"{var}={os.environ[var]}" for var in ISA_CAP_VARS if os.environ.get(var)]
+
+
 def cpu_description() -> str:
-    """The CPU as every benchmark states it: architecture, model, cores, and the two flags that
-    decide speed on CPU here (AVX-512 or AVX2 only; bfloat16 native or emulated), e.g.
-    ``x86_64 Intel(R) Xeon(R) ..., 2 cores, AVX-512, native bfloat16``."""
+    """The CPU as every benchmark states it: architecture, model, cores, and what decides speed on
+    CPU here (AVX-512 or AVX2 only, and any variables keeping the kernels to AVX2; bfloat16 native
+    or emulated), e.g. ``x86_64 Intel(R) Xeon(R) ..., 2 cores, AVX-512, native bfloat16``."""
     import os
     import platform
 
@@ -66,9 +71,8 @@ def cpu_description() -> str:
 
     flags = cpu_flags() or frozenset()
     isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
-    if kernel_cap():  # an AVX2-only machine emulated on an AVX-512 one: the variables that keep the kernels off AVX-512
-        caps = [f"{var}={os.environ[var]}" for var in ISA_CAP_VARS if os.environ.get(var)]
-        isa += f" with kernels kept to AVX2 ({', '.join(caps)})"
+    if kernel_cap():  # an AVX2-only machine emulated on an AVX-512 one
+        isa += f" with kernels kept to AVX2 ({', '.join(isa_caps())})"
     bf16 = "native bfloat16" if has_native_bf16(flags) else "bfloat16 emulated"
     return f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {isa}, {bf16}"
 

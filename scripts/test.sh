@@ -6,7 +6,4 @@ export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} VL
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1 RAY_AUTH_MODE=disabled
 export VSTEER_CACHE=${VSTEER_CACHE:-$PWD/.cache/vsteer}
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$(mktemp -d)}
-# torch's inductor cache too is per run: its on-disk entries outlive a run, and torch 2.13 does not
-# key them on ATEN_CPU_CAPABILITY, so a run under another kernel cap read wrong code from them.
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$VLLM_CACHE_ROOT/inductor}
 exec .venv/bin/python -m pytest "$@"

@@ -20,7 +20,9 @@ _KV_GIB = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vsteer-vllm-cache-"))
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.environ["VLLM_CACHE_ROOT"], "inductor"))  # see scripts/test.sh
+# torch's inductor cache too is per run: its on-disk entries outlive a run, and torch 2.13 does not
+# key them on ATEN_CPU_CAPABILITY, so a run under another kernel cap read wrong code from them.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.environ["VLLM_CACHE_ROOT"], "inductor"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest  # noqa: E402

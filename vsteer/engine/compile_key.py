@@ -27,9 +27,7 @@ def pin_vector_width(compilation_config: Any) -> int | None:
     ``CompilationConfig``) to the width inductor picks in this process, when the engine compiles
     and no width is set yet. Returns the width set, or None where nothing was set (eager engine,
     a width chosen by the user, or a CPU inductor does not vectorize for)."""
-    from vllm.config.compilation import CompilationMode
-
-    if not compilation_config.mode or compilation_config.mode == CompilationMode.NONE:
+    if not compilation_config.mode:  # None (unresolved) or CompilationMode.NONE (0): eager
         return None
     overrides = compilation_config.inductor_compile_config
     if SIMDLEN_KEY in overrides:
