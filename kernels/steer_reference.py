@@ -83,7 +83,8 @@ def steer_residual_torch(
             s     = ||hf|| / max(||out||, 1e-6)
             delta = (hf + delta) * s - hf         # i.e. out_n - hf
         delta = delta * scale[t]                  # only with ``scale`` (a schedule's multiplier)
-        return target + delta.to(target.dtype)     # target = residual, or hidden if None
+        delta = nan_to_num(delta, nan=0, +-inf -> +-max).clamp(+-max)   # max of target's dtype
+        return (target + delta.to(target.dtype)).clamp(+-max)  # target = residual, or hidden if None
 
     ``flag`` is treated as a boolean (any non-zero value normalizes) and applied
     with a select, so flag-0 rows are unaffected by the norm math even if it
@@ -137,4 +138,8 @@ def steer_residual_torch(
     if scale is not None:
         nd = nd * scale[:T, None]
 
-    return target - nd.to(target.dtype)
+    # Finite in, finite out: an overflowed change saturates at the dtype's largest value (and a NaN
+    # from inf - inf inside the row math changes nothing), so no step can write inf or NaN to the KV.
+    tmax = torch.finfo(target.dtype).max
+    nd = torch.nan_to_num(nd, nan=0.0, posinf=tmax, neginf=-tmax).clamp(-tmax, tmax)
+    return (target - nd.to(target.dtype)).clamp(-tmax, tmax)

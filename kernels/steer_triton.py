@@ -47,6 +47,7 @@ if HAVE_TRITON:
         stride_i,
         stride_o,
         eps,
+        tmax,
         K: tl.constexpr,
         HAS_RES: tl.constexpr,
         HAS_SCALE: tl.constexpr,
@@ -87,11 +88,15 @@ if HAVE_TRITON:
         nd = tl.where(flag != 0.0, hf - out * s, nd)
         if HAS_SCALE:
             nd = nd * tl.load(scale_ptr + row)
+        # Saturate as the reference does: NaN -> 0, then clamp to the target dtype's range.
+        nd = tl.where(nd != nd, 0.0, nd)
+        nd = tl.minimum(tl.maximum(nd, -tmax), tmax)
 
         # Mirror torch's `target - nd.to(dtype)`: round nd to the target dtype,
         # subtract in float32, round once.
         ndt = nd.to(target.dtype).to(tl.float32)
         res = target.to(tl.float32) - ndt
+        res = tl.where(res != res, res, tl.minimum(tl.maximum(res, -tmax), tmax))  # a NaN target stays NaN
         tl.store(out_ptr + row * stride_o + offs, res.to(target.dtype), mask=mask)
 
 
@@ -118,7 +123,8 @@ def steer_residual_triton(
         delta = hf * m - hf - sum_k (hf . L_k) R_k + a
         if flag: delta = (hf + delta) * ||hf|| / max(||hf + delta||, 1e-6) - hf
         delta = delta * scale[t]                  # only with ``scale``
-        return target + delta.to(target.dtype)   # target = residual or hidden
+        delta = nan_to_num(delta, nan=0).clamp(+-max)          # max of target's dtype
+        return (target + delta.to(target.dtype)).clamp(+-max)  # target = residual or hidden
 
     Identity rows give bitwise ``target``. Out of place; reads ``index[:T]`` only.
 
@@ -167,6 +173,7 @@ def steer_residual_triton(
         index.stride(0),
         out.stride(0),
         NORM_EPS,
+        float(torch.finfo(target.dtype).max),
         K=rank,
         HAS_RES=residual is not None,
         HAS_SCALE=scale is not None,

@@ -56,7 +56,8 @@ def values(schedule: Schedule | None, t: np.ndarray) -> np.ndarray:
         _, start, end, over = schedule
         return start + (end - start) * np.minimum(t, over) / over
     if kind == "exp":
-        return np.exp2(-t / schedule[1])
+        with np.errstate(over="ignore"):  # a tiny half-life: -t / h is -inf, the value 0
+            return np.exp2(-t / schedule[1])
     if kind == "window":
         _, start, length = schedule
         return ((t >= start) & (t < start + length)).astype(np.float64)

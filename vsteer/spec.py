@@ -31,6 +31,14 @@ from vsteer._errors import SpecError
 #: Default bound on |scale|; larger values are almost certainly a mistake (the engine folds
 #: scales into float32 rows, and a scale of 1e6 on a unit vector destroys any model).
 DEFAULT_MAX_ABS_SCALE = 1.0e4
+#: Bound on every token count and absolute position in a spec (positions, schedule lengths):
+#: what the engine's int32 position arithmetic carries.
+MAX_TOKEN_INDEX = 2**31 - 1
+#: Bound on |from| and |to| of a linear schedule (the multiplier travels as float32).
+MAX_SCHEDULE_MULTIPLIER = 1.0e6
+#: Bound on |entry| of any steering vector, inline or stored: steering directions are O(1..100);
+#: larger entries only overflow the engine's dtype (see ``vsteer.engine.plan.check_magnitudes``).
+MAX_ABS_VECTOR_ENTRY = 1.0e6
 
 Positions = Union[Literal["all", "prompt", "generated", "from_last_prompt_token"], tuple[int, int]]
 VectorRef = Union[str, list[float]]
@@ -50,17 +58,19 @@ class LinearSchedule(_Schedule):
     """``from + (to - from) * min(t, over) / over`` times the scale."""
 
     kind: Literal["linear"]
-    from_: float = Field(alias="from", allow_inf_nan=False,
+    from_: float = Field(alias="from", allow_inf_nan=False, ge=-MAX_SCHEDULE_MULTIPLIER, le=MAX_SCHEDULE_MULTIPLIER,
                          description="Multiplier at generated token 0 (and on the prompt).")
-    to: float = Field(allow_inf_nan=False, description="Multiplier from generated token `over` on.")
-    over: int = Field(ge=1, description="Generated tokens over which the multiplier moves from `from` to `to`.")
+    to: float = Field(allow_inf_nan=False, ge=-MAX_SCHEDULE_MULTIPLIER, le=MAX_SCHEDULE_MULTIPLIER,
+                      description="Multiplier from generated token `over` on.")
+    over: int = Field(ge=1, le=MAX_TOKEN_INDEX,
+                      description="Generated tokens over which the multiplier moves from `from` to `to`.")
 
 
 class ExpSchedule(_Schedule):
     """``0.5 ** (t / half_life)`` times the scale."""
 
     kind: Literal["exp"]
-    half_life: float = Field(gt=0, allow_inf_nan=False,
+    half_life: float = Field(gt=0, le=MAX_TOKEN_INDEX, allow_inf_nan=False,
                              description="Generated tokens after which the multiplier has halved.")
 
 
@@ -68,8 +78,8 @@ class WindowSchedule(_Schedule):
     """The scale on generated tokens ``start <= t < start + length``, nothing elsewhere."""
 
     kind: Literal["window"]
-    start: int = Field(ge=0, description="First generated token steered (0 also steers the prompt).")
-    length: int = Field(ge=1, description="Number of generated tokens steered.")
+    start: int = Field(ge=0, le=MAX_TOKEN_INDEX, description="First generated token steered (0 also steers the prompt).")
+    length: int = Field(ge=1, le=MAX_TOKEN_INDEX, description="Number of generated tokens steered.")
 
 
 Schedule = Annotated[
@@ -89,6 +99,9 @@ def _checked_vector(value: VectorRef | None) -> VectorRef | None:
         bad = [i for i, x in enumerate(value) if not math.isfinite(x)]
         if bad:
             raise ValueError(f"inline vector has NaN/Inf at index {bad[0]}")
+        big = next((i for i, x in enumerate(value) if abs(x) > MAX_ABS_VECTOR_ENTRY), None)
+        if big is not None:
+            raise ValueError(f"inline vector entry {big} is {value[big]:g}; entries are bounded by {MAX_ABS_VECTOR_ENTRY:g}")
     return value
 
 
@@ -201,9 +214,9 @@ class _Op(BaseModel):
     def _check_positions(cls, value: Positions) -> Positions:
         if isinstance(value, tuple):
             start, end = value
-            if start < 0 or end <= start:
+            if start < 0 or end <= start or end > MAX_TOKEN_INDEX:
                 raise ValueError(
-                    f"position range must be [start, end) with 0 <= start < end, got {list(value)}"
+                    f"position range must be [start, end) with 0 <= start < end <= {MAX_TOKEN_INDEX}, got {list(value)}"
                 )
         return value
 

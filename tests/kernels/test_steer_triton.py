@@ -340,3 +340,34 @@ def test_triton_kernel_in_interpreter_matches_reference():
         timeout=300,
     )
     assert proc.returncode == 0 and "INTERPRET_OK" in proc.stdout, proc.stderr[-4000:]
+
+
+_SATURATE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from vsteer.kernels import BankLayout, steer_residual_torch
+    from vsteer.kernels.steer_triton import steer_residual_triton
+
+    lay = BankLayout(hidden_size=8, rank=1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        h = (torch.randn(3, 8) * 100).to(dtype)
+        r = torch.randn(3, 8).to(dtype)
+        huge = lay.pack_row(torch.full((8,), 3e38), torch.full((8,), -3e38), torch.full((1, 8), 1e30),
+                            torch.ones(1, 8), False)
+        bank = torch.stack([lay.identity_row(), huge, huge])
+        scale = torch.tensor([1.0, 2.0, 3e38])
+        ref = steer_residual_torch(h, r, bank, torch.tensor([0, 1, 2]), rank=1, scale=scale)
+        out = steer_residual_triton(h, r, bank, torch.tensor([0, 1, 2]), rank=1, scale=scale)
+        assert bool(torch.isfinite(ref).all()) and torch.equal(ref, out), (dtype, ref, out)
+    print("SATURATE_OK")
+    """
+)
+
+
+@pytest.mark.skipif(not _HAVE_TRITON, reason="triton not installed")
+def test_triton_kernel_saturates_like_the_reference_in_the_interpreter():
+    """Finite inputs whose change overflows: both the kernel and the reference saturate at the
+    dtype's largest value, never inf or NaN (TRITON_INTERPRET=1, CPU)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _SATURATE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "SATURATE_OK" in proc.stdout, proc.stderr[-4000:]

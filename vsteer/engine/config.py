@@ -73,6 +73,9 @@ class SteeringEngineConfig(BaseModel):
     )
     max_conditions: int = Field(default=2, ge=1, le=16,
                                 description="Conditions (and distinct gates) one request may carry.")
+    edge: bool = Field(default=False,
+                       description="The engine serves behind vsteer's HTTP edge: it accepts steering, tenant tags and "
+                       "cache salts only under the edge's seal (vsteer.engine.edge_seal; secret in $VSTEER_EDGE_SECRET).")
 
     def check_condition_layers(self, num_layers: int) -> None:
         """Refuse condition layers the model does not have or the engine does not wrap.

@@ -302,7 +302,104 @@ def fold_layer(
     left += [zeros] * (layout.rank - len(left))
     right += [zeros] * (layout.rank - len(right))
     stack = (lambda xs: torch.stack(xs)) if layout.rank else (lambda xs: torch.zeros(0, d))
-    return layout.pack_row(m.float(), a.float(), stack(left).float(), stack(right).float(), normalize)
+    row = layout.pack_row(m.float(), a.float(), stack(left).float(), stack(right).float(), normalize)
+    if not bool(torch.isfinite(row).all()):
+        raise SpecError(f"the folded transform at layer {layer} overflows float32", field="interventions")
+    return row
+
+
+#: Bound on the norm any steered residual may reach, as a bound on what steering can add (see
+#: :func:`check_magnitudes`): squares of a residual entry and their sum over the hidden size stay
+#: far inside float32 (RMSNorm's accumulator), and float16 engines are held below their own maximum.
+def magnitude_limit(dtype: torch.dtype | str | None = None) -> float:
+    """The bound :func:`check_magnitudes` applies for an engine of ``dtype`` (default float32)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), torch.float32)
+    fmax = torch.finfo(dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32).max
+    return min(torch.finfo(torch.float32).max ** 0.5 / 1e3, fmax / 64)
+
+
+def check_magnitudes(plan: "SteeringPlan", vectors: Callable[[str], SteeringVector], limit: float) -> None:
+    """Refuse a plan whose steering could drive the residual past ``limit`` (in 2-norm).
+
+    Bounds, in float64, what the plan's edits can do to a residual ``h`` at each layer, whichever of
+    them are active at a token and under any schedule value: ``||h'|| <= G ||h|| + S`` (an add of
+    ``s v`` adds ``|s| ||v||`` to S; an ablation is a projection; an affine edit multiplies both by
+    ``1 + |s| ||A|| ||B||`` and adds ``|s| ||b||``; a schedule multiplies the change by at most its
+    largest value). Across layers the gains multiply and the shifts carry forward. Linear in the
+    plan's vector sizes. The steer op then never sees a row or multiplier the dtype cannot carry.
+
+    Raises:
+        SpecError: naming ``interventions`` and the layer where the bound is passed.
+    """
+    by_layer: dict[int, list[ResolvedIntervention]] = {}
+    for item in plan.interventions:
+        if item.op in ("add", "affine", "mul"):  # an ablation is a projection; sara becomes mul in vsteer.LLM
+            for layer in item.layers:
+                by_layer.setdefault(layer, []).append(item)
+    gain, shift = 1.0, 0.0
+    for layer in sorted(by_layer):
+        g, s = 1.0, 0.0
+        peak = 1.0
+        for item in by_layer[layer]:
+            tensor = _layer_tensor(vectors(item.vector), layer).to(torch.float64)
+            if item.op == "add":
+                rows = tensor if tensor.ndim == 2 else tensor[None]
+                s += abs(item.scale) * float(rows.norm(dim=-1).max())
+            elif item.op == "affine":
+                A, B, b = split_affine(tensor)
+                k = 1.0 + abs(item.scale) * float(A.norm()) * float(B.norm())
+                g, s = g * k, s * k + abs(item.scale) * float(b.norm())
+            elif item.op == "mul":
+                k = float(tensor.abs().max())
+                g, s = g * k, s * k
+            if item.schedule is not None and item.schedule[0] == "linear":  # exp and window stay in [0, 1]
+                peak = max(peak, abs(item.schedule[1]), abs(item.schedule[2]))
+        # h + peak * (h' - h): gain <= 1 + peak (g + 1), shift <= peak s
+        if peak != 1.0:
+            g, s = 1.0 + peak * (g + 1.0), peak * s
+        gain, shift = gain * g, shift * g + s
+        if not (gain <= limit and shift <= limit):
+            raise SpecError(f"the steering at layers up to {layer} can grow the residual by a factor of {gain:.3g} "
+                            f"and add {shift:.3g} (norm), past this engine's bound {limit:.3g}", field="interventions")
+
+
+class StagedStore:
+    """A vector store view that keeps the vectors ``put`` during validation in memory and writes
+    them only on :meth:`commit` (nothing is stored for a request that fails a check)."""
+
+    def __init__(self, store: VectorStore) -> None:
+        self.base = store
+        self.root = store.root
+        self.staged: dict[str, SteeringVector] = {}
+
+    def put(self, vector: SteeringVector) -> str:
+        sha = vector.sha256
+        if sha not in self.base:
+            self.staged.setdefault(sha, vector)
+        return sha
+
+    def get(self, sha: str) -> SteeringVector:
+        return self.staged[sha] if sha in self.staged else self.base.get(sha)
+
+    def __contains__(self, sha: object) -> bool:
+        return sha in self.staged or sha in self.base
+
+    def names(self) -> dict[str, str]:
+        return self.base.names()
+
+    def resolve(self, ref: str) -> str:
+        return self.base.resolve(ref)
+
+    def commit(self) -> frozenset[str]:
+        """Write the staged vectors; returns the hashes this call newly stored."""
+        created = set()
+        for sha, vector in self.staged.items():
+            if sha not in self.base:
+                self.base.put(vector)
+                created.add(sha)
+        self.staged.clear()
+        return frozenset(created)
 
 
 @dataclass(frozen=True)
@@ -329,6 +426,9 @@ def resolve_spec(
     max_sas_support: int | None = None,
     condition_layers: Sequence[int] | None = None,
     max_conditions: int | None = None,
+    max_interventions: int | None = None,
+    magnitude: float | None = None,
+    created: set[str] | None = None,
 ) -> SteeringPlan | None:
     """Validate a steering request and resolve its vectors into the store.
 
@@ -347,6 +447,11 @@ def resolve_spec(
         max_sas_support: the engine's bound on the features one SAS layer touches per step.
         condition_layers: the layers where the engine pools prompts for conditions (None: any).
         max_conditions: the engine's bound on conditions (and on distinct gates) per request.
+        max_interventions: bound on the request's interventions (None: no bound).
+        magnitude: bound of :func:`check_magnitudes` (default: :func:`magnitude_limit` of float32).
+        created: if given, receives the hashes of vectors this call newly wrote to ``store``.
+
+    Vectors are written to ``store`` only once every check has passed.
 
     Raises:
         SpecError: naming the bad field.
@@ -354,7 +459,11 @@ def resolve_spec(
     parsed: SteeringSpec | None = parse_spec(spec)
     if parsed is None:
         return None
+    if max_interventions is not None and len(parsed.interventions) > max_interventions:
+        raise SpecError(f"{len(parsed.interventions)} interventions; this server takes at most {max_interventions}",
+                        field="interventions")
     parsed.check_scales(max_abs_scale)
+    store = StagedStore(store)
     allowed = set(range(model.num_layers)) if steerable_layers is None else set(steerable_layers)
     out = []
     for i, item in enumerate(parsed.interventions):
@@ -430,6 +539,10 @@ def resolve_spec(
             f"has {max_slots} (raise max_slots or use fewer distinct position ranges)",
             field="interventions",
         )
+    check_magnitudes(plan, store.get, magnitude_limit() if magnitude is None else magnitude)
+    new = store.commit()
+    if created is not None:
+        created.update(new)
     return plan
 
 

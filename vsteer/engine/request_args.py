@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from vsteer._errors import SpecError, VsteerError
 from vsteer.engine.plan import (EXTRA_ARGS_KEY, SteeringPlan, _direction, _layer_tensor, check_affine_shape,
-                                 check_gates, check_schedules, fold_layer)
+                                 check_gates, check_magnitudes, check_schedules, fold_layer, magnitude_limit)
 from vsteer.kernels import BankLayout
 
 #: ``extra_args[CAPTURE_ARGS_KEY] = {"layers": [int], "path": str}``: write the residuals at the
@@ -53,6 +53,28 @@ class EngineLimits:
     vectors: Callable[[str], Any]  # sha -> SteeringVector (the engine's store)
     condition_layers: frozenset[int] = frozenset()
     max_conditions: int = 2
+    magnitude: float = magnitude_limit()  # check_magnitudes' bound for the engine's dtype
+
+    @classmethod
+    def of_engine(cls, cfg: Any, vllm_config: Any, vectors: Callable[[str], Any]) -> "EngineLimits":
+        """The limits of an engine with vsteer settings ``cfg`` and vLLM config ``vllm_config``
+        (the scheduler's, and the serving edge's copy of them)."""
+        hf = vllm_config.model_config.hf_text_config
+        steerable = frozenset(range(hf.num_hidden_layers) if cfg.steerable_layers is None else cfg.steerable_layers)
+        return cls(
+            num_layers=hf.num_hidden_layers,
+            hidden_size=hf.hidden_size,
+            steerable=steerable,
+            capture=steerable if cfg.capture_layers is None else frozenset(cfg.capture_layers) & steerable,
+            max_slots=cfg.resolved_max_slots(vllm_config),
+            max_ablation_rank=cfg.max_ablation_rank,
+            sae_shapes=dict(cfg.sae_shapes),
+            effects=bool(cfg.effect_saes),
+            vectors=vectors,
+            condition_layers=frozenset(cfg.condition_layers),
+            max_conditions=cfg.max_conditions,
+            magnitude=magnitude_limit(vllm_config.model_config.dtype),
+        )
 
 
 @dataclass(frozen=True)
@@ -152,6 +174,7 @@ def _check_plan(data: Any, prompt_len: int, limits: EngineLimits) -> SteeringPla
                 if tensor.ndim != 2 or tensor.shape[0] < rows:
                     raise SpecError(f"per-position vector has fewer than {rows} rows at layer {layer}", field=f"{where}.vector")
     check_schedules(plan)
+    check_magnitudes(plan, vector, limits.magnitude)
     check_gates(plan, limits.condition_layers, limits.max_conditions)
     for _, conditions in plan.gates():
         for sha, layer, *_ in conditions:

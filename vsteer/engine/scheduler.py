@@ -17,15 +17,21 @@ and effect requests never read the prefix cache.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
+from collections import Counter
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vsteer._errors import SpecError
+from vsteer._errors import EngineError, SpecError, VectorFileError
+from vsteer.engine import edge_seal
 from vsteer.engine.compat import refuse_unsupported, warn_vllm_defects
 from vsteer.engine.config import SteeringEngineConfig
-from vsteer.engine.request_args import EngineLimits, RequestArgs, cache_salt, parse_request_args
+from vsteer.engine.plan import EXTRA_ARGS_KEY
+from vsteer.engine.request_args import TENANT_ARGS_KEY, EngineLimits, RequestArgs, cache_salt, parse_request_args
 from vsteer.vectors import VectorStore
 
 logger = logging.getLogger("vsteer.engine")
@@ -77,21 +83,16 @@ class SteeringScheduler(Scheduler):
             self._vsteer_capacity, "set" if cfg.max_slots else f"default, capped by max_bank_bytes={cfg.max_bank_bytes}",
             self.vllm_config.scheduler_config.max_num_seqs, cfg.bank_bytes(self._vsteer_capacity, **shape) / 2**20,
         )
-        steerable = frozenset(range(hf.num_hidden_layers) if cfg.steerable_layers is None else cfg.steerable_layers)
         store = VectorStore(cfg.store)
-        self._vsteer_limits = EngineLimits(
-            num_layers=hf.num_hidden_layers,
-            hidden_size=hf.hidden_size,
-            steerable=steerable,
-            capture=steerable if cfg.capture_layers is None else frozenset(cfg.capture_layers) & steerable,
-            max_slots=self._vsteer_capacity,
-            max_ablation_rank=cfg.max_ablation_rank,
-            sae_shapes=dict(cfg.sae_shapes),
-            effects=bool(cfg.effect_saes),
-            vectors=store.get,
-            condition_layers=frozenset(cfg.condition_layers),
-            max_conditions=cfg.max_conditions,
-        )
+        self._vsteer_store = store
+        self._vsteer_limits = EngineLimits.of_engine(cfg, self.vllm_config, store.get)
+        self._vsteer_secret = edge_seal.secret_from_env() if cfg.edge else None
+        if cfg.edge and self._vsteer_secret is None:
+            raise EngineError(f"an engine behind vsteer's edge needs ${edge_seal.SECRET_ENV} (vsteer serve sets it)")
+        # vectors of admitted requests stay readable until the request is freed, even if deleted
+        self._vsteer_pin_owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._vsteer_pins: Counter[str] = Counter()
+        _drop_dead_pins(store)
         self._vsteer_sas_capacity = cfg.max_sas_support
         # gated requests admitted and not finished, each holding one row of the runner's gate pool
         # (max_num_seqs rows): preempted ones keep theirs, new ones wait for a free row
@@ -115,24 +116,75 @@ class SteeringScheduler(Scheduler):
         """Parse and check the request's vsteer arguments; set its cache salt and cache reads."""
         params = request.sampling_params
         extra = (params.extra_args or {}) if params is not None else {}
+        client_salt = request.cache_salt
+        if self._vsteer_secret is not None:
+            extra, client_salt = self._vsteer_unseal(request, extra)
         if not any(isinstance(k, str) and k.startswith("vsteer") for k in extra):
+            self._vsteer_set_salt(request, client_salt)
             return
         try:
             args = parse_request_args(extra, request.num_prompt_tokens, self._vsteer_limits)
             if args.plan is not None and request.resumable:
                 raise SpecError("steering positions need the whole prompt; streaming input is not supported", field="steering")
+            self._vsteer_pin(request, args)
         except SpecError as exc:
             logger.warning("vsteer: request %s refused: %s", request.request_id, exc)
             request._vsteer_error = str(exc)
             args = _NONE
         request._vsteer_args = args
-        salt = cache_salt(args, request.num_prompt_tokens, request.cache_salt)
+        self._vsteer_set_salt(request, cache_salt(args, request.num_prompt_tokens, client_salt))
+        if args.reads_every_token:
+            request.skip_reading_prefix_cache = True
+
+    @staticmethod
+    def _vsteer_set_salt(request: Any, salt: str | None) -> None:
         if salt != request.cache_salt:
             request.cache_salt = salt
             request.block_hashes = []
             request.update_block_hashes()
-        if args.reads_every_token:
-            request.skip_reading_prefix_cache = True
+
+    def _vsteer_unseal(self, request: Any, extra: dict) -> tuple[dict, str | None]:
+        """Behind the edge: keep the vsteer arguments only under a valid seal (else drop them: the
+        request runs unsteered) and the salt only if sealed (else one unique to the request).
+        Returns the arguments to use and the salt."""
+        secret, salt = self._vsteer_secret, request.cache_salt
+        ours = [k for k in extra if isinstance(k, str) and k.lower().startswith("vsteer")]
+        sealed = bool(ours) and edge_seal.args_are_sealed(secret, extra, EXTRA_ARGS_KEY, TENANT_ARGS_KEY, salt)
+        if ours and not sealed:
+            logger.warning("vsteer: request %s carries engine arguments its server's edge did not seal; "
+                           "they are dropped and it runs unsteered", request.request_id)
+            kept = {k: v for k, v in extra.items() if k not in ours}
+            request.sampling_params.extra_args = kept or None
+            extra = kept
+        if not edge_seal.salt_is_sealed(secret, salt):
+            salt = edge_seal.unsealed_salt()
+        return {k: v for k, v in extra.items() if k != edge_seal.SEAL_ARGS_KEY}, salt
+
+    def _vsteer_pin(self, request: Any, args: RequestArgs) -> None:
+        """Pin the request's vectors in the store until it is freed (a delete cannot pull them from
+        under it); a vector already gone refuses the request alone."""
+        plan = args.plan
+        if plan is None:
+            return
+        shas = {it.vector for it in plan.interventions} | {c[0] for _, conds in plan.gates() for c in conds}
+        done = []
+        try:
+            for sha in shas:
+                if not self._vsteer_pins[sha]:
+                    self._vsteer_store.pin(sha, self._vsteer_pin_owner)
+                self._vsteer_pins[sha] += 1
+                done.append(sha)
+        except VectorFileError as exc:
+            self._vsteer_unpin(done)
+            raise SpecError(f"vector {exc.key} was deleted before the request was scheduled", field="interventions") from exc
+        request._vsteer_pinned = done
+
+    def _vsteer_unpin(self, shas: list[str]) -> None:
+        for sha in shas:
+            self._vsteer_pins[sha] -= 1
+            if self._vsteer_pins[sha] <= 0:
+                del self._vsteer_pins[sha]
+                self._vsteer_store.unpin(sha, self._vsteer_pin_owner)
 
     def _handle_blocked_waiting_request(self, request: Any) -> bool:
         if getattr(request, "_vsteer_error", None) is not None:
@@ -161,6 +213,8 @@ class SteeringScheduler(Scheduler):
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         self._vsteer_gated.discard(request.request_id)
+        self._vsteer_unpin(getattr(request, "_vsteer_pinned", ()))
+        request._vsteer_pinned = ()
         return super()._free_request(request, *args, **kwargs)
 
     def _sas_fits(self, request: Any) -> bool:
@@ -179,6 +233,21 @@ class SteeringScheduler(Scheduler):
             totals.get(layer, 0) <= self._vsteer_sas_capacity or self._vsteer_sas_capacity >= width
             for layer, width in widths.items()
         )
+
+
+def _drop_dead_pins(store: VectorStore) -> None:
+    """Remove pins left by engines of this host that are no longer running."""
+    host = socket.gethostname()
+    for owner in store.pin_owners():
+        name, _, rest = owner.rpartition("-")[0].rpartition("-")
+        if name != host or not rest.isdigit():
+            continue
+        try:
+            os.kill(int(rest), 0)
+        except ProcessLookupError:
+            store.drop_pins(owner)
+        except OSError:
+            pass
 
 
 class SteeringAsyncScheduler(SteeringScheduler, AsyncScheduler):

@@ -11,13 +11,23 @@ A good one becomes ``vllm_xargs["vsteer"]`` (the plan as JSON text: vLLM's extra
 
 Reserved keys: every ``vllm_xargs`` (or ``sampling_params.extra_args``) key whose name starts with
 ``vsteer``, in any case, on any route. A client that sends one gets 400 naming
-``vllm_xargs.<key>``. Only this edge writes them: ``vsteer`` (the plan) and, when tenants are
-configured, ``vsteer_tenant`` on every request of a tenant.
+``vllm_xargs.<key>``. Only this edge writes them: ``vsteer`` (the plan), ``vsteer_tenant`` on every
+request of a tenant, and ``vsteer_seal``: an HMAC under the server's secret that binds plan, tenant
+and cache salt together (:mod:`vsteer.engine.edge_seal`). The engine drops whatever it receives
+unsealed, so a body that reached vLLM some other way runs unsteered in no tenant's namespace.
 
-Cache salts: a client's ``cache_salt`` S reaches the engine as ``"client:" + S``, so a client can
-never name a salt of the engine's own namespace (``"vsteer:..."``, computed by the engine's
-scheduler from tenant, plan and client salt). On routes that cannot carry ``vllm_xargs``, the
-tenant goes into the salt instead: ``"tenant:<name>"`` or ``"tenant:<name>:client:" + S``.
+One parser: a request with several ``Content-Type``, ``Authorization``, ``Content-Encoding``,
+``Content-Length`` or ``Transfer-Encoding`` headers, or a ``Content-Encoding`` other than identity,
+is refused; a JSON body is parsed here and forwarded as this edge re-serialized it, under
+``Content-Type: application/json`` (a body that is not a JSON object is refused with 400); a form
+body is forwarded only after its fields were checked.
+
+Cache salts: on every route that takes one, the forwarded ``cache_salt`` is the edge's sealed salt
+of the tenant and the client's own salt; the engine derives the steered salt from it, and gives a
+salt unique to the request to anything unsealed. Beam search (which drops engine arguments) keeps
+the sealed salt, so tenants never share KV there either, but it cannot carry steering: steering (or
+a server default) with ``use_beam_search`` is refused, as is steering on a ``background`` response
+(its HTTP reply ends before the engine finishes).
 
 ``"steering_compare": true`` (completions and chat completions) runs the request twice, steered and
 unsteered, each half through this edge like any request; see :mod:`vsteer.server.compare`.
@@ -34,7 +44,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from vsteer._errors import SpecError
+from vsteer._errors import EngineError, SpecError
+from vsteer.engine import edge_seal
 from vsteer.engine.request_args import TENANT_ARGS_KEY  # written on every request of a tenant
 from vsteer.server.compare import no_steering, run_pair, split_compare
 from vsteer.server.http import error_body as _error, read_body, respond as _respond
@@ -44,13 +55,17 @@ CONFIG_ENV = "VSTEER_SERVE_CONFIG"
 #: ``/invocations`` dispatches a completion or chat body by its shape.
 XARGS_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/invocations"})
 #: Routes with a ``cache_salt`` but no ``vllm_xargs``: the tenant goes into the salt instead.
-SALT_ONLY_PATHS = frozenset({"/v1/chat/completions/batch", "/v1/systemone", "/generative_scoring"})
+SALT_ONLY_PATHS = frozenset({"/v1/chat/completions/batch", "/v1/systemone", "/generative_scoring", "/inference/v1/generate"})
 #: Kept for callers of the previous name.
 STEERED_PATHS = tuple(sorted(XARGS_PATHS))
 #: Engine-argument keys starting with this (in any case) are written only by the edge.
 RESERVED_PREFIX = "vsteer"
-#: Namespace of client-supplied cache salts.
-CLIENT_SALT_PREFIX = "client:"
+#: Largest JSON or form body the edge reads (``$VSTEER_MAX_BODY_BYTES``); larger ones get 413.
+MAX_BODY_BYTES = int(os.environ.get("VSTEER_MAX_BODY_BYTES", 16 * 2**20))
+#: Headers a request may carry at most once (two could be read differently by the edge and vLLM).
+_SINGLE_HEADERS = (b"content-type", b"authorization", b"content-encoding", b"content-length", b"transfer-encoding")
+#: Interventions one served request may carry (``$VSTEER_MAX_INTERVENTIONS``).
+MAX_INTERVENTIONS = int(os.environ.get("VSTEER_MAX_INTERVENTIONS", 32))
 #: Body fields that become ``SamplingParams.extra_args`` on some vLLM route.
 _XARGS_FIELDS = ("vllm_xargs", "extra_args")
 _BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -110,18 +125,31 @@ class _Resolver:
         except SpecError as exc:
             raise SpecError(f"{exc.field}: {exc.reason}" if exc.field else exc.reason, field="--default-steering") from exc
 
-    def __call__(self, spec: Any, tenant: Any = None):
+    #: What the engine resolved that the edge checks against too: (max_slots, magnitude bound).
+    engine_limits: tuple[int | None, float | None] = (None, None)
+
+    def know_engine(self, vllm_config: Any) -> None:
+        """Take the running engine's resolved ``max_slots`` and dtype, so the edge refuses what the
+        engine would (it would otherwise answer 500)."""
+        from vsteer.engine.plan import magnitude_limit
+
+        engine = self._setup[2]
+        self.engine_limits = (engine.resolved_max_slots(vllm_config), magnitude_limit(vllm_config.model_config.dtype))
+
+    def __call__(self, spec: Any, tenant: Any = None, created: set[str] | None = None):
         from vsteer.engine.plan import resolve_spec
 
         model, store, engine, max_abs_scale = self._setup
+        max_slots, magnitude = self.engine_limits
         try:
             if tenant is not None:
                 spec = self._tenant_refs(spec, tenant)
             plan = resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
-                                max_ablation_rank=engine.max_ablation_rank, max_slots=engine.max_slots,
+                                max_ablation_rank=engine.max_ablation_rank, max_slots=max_slots or engine.max_slots,
                                 max_abs_scale=max_abs_scale, allow_paths=False, saes=self._saes[0],
                                 sae_store=self._saes[1], max_sas_support=engine.max_sas_support,
-                                condition_layers=engine.condition_layers, max_conditions=engine.max_conditions)
+                                condition_layers=engine.condition_layers, max_conditions=engine.max_conditions,
+                                max_interventions=MAX_INTERVENTIONS, magnitude=magnitude, created=created)
         except SpecError:
             raise
         except (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError) as exc:
@@ -201,16 +229,19 @@ def reserved_key(body: Any) -> str | None:
     return None
 
 
-def rewrite_body(body: dict, resolve: _Resolver, tenant: Any = None, path: str = "/v1/completions"):
+def rewrite_body(body: dict, resolve: _Resolver, tenant: Any = None, path: str = "/v1/completions",
+                 secret: bytes | None = None, created: set[str] | None = None):
     """Rewrite a client body for the engine: resolve ``steering`` into ``vllm_xargs["vsteer"]``,
-    namespace the client's ``cache_salt`` and tag the tenant. Returns the body and the plan (or None).
+    seal the cache salt (tenant and client salt) and the engine arguments. Returns the body and the
+    plan (or None). ``created`` receives the hashes of inline vectors newly stored.
 
     Raises:
-        SpecError: a bad spec, or steering on a route that cannot carry it (``NotFoundError``:
-            a vector this tenant may not see).
+        SpecError: a bad spec, steering on a route or vLLM path that cannot carry it
+            (``NotFoundError``: a vector this tenant may not see).
     """
     from vsteer.engine.plan import EXTRA_ARGS_KEY
 
+    secret = secret if secret is not None else _secret()
     key = reserved_key(body)
     if key is not None:
         raise SpecError(f"{key} is reserved: only the server writes vsteer engine arguments", field=key)
@@ -225,27 +256,40 @@ def rewrite_body(body: dict, resolve: _Resolver, tenant: Any = None, path: str =
     if spec is not None and path not in XARGS_PATHS:
         raise SpecError(f"steering is served on {', '.join(sorted(XARGS_PATHS))}, not on {path}", field="steering")
     if said:
-        plan = None if spec is None else resolve(spec, tenant)
+        plan = None if spec is None else resolve(spec, tenant, created)
     else:
         plan = resolve.default if path in XARGS_PATHS else None
+    if plan is not None and body.get("use_beam_search"):
+        raise SpecError("steering (or the server's default steering) cannot run with beam search: vLLM's beam "
+                        'search drops engine arguments; send "steering": null to run it unsteered', field="use_beam_search")
+    if plan is not None and body.get("background"):
+        raise SpecError("a steered response cannot run in the background (its vectors must outlive the request)",
+                        field="background")
+    if path not in XARGS_PATHS and path not in SALT_ONLY_PATHS:
+        return body, plan
+    name = tenant.name if tenant is not None else None
     salt = body.get("cache_salt")
-    client_salt = salt if isinstance(salt, str) and salt else None  # anything else: vLLM refuses it
-    if client_salt is not None:
-        body["cache_salt"] = CLIENT_SALT_PREFIX + client_salt
-    if tenant is not None and path in SALT_ONLY_PATHS:
-        body["cache_salt"] = f"tenant:{tenant.name}" + (f":{CLIENT_SALT_PREFIX}{client_salt}" if client_salt else "")
-    if path in XARGS_PATHS and (plan is not None or tenant is not None or xargs is not None):
-        xargs = xargs if xargs is not None else ({} if raw_xargs is None else None)
-        if xargs is not None:  # a non-object vllm_xargs is left for vLLM to refuse
-            if plan is not None:
-                xargs[EXTRA_ARGS_KEY] = json.dumps(plan.to_extra_args())
-            if tenant is not None:
-                xargs[TENANT_ARGS_KEY] = tenant.name
-            if xargs:
-                body["vllm_xargs"] = xargs
-            else:
-                body.pop("vllm_xargs", None)
+    if salt is None or (isinstance(salt, str) and salt):  # anything else: vLLM refuses it
+        body["cache_salt"] = edge_seal.seal_salt(secret, name, salt)
+    if path in XARGS_PATHS and (xargs is not None or raw_xargs is None):  # a non-object: vLLM refuses it
+        xargs = xargs or {}
+        plan_text = json.dumps(plan.to_extra_args()) if plan is not None else None
+        if plan_text is not None:
+            xargs[EXTRA_ARGS_KEY] = plan_text
+        if name is not None:
+            xargs[TENANT_ARGS_KEY] = name
+        xargs[edge_seal.SEAL_ARGS_KEY] = edge_seal.seal_args(secret, plan_text, name, body.get("cache_salt"))
+        body["vllm_xargs"] = xargs
     return body, plan
+
+
+@functools.lru_cache(maxsize=None)
+def _secret() -> bytes:
+    """This server's edge secret (``vsteer serve`` sets it before the engine starts)."""
+    secret = edge_seal.secret_from_env()
+    if secret is None:
+        raise EngineError(f"the steering middleware needs ${edge_seal.SECRET_ENV}; start the server with vsteer serve")
+    return secret
 
 
 @dataclass
@@ -254,6 +298,8 @@ class _Prepared:
     shas: frozenset = frozenset()
     config: str | None = None
     ops: list = field(default_factory=list)
+    json: bool = False  # forwarded as application/json (the edge wrote the body)
+    created: frozenset = frozenset()  # inline vectors this request stored (collected when unused)
 
 
 @dataclass
@@ -305,24 +351,36 @@ class SteeringMiddleware:
         from vsteer.server.tenants import _LimitError
 
         app = scope.get("app")
-        self.metrics.start_polling(getattr(getattr(app, "state", None), "engine_client", None))
+        engine_client = getattr(getattr(app, "state", None), "engine_client", None)
+        self.metrics.start_polling(engine_client)
+        if self.resolve.engine_limits[0] is None and getattr(engine_client, "vllm_config", None) is not None:
+            self.resolve.know_engine(engine_client.vllm_config)
+        ambiguous = _ambiguous_headers(scope["headers"])
+        if ambiguous is not None:
+            await self._refuse(send, ambiguous[0], ambiguous[1], ambiguous[2])
+            return
         tenant = None
-        if self.resolve.tenants is not None and scope["path"] not in PUBLIC_PATHS:
+        path = route_path(scope)
+        if self.resolve.tenants is not None and path not in PUBLIC_PATHS:
             headers = dict(scope["headers"])
             tenant = self.resolve.tenants.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
             if tenant is None:
                 await self._refuse(send, 401, "a valid API key is required (Authorization: Bearer <key>)", None)
                 return
-        if self.registry.handles(scope["path"]):
-            await self.registry(scope, receive, send, tenant)
+        if self.registry.handles(path):
+            await self.registry({**scope, "path": path}, receive, send, tenant)
             return
         if scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        raw = await read_body(receive)
+        try:
+            raw = await read_body(receive, MAX_BODY_BYTES)
+        except OverflowError:
+            await self._refuse(send, 413, f"the request body exceeds {MAX_BODY_BYTES} bytes", None)
+            return
         try:
             body = await _parse_body(scope, raw)
-            prepared = await anyio.to_thread.run_sync(self._prepare, body, raw, scope["path"], tenant)
+            prepared = await anyio.to_thread.run_sync(self._prepare, body, raw, path, tenant)
         except RecursionError:
             await self._refuse(send, 400, "the request body is nested too deeply", None)
             return
@@ -349,10 +407,11 @@ class SteeringMiddleware:
     async def _run(self, prepared: _Prepared, scope: dict, receive: Any, send: Any) -> None:
         """Forward one prepared request, counted in the metrics while it runs."""
         with self.metrics.request(prepared.ops, prepared.config):
-            await self._forward(scope, receive, send, prepared.raw)
+            await self._forward(scope, receive, send, prepared.raw, prepared.json)
 
     def _release(self, prepared: _Prepared, tenant: Any) -> None:
-        """Undo what :meth:`_prepare_body` took: vectors in use, the tenant's running config."""
+        """Undo what :meth:`_prepare_body` took: vectors in use (inline ones no request uses any more
+        are deleted), the tenant's running config."""
         self.registry.release(prepared.shas)  # a vector in use is not deleted from under its requests
         if tenant is not None and prepared.config is not None:
             self.resolve.tenants.finish(tenant, prepared.config)
@@ -366,13 +425,14 @@ class SteeringMiddleware:
                 raise SpecError(f"{body.reserved} is reserved: only the server writes vsteer engine arguments",
                                 field=body.reserved)
             return _Prepared(raw)
-        if body is _JSON:
-            try:
-                body = json.loads(raw)  # here, not on the event loop: bodies can be large
-            except ValueError:
-                body = None
+        if body is None:
+            return _Prepared(raw)  # no body: nothing to read or smuggle
+        try:
+            body = json.loads(raw)  # here, not on the event loop: bodies can be large
+        except ValueError:
+            raise SpecError("the request body is not valid JSON", field=None) from None
         if not isinstance(body, dict):
-            return _Prepared(raw)  # not a JSON object: vLLM answers it
+            raise SpecError(f"the request body must be a JSON object, not {type(body).__name__}", field=None)
         pair = split_compare(body, path)
         if pair is None:
             return self._prepare_body(body, path, tenant)[0]
@@ -388,21 +448,25 @@ class SteeringMiddleware:
 
     def _prepare_body(self, body: dict, path: str, tenant: Any) -> tuple[_Prepared, Any]:
         """Rewrite one JSON body (see :meth:`_prepare`); returns it prepared, and its plan (or None)."""
-        with self.registry.lock:  # resolve and mark in use atomically with respect to deletes
-            body, plan = rewrite_body(body, self.resolve, tenant, path)
-            items = plan.interventions if plan is not None else ()
-            shas = frozenset(item.vector for item in items)
-            self.registry.acquire(shas)
+        created: set[str] = set()
+        try:
+            body, plan = rewrite_body(body, self.resolve, tenant, path, created=created)  # outside any lock
+        finally:
+            self.registry.note_inline(created)
+        items = plan.interventions if plan is not None else ()
+        shas = frozenset(item.vector for item in items) | frozenset(
+            c[0] for _, conds in (plan.gates() if plan is not None else ()) for c in conds)
+        self.registry.acquire_existing(shas)  # NotFoundError if one was deleted since it was resolved
         try:
             config = plan.hash if plan is not None else None
             if tenant is not None and config is not None:
                 self.resolve.tenants.start(tenant, config)
-            return _Prepared(json.dumps(body).encode(), shas, config, [item.op for item in items]), plan
+            return _Prepared(json.dumps(body).encode(), shas, config, [item.op for item in items], True), plan
         except BaseException:
             self.registry.release(shas)
             raise
 
-    async def _forward(self, scope: dict, receive: Any, send: Any, raw: bytes) -> None:
+    async def _forward(self, scope: dict, receive: Any, send: Any, raw: bytes, prepared_json: bool = False) -> None:
         """Pass the (rewritten) request on; returns when its response (streamed or not) is done
         or the client has gone."""
         sent = False
@@ -414,8 +478,11 @@ class SteeringMiddleware:
             sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        drop = (b"content-length", b"transfer-encoding") + ((b"content-type",) if prepared_json else ())
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
         headers.append((b"content-length", str(len(raw)).encode()))
+        if prepared_json:
+            headers.append((b"content-type", b"application/json"))
         await self.app({**scope, "headers": headers}, replay, send)
 
 
@@ -428,6 +495,30 @@ class _FormXargs:
 
 #: ``_parse_body``'s answer for a body to read as JSON (in a worker thread).
 _JSON = object()
+
+
+def route_path(scope: dict) -> str:
+    """The request's path as vLLM's router matches it: without the server's ``--root-path``
+    (ASGI servers may or may not include ``root_path`` in ``path``)."""
+    path, root = scope["path"], (scope.get("root_path") or "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        path = path[len(root):] or "/"
+    return path
+
+
+def _ambiguous_headers(headers: list) -> tuple[int, str, str] | None:
+    """(status, message, header) for a request whose headers the edge and vLLM could read
+    differently, else None."""
+    seen: dict[bytes, int] = {}
+    for key, value in headers:
+        key = key.lower()
+        seen[key] = seen.get(key, 0) + 1
+        if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return 415, f"Content-Encoding {value.decode('latin-1')[:40]!r} is not accepted; send the body uncompressed", "content-encoding"
+    for key in _SINGLE_HEADERS:
+        if seen.get(key, 0) > 1:
+            return 400, f"the request has {seen[key]} {key.decode()} headers; send one", key.decode()
+    return None
 
 
 async def _parse_body(scope: dict, raw: bytes) -> Any:

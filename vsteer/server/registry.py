@@ -34,6 +34,8 @@ class VectorRegistryAPI:
     def __init__(self, resolver: Any) -> None:
         self._resolver = resolver
         self._in_use: Counter[str] = Counter()
+        #: vectors stored only because a request gave them inline: deleted once no request uses them
+        self._inline: set[str] = set()
         default = resolver.default
         #: vectors of the server's --default-steering: never deleted while it serves
         self._pinned = frozenset(item.vector for item in default.interventions) if default else frozenset()
@@ -50,11 +52,38 @@ class VectorRegistryAPI:
         with self.lock:
             self._in_use.update(shas)
 
+    def acquire_existing(self, shas: frozenset[str]) -> None:
+        """``acquire``, after checking under the lock that every vector is still stored.
+
+        Raises:
+            NotFoundError: one was deleted since the request resolved it.
+        """
+        from vsteer.server.middleware import NotFoundError
+
+        with self.lock:
+            gone = next((sha for sha in shas if sha not in self._store), None)
+            if gone is not None:
+                raise NotFoundError(f"vector {gone} was deleted while this request was checked", field="steering")
+            self.acquire(shas)
+
+    def note_inline(self, created: set[str]) -> None:
+        """Vectors a request stored because it gave them inline (collected once unused)."""
+        if created:
+            with self.lock:
+                self._inline |= created
+
     def release(self, shas: frozenset[str]) -> None:
-        """Undo one ``acquire``."""
+        """Undo one ``acquire``; an inline vector no request uses any more is deleted."""
         with self.lock:
             self._in_use.subtract(shas)
             self._in_use += Counter()  # drop zero counts
+            for sha in shas & self._inline:
+                if not self._in_use.get(sha):
+                    self._inline.discard(sha)
+                    try:
+                        self._store.delete(sha)
+                    except VectorFileError:
+                        pass  # already gone
 
     @contextmanager
     def using(self, shas: frozenset[str]) -> Iterator[None]:
@@ -163,8 +192,18 @@ class VectorRegistryAPI:
             raise _HTTPError(400, f"vector was computed for model {vector.model!r}, not {model.name!r}", "file")
         if max(vector.layers) >= model.num_layers:
             raise _HTTPError(400, f"vector has layer {max(vector.layers)} but {model.name} has {model.num_layers} layers", "file")
-        with self.lock:  # stored and named in one step with respect to deletes
-            sha = self._store.put(vector)
+        _check_entries(vector)
+        with self.lock:  # checked, stored and named in one step with respect to deletes
+            sha = vector.sha256
+            try:  # nothing is stored for a refused upload
+                if tenant is not None:
+                    self._tenants.check_add(tenant, sha, name)
+                elif name:
+                    self._store.check_name(name)
+            except VectorFileError as exc:
+                raise _HTTPError(400, str(exc), "name") from exc
+            self._store.put(vector)
+            self._inline.discard(sha)  # uploaded: owned now, no longer collected
             if tenant is not None:
                 self._tenants.add(tenant, sha, name)
             elif name:
@@ -186,6 +225,22 @@ class VectorRegistryAPI:
                     return {"deleted": sha}  # the content stays for its other owners
             self._store.delete(sha)
         return {"deleted": sha}
+
+
+def _check_entries(vector: Any) -> None:
+    """Refuse an upload with an entry that is not finite or is past the spec's bound."""
+    import torch
+
+    from vsteer.spec import MAX_ABS_VECTOR_ENTRY
+
+    for layer, tensor in sorted(vector.layers.items()):
+        t = tensor.to(torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            raise _HTTPError(400, f"vector has a NaN or infinite entry at layer {layer}", "file")
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > MAX_ABS_VECTOR_ENTRY:
+            raise _HTTPError(400, f"vector has an entry of magnitude {peak:g} at layer {layer}; entries are bounded by "
+                                  f"{MAX_ABS_VECTOR_ENTRY:g}", "file")
 
 
 class _HTTPError(Exception):

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from vsteer._cpu import chosen_dtype
 from vsteer.engine.compat import refuse_unsupported_kwargs
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
+from vsteer.engine.edge_seal import SECRET_ENV, new_secret
 from vsteer.engine.llm import _SCHEDULER, _WORKERS, _engine_saes, _pin_v1_runner
 from vsteer.engine.plan import ModelShape
 from vsteer.models import DEFAULT_MODEL, default_vector_store, model_info, resolve_model
@@ -78,8 +79,11 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
                                   saes=sae_paths, max_sas_support=max_sas_support,
                                   sae_shapes={n: (s.layer, s.d_sae) for n, s in sae_objs.items()},
                                   capture_layers=None if capture_layers is None else sorted(set(capture_layers)),
-                                  condition_layers=sorted(set(condition_layers)), max_conditions=max_conditions)
+                                  condition_layers=sorted(set(condition_layers)), max_conditions=max_conditions,
+                                  edge=True)
     config.check_condition_layers(info.num_layers)
+    # the engine accepts only what this server's edge sealed (vsteer.engine.edge_seal)
+    os.environ.setdefault(SECRET_ENV, new_secret())
     os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
                                          "sae_store": str(sae_db.root), "default_steering": default_steering})
     if default_steering is not None:

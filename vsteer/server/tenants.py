@@ -102,17 +102,27 @@ class TenantDirectory:
             json.dump(data, fh)
         os.replace(tmp, self._file(tenant))
 
+    def check_add(self, tenant: Tenant, sha: str, name: str | None) -> dict:
+        """What the tenant owns, after checking that :meth:`add` of ``sha`` and ``name`` would pass.
+
+        Raises:
+            _LimitError: the tenant's ``max_vectors`` is reached.
+            VectorFileError: a bad name.
+        """
+        data = self.owned(tenant)
+        if sha not in data["vectors"] and len(data["vectors"]) >= tenant.limits.max_vectors:
+            raise _LimitError(f"tenant {tenant.name!r} already owns {len(data['vectors'])} vectors "
+                              f"(max_vectors={tenant.limits.max_vectors})")
+        if name and (not _NAME.fullmatch(name) or re.fullmatch(r"[0-9a-fA-F]{64}", name)):
+            raise VectorFileError("names are 1-64 letters, digits, '.', '_' or '-' (not a sha256)", key=name)
+        return data
+
     def add(self, tenant: Tenant, sha: str, name: str | None) -> None:
         with self._lock:
-            data = self.owned(tenant)
+            data = self.check_add(tenant, sha, name)
             if sha not in data["vectors"]:
-                if len(data["vectors"]) >= tenant.limits.max_vectors:
-                    raise _LimitError(f"tenant {tenant.name!r} already owns {len(data['vectors'])} vectors "
-                                      f"(max_vectors={tenant.limits.max_vectors})")
                 data["vectors"].append(sha)
             if name:
-                if not _NAME.fullmatch(name) or re.fullmatch(r"[0-9a-fA-F]{64}", name):
-                    raise VectorFileError("names are 1-64 letters, digits, '.', '_' or '-' (not a sha256)", key=name)
                 data["names"][name] = sha
             self._save(tenant, data)
 

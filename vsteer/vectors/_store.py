@@ -51,6 +51,7 @@ _NAMES_FILE = "names.json"
 _NAMES_FORMAT_VERSION = 1
 _LOCK_FILE = ".lock"
 _LOCK_TIMEOUT_S = 60.0
+_PINS = ".pins"  # <store>/.pins/<owner>/<sha>.safetensors: hard links held for running requests
 _LAYER_TENSOR = re.compile(r"layer\.(0|[1-9][0-9]*)")
 
 
@@ -254,7 +255,9 @@ class VectorStore:
                 return cached
         path = self.path(sha)
         if not path.is_file():
-            raise VectorFileError("no such vector in the store", path=str(path), key=sha)
+            path = next(self.root.glob(f"{_PINS}/*/{sha}{_SUFFIX_SAFETENSORS}"), path)  # deleted, but pinned
+        if not path.is_file():
+            raise VectorFileError("no such vector in the store", path=str(self.path(sha)), key=sha)
         vector = load_safetensors(path)
         if vector.sha256 != sha:
             raise VectorFileError(
@@ -267,6 +270,47 @@ class VectorStore:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return vector
+
+    def pin(self, sha: str, owner: str) -> None:
+        """Keep the vector readable through :meth:`get` while ``owner`` pins it, even once it is
+        deleted (a hard link under ``.pins/<owner>/``; a copy where links are not possible).
+
+        Raises:
+            VectorFileError: the vector is not in the store (``key`` is the sha).
+        """
+        src = self.path(sha)
+        folder = self.root / _PINS / owner
+        folder.mkdir(parents=True, exist_ok=True)
+        dst = folder / src.name
+        try:
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except FileExistsError:
+                    pass
+                except FileNotFoundError:
+                    raise
+                except OSError:
+                    import shutil
+
+                    shutil.copyfile(src, dst)
+        except FileNotFoundError:
+            raise VectorFileError("no such vector in the store", path=str(src), key=sha) from None
+
+    def unpin(self, sha: str, owner: str) -> None:
+        """Undo :meth:`pin` (the content goes with the last link)."""
+        (self.root / _PINS / owner / self.path(sha).name).unlink(missing_ok=True)
+
+    def drop_pins(self, owner: str) -> None:
+        """Remove every pin of ``owner`` (an engine starting or stopping)."""
+        import shutil
+
+        shutil.rmtree(self.root / _PINS / owner, ignore_errors=True)
+
+    def pin_owners(self) -> list[str]:
+        """The owners that hold pins."""
+        folder = self.root / _PINS
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
     def __contains__(self, sha: object) -> bool:
         if not isinstance(sha, str) or _SHA256.fullmatch(sha.lower()) is None:
@@ -320,6 +364,15 @@ class VectorStore:
                 self._cache.pop(sha, None)
 
     # ------------------------------------------------------------------ names
+
+    @staticmethod
+    def check_name(name: object) -> str:
+        """Return ``name`` if it is a valid vector name.
+
+        Raises:
+            VectorFileError: it is not (1-64 letters, digits, ``.``, ``_`` or ``-``; not a sha256).
+        """
+        return _check_name(name)
 
     def set_name(self, name: str, sha: str, *, overwrite: bool = False) -> None:
         """Point ``name`` at the stored vector ``sha``.
