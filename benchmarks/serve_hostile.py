@@ -2,12 +2,13 @@
 
 Starts a real ``vsteer serve`` with three tenants (float32, eager, loopback). Two normal tenants run
 ``--clients`` concurrent clients over ``--requests`` completions (plain, steered with a public
-vector, steered with an inline vector; greedy, with logprobs), twice: once alone and once while a
+vector, steered with an inline vector; greedy, with logprobs), after a warm-up pass of the same
+requests: once alone and once while a
 hostile tenant sends, as fast as it gets answers, the bodies of the issue "Serving no tenant can
 break" (two Content-Type headers around a forged plan, integers of 400 digits, NaN-making
 schedules and vectors, the strongest steering the bounds allow on long prompts, more
 interventions than the cap, steered beam search and background responses, uploads refused for a
-bad name or NaN entries). Afterwards every normal request is sent again alone.
+bad name or entries of 3e38). Afterwards every normal request is sent again alone.
 
 Records: every status the server answered (5xx must be 0), normal responses that differ from the
 same request alone (tokens; the largest logprob difference is reported), the normal tenants' p50
@@ -41,7 +42,7 @@ SECTION = "## Serving under hostile load: one abusive tenant, two normal ones (C
 LONG = " ".join(f"Line {i}: the green lamp stands next to the old clock." for i in range(30))
 
 
-def hostile_bodies(upload: bytes, nan_upload: bytes) -> list[tuple[str, str, dict | bytes, list]]:
+def hostile_bodies(upload: bytes, huge_upload: bytes) -> list[tuple[str, str, dict | bytes, list]]:
     """(method, path, body, extra headers) of each hostile request, cycled through."""
     add = lambda **kw: {"op": "add", "vector": "pub", "layers": [10], **kw}  # noqa: E731
     plan = json.dumps({"v": 1, "interventions": [{"op": "add", "vector": "0" * 64, "layers": [10], "scale": 1e6}]})
@@ -66,7 +67,7 @@ def hostile_bodies(upload: bytes, nan_upload: bytes) -> list[tuple[str, str, dic
         ("POST", "/v1/responses", json.dumps({"model": "smollm2", "input": "Hi", "background": True,
                                               "steering": {"interventions": [add()]}}).encode(), []),
         ("POST", "/v1/vectors?name=bad%20name!", upload, [("content-type", "application/octet-stream")]),
-        ("POST", "/v1/vectors?name=nan", nan_upload, [("content-type", "application/octet-stream")]),
+        ("POST", "/v1/vectors?name=huge", huge_upload, [("content-type", "application/octet-stream")]),
     ]
 
 
@@ -94,8 +95,8 @@ def main() -> None:
     v = torch.randn(576, generator=g)
     store.set_name("pub", store.put(SteeringVector.from_tensors({10: v / v.norm()})))
     save_vector(SteeringVector.from_tensors({10: torch.randn(576, generator=g)}), tmp / "up.safetensors")
-    save_vector(SteeringVector.from_tensors({10: torch.full((576,), float("nan"))}), tmp / "nan.safetensors")
-    hostile = hostile_bodies((tmp / "up.safetensors").read_bytes(), (tmp / "nan.safetensors").read_bytes())
+    save_vector(SteeringVector.from_tensors({10: torch.full((576,), 3e38)}), tmp / "huge.safetensors")
+    hostile = hostile_bodies((tmp / "up.safetensors").read_bytes(), (tmp / "huge.safetensors").read_bytes())
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1", "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"), "VSTEER_VECTOR_STORE": str(store.root)}
@@ -161,6 +162,7 @@ def main() -> None:
         except (RuntimeError, TimeoutError) as exc:
             raise SystemExit(f"{exc}:\n{log.read_text()[-2000:]}") from exc
         t0 = time.perf_counter()
+        asyncio.run(phase(False))  # warm-up: the first requests of a fresh server pay one-time costs
         quiet, _, quiet_wall = asyncio.run(phase(False))
         mixed, abuse, mixed_wall = asyncio.run(phase(True))
         alone = {}
@@ -202,7 +204,8 @@ def main() -> None:
     machine = f"{cpu_description()} (shared), torch {torch.__version__}, OMP_NUM_THREADS={args.threads}, float32, eager"
     q, m = summary["without_hostile"], summary["with_hostile"]
     publish(SECTION, args.out_dir / "serve-hostile.json", {"summary": summary}, [
-        f"Two normal tenants, {args.clients} concurrent clients, {args.requests} greedy completions per phase (plain, "
+        f"Two normal tenants, {args.clients} concurrent clients, {args.requests} greedy completions per phase after a "
+        f"discarded warm-up pass of the same requests (plain, "
         f"steered by a public vector, steered by an inline vector; {args.max_tokens} tokens, logprobs); in the second "
         f"phase a hostile tenant sends the issue's {len(hostile)} hostile bodies in a loop on 2 connections. Every normal "
         "response is compared with the same request sent alone afterwards.", "",

@@ -140,3 +140,29 @@ def test_creates_root_and_reopens(tmp_path):
     sha = VectorStore(root).put(make())
     assert VectorStore(root).list() == [sha]
     assert "VectorStore" in repr(VectorStore(root))
+
+
+def test_a_pinned_vector_stays_readable_after_delete(tmp_path):
+    """The engine pins the vectors of the requests it admitted: a delete cannot pull them from under
+    a running request; unpinning lets the content go, and pinning a deleted vector fails clearly."""
+    import torch
+
+    from vsteer import SteeringVector
+    from vsteer._errors import VectorFileError
+    from vsteer.vectors import VectorStore
+
+    store = VectorStore(tmp_path / "s", cache_size=0)
+    vec = SteeringVector.from_tensors({3: torch.arange(8.0)})
+    sha = store.put(vec)
+    store.pin(sha, "engine-a")
+    store.pin(sha, "engine-a")  # idempotent
+    store.delete(sha)
+    assert sha not in store and store.list() == []
+    assert torch.equal(store.get(sha).layers[3], vec.layers[3])
+    store.unpin(sha, "engine-a")
+    with pytest.raises(VectorFileError):
+        store.get(sha)
+    with pytest.raises(VectorFileError):
+        store.pin(sha, "engine-b")
+    store.drop_pins("engine-b")
+    assert store.pin_owners() == ["engine-a"] or store.pin_owners() == []

@@ -429,6 +429,7 @@ def resolve_spec(
     max_interventions: int | None = None,
     magnitude: float | None = None,
     created: set[str] | None = None,
+    check: Callable[["SteeringPlan", Callable[[str], SteeringVector]], None] | None = None,
 ) -> SteeringPlan | None:
     """Validate a steering request and resolve its vectors into the store.
 
@@ -450,6 +451,8 @@ def resolve_spec(
         max_interventions: bound on the request's interventions (None: no bound).
         magnitude: bound of :func:`check_magnitudes` (default: :func:`magnitude_limit` of float32).
         created: if given, receives the hashes of vectors this call newly wrote to ``store``.
+        check: a further check of the resolved plan (and a reader of its vectors), run before
+            anything is written.
 
     Vectors are written to ``store`` only once every check has passed.
 
@@ -540,6 +543,8 @@ def resolve_spec(
             field="interventions",
         )
     check_magnitudes(plan, store.get, magnitude_limit() if magnitude is None else magnitude)
+    if check is not None:
+        check(plan, store.get)
     new = store.commit()
     if created is not None:
         created.update(new)

@@ -22,6 +22,7 @@ from vsteer._errors import SpecError, VsteerError
 from vsteer.engine.plan import (EXTRA_ARGS_KEY, SteeringPlan, _direction, _layer_tensor, check_affine_shape,
                                  check_gates, check_magnitudes, check_schedules, fold_layer, magnitude_limit)
 from vsteer.kernels import BankLayout
+from vsteer.spec import MAX_TOKEN_INDEX
 
 #: ``extra_args[CAPTURE_ARGS_KEY] = {"layers": [int], "path": str}``: write the residuals at the
 #: output of ``layers`` for every prompt token to ``path`` (safetensors).
@@ -135,7 +136,18 @@ def cache_salt(args: RequestArgs, prompt_len: int, client_salt: str | None) -> s
 
 
 def _check_plan(data: Any, prompt_len: int, limits: EngineLimits) -> SteeringPlan:
-    plan = SteeringPlan.from_extra_args(data)
+    return check_plan(SteeringPlan.from_extra_args(data), prompt_len, limits)
+
+
+def check_plan(plan: SteeringPlan, prompt_len: int | None, limits: EngineLimits) -> SteeringPlan:
+    """The engine's check of a plan for a prompt of ``prompt_len`` tokens (None: the longest
+    prompt any request can have, which needs the most rows and segments; the serving edge uses it).
+
+    Raises:
+        SpecError: naming what the engine cannot serve.
+    """
+    if prompt_len is None:
+        prompt_len = MAX_TOKEN_INDEX
     cache: dict[str, Any] = {}
 
     def vector(sha: str) -> Any:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from vsteer._errors import EngineError, SpecError
+from vsteer._errors import EngineError, SpecError, VsteerError
 from vsteer.engine import edge_seal
 from vsteer.engine.request_args import TENANT_ARGS_KEY  # written on every request of a tenant
 from vsteer.server.compare import no_steering, run_pair, split_compare
@@ -127,13 +127,18 @@ class _Resolver:
 
     #: What the engine resolved that the edge checks against too: (max_slots, magnitude bound).
     engine_limits: tuple[int | None, float | None] = (None, None)
+    #: The engine's own limits (``EngineLimits``), once the engine is up.
+    engine_check: Any = None
 
     def know_engine(self, vllm_config: Any) -> None:
-        """Take the running engine's resolved ``max_slots`` and dtype, so the edge refuses what the
-        engine would (it would otherwise answer 500)."""
+        """Take the running engine's resolved ``max_slots``, dtype and limits, so the edge refuses
+        what the engine would (it would otherwise answer 500): every plan then also passes the
+        engine's own check (:func:`vsteer.engine.request_args.check_plan`) here."""
         from vsteer.engine.plan import magnitude_limit
+        from vsteer.engine.request_args import EngineLimits
 
         engine = self._setup[2]
+        self.engine_check = EngineLimits.of_engine(engine, vllm_config, self._setup[1].get)
         self.engine_limits = (engine.resolved_max_slots(vllm_config), magnitude_limit(vllm_config.model_config.dtype))
 
     def __call__(self, spec: Any, tenant: Any = None, created: set[str] | None = None):
@@ -144,21 +149,31 @@ class _Resolver:
         try:
             if tenant is not None:
                 spec = self._tenant_refs(spec, tenant)
-            plan = resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
+            return resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
                                 max_ablation_rank=engine.max_ablation_rank, max_slots=max_slots or engine.max_slots,
                                 max_abs_scale=max_abs_scale, allow_paths=False, saes=self._saes[0],
                                 sae_store=self._saes[1], max_sas_support=engine.max_sas_support,
                                 condition_layers=engine.condition_layers, max_conditions=engine.max_conditions,
-                                max_interventions=MAX_INTERVENTIONS, magnitude=magnitude, created=created)
+                                max_interventions=MAX_INTERVENTIONS, magnitude=magnitude, created=created,
+                                check=self._served)
         except SpecError:
             raise
-        except (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError) as exc:
+        except (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError, VsteerError, KeyError) as exc:
             # what validation did not name (e.g. a number too large for a float): still the client's
             raise SpecError(f"invalid steering: {type(exc).__name__}: {str(exc)[:200]}", field="steering") from exc
-        if plan is not None and any(item.op == "sara" for item in plan.interventions):
+
+    def _served(self, plan: Any, vectors: Any) -> None:
+        """What only a server refuses (sara), then the engine's own check of the plan for any prompt
+        length (once the engine is up), so the engine never refuses what the edge passed."""
+        if any(item.op == "sara" for item in plan.interventions):
             raise SpecError("sara is not served yet (it needs a capture pass per request); use vsteer.LLM",
                             field="interventions")
-        return plan
+        if self.engine_check is not None:
+            import dataclasses
+
+            from vsteer.engine.request_args import check_plan
+
+            check_plan(plan, None, dataclasses.replace(self.engine_check, vectors=vectors))
 
     def _tenant_refs(self, spec: Any, tenant: Any) -> Any:
         """Replace each vector name with the sha256 it means for this tenant; a vector the tenant

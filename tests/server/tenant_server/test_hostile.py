@@ -51,6 +51,15 @@ def _store_files(store) -> set:
     return {p.name for p in store.glob("*.safetensors")}
 
 
+def _store_returns_to(store, files: set, within: float = 10.0) -> bool:
+    """Whether the store holds exactly ``files`` within ``within`` seconds (a request's inline
+    vectors are collected just after its reply is sent)."""
+    deadline = time.monotonic() + within
+    while _store_files(store) != files and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _store_files(store) == files
+
+
 @pytest.fixture(scope="module")
 def baseline(http):
     """frank's answers before any hostile traffic: plain, and steered with the public vector."""
@@ -87,8 +96,11 @@ def test_1_two_content_types_and_odd_encodings_are_refused(http, route):
         assert r.status_code == 400, r.text
     _refused(http.post(route, content=raw, headers={"content-type": "application/json", **auth("erin")}), 400,
              "vllm_xargs.vsteer")
-    # reserved keys stay reserved, whatever the content type says
+    # reserved keys stay reserved, whatever the content type says, and in a chunked body
     r = http.post(route, content=raw, headers={"content-type": "text/plain", **auth("erin")})
+    _refused(r, 400, "vllm_xargs.vsteer")
+    r = http.post(route, content=iter([raw[:20], raw[20:]]), headers={"content-type": "application/json", **auth("erin")})
+    assert r.request.headers.get("transfer-encoding") == "chunked"
     _refused(r, 400, "vllm_xargs.vsteer")
 
 
@@ -141,7 +153,7 @@ def test_3_nan_makers_are_refused_and_the_largest_allowed_steering_poisons_nobod
     assert _answer(http.post("/v1/completions", json=_body(), headers=auth("frank"))) == baseline[0]
     assert _answer(http.post("/v1/completions", json=_body(steering=_add("pub", scale=6.0)),
                              headers=auth("frank"))) == baseline[1]
-    assert _store_files(tenant_store) == before  # the inline vectors went with their requests
+    assert _store_returns_to(tenant_store, before)  # the inline vectors went with their requests
 
 
 def test_4_more_slots_than_the_engine_has_is_a_400(http, tenant_store):
@@ -209,7 +221,7 @@ def test_7_refused_uploads_and_inline_vectors_leave_no_file(http, tenant_store):
     assert _store_files(tenant_store) == before
     inline = torch.randn(576, generator=torch.Generator().manual_seed(78)).tolist()
     assert http.post("/v1/completions", json=_body(steering=_add(inline)), headers=auth("erin")).status_code == 200
-    assert _store_files(tenant_store) == before
+    assert _store_returns_to(tenant_store, before)
 
 
 def test_8_a_steered_background_response_is_refused(http):
