@@ -125,27 +125,23 @@ class _Resolver:
         except SpecError as exc:
             raise SpecError(f"{exc.field}: {exc.reason}" if exc.field else exc.reason, field="--default-steering") from exc
 
-    #: What the engine resolved that the edge checks against too: (max_slots, magnitude bound).
-    engine_limits: tuple[int | None, float | None] = (None, None)
-    #: The engine's own limits (``EngineLimits``), once the engine is up.
+    #: The engine's own limits (``EngineLimits``: resolved max_slots, magnitude bound...), once it is up.
     engine_check: Any = None
 
     def know_engine(self, vllm_config: Any) -> None:
         """Take the running engine's resolved ``max_slots``, dtype and limits, so the edge refuses
         what the engine would (it would otherwise answer 500): every plan then also passes the
         engine's own check (:func:`vsteer.engine.request_args.check_plan`) here."""
-        from vsteer.engine.plan import magnitude_limit
         from vsteer.engine.request_args import EngineLimits
 
-        engine = self._setup[2]
-        self.engine_check = EngineLimits.of_engine(engine, vllm_config, self._setup[1].get)
-        self.engine_limits = (engine.resolved_max_slots(vllm_config), magnitude_limit(vllm_config.model_config.dtype))
+        self.engine_check = EngineLimits.of_engine(self._setup[2], vllm_config, self._setup[1].get)
 
     def __call__(self, spec: Any, tenant: Any = None, created: set[str] | None = None):
         from vsteer.engine.plan import resolve_spec
 
         model, store, engine, max_abs_scale = self._setup
-        max_slots, magnitude = self.engine_limits
+        limits = self.engine_check
+        max_slots, magnitude = (limits.max_slots, limits.magnitude) if limits is not None else (None, None)
         try:
             if tenant is not None:
                 spec = self._tenant_refs(spec, tenant)
@@ -368,7 +364,7 @@ class SteeringMiddleware:
         app = scope.get("app")
         engine_client = getattr(getattr(app, "state", None), "engine_client", None)
         self.metrics.start_polling(engine_client)
-        if self.resolve.engine_limits[0] is None and getattr(engine_client, "vllm_config", None) is not None:
+        if self.resolve.engine_check is None and getattr(engine_client, "vllm_config", None) is not None:
             self.resolve.know_engine(engine_client.vllm_config)
         ambiguous = _ambiguous_headers(scope["headers"])
         if ambiguous is not None:
