@@ -40,7 +40,7 @@ def subprocess_env() -> dict:
 
 
 def start_serve(model_path, log: Path, vsteer_args=(), vllm_args=(), *, store, served_model_name: str = "smollm2",
-                max_model_len: int = 512, max_num_seqs: int = 16):
+                max_model_len: int = 512, max_num_seqs: int = 16, env: dict | None = None):
     """Start `vsteer serve` (eager, float32) on a free loopback port; returns (process, base URL)."""
     import subprocess
     import sys
@@ -50,7 +50,7 @@ def start_serve(model_path, log: Path, vsteer_args=(), vllm_args=(), *, store, s
     port = free_port()
     # VSTEER_LOG=info: vLLM's full log in `log` (quiet mode would send it to the log file), so
     # checks of the log read everything the server logged.
-    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store), "VSTEER_LOG": "info"}
+    env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store), "VSTEER_LOG": "info", **(env or {})}
     cmd = [sys.executable, "-m", "vsteer.cli", "serve", *vsteer_args, model_path, "--served-model-name", served_model_name,
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
            "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), *vllm_args]
@@ -66,13 +66,13 @@ def start_serve(model_path, log: Path, vsteer_args=(), vllm_args=(), *, store, s
 
 
 def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_name: str, max_model_len: int = 512,
-                  max_num_seqs: int = 16, vllm_args=()):
+                  max_num_seqs: int = 16, vllm_args=(), env: dict | None = None):
     """Run `vsteer serve` (see :func:`start_serve`); yields its base URL, stops it afterwards, and
     checks no API key reached its log."""
     from vsteer.server.process import stop
 
     proc, base = start_serve(model_path, log, extra_args, vllm_args, store=store, served_model_name=served_model_name,
-                             max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+                             max_model_len=max_model_len, max_num_seqs=max_num_seqs, env=env)
     yield base
     stop(proc)
     assert b"sk-" not in log.read_bytes(), "an API key reached the server log"

@@ -209,3 +209,71 @@ def test_engine_drops_unsealed_arguments_on_a_real_vllm_request(monkeypatch):
     assert SteeringScheduler._vsteer_unseal(gate, request(sealed, good_salt + "y"), dict(sealed))[0] == {"keep": 1}
     assert len(good_salt) <= 128 and good_salt != edge_seal.seal_salt(secret, "alice", "x")
     assert edge_seal.seal_salt(secret, "bob", "x") != edge_seal.seal_salt(b"1" * 64, "bob", "x")
+
+
+def test_a_request_that_goes_non_finite_fails_alone_and_leaves_no_dirty_kv(eager_llm, directions):
+    """Defence in depth, in the real engine: a fault makes one steered request's residual stream NaN
+    from layer 3 on (tests/_faults.py), so its KV blocks, hidden states and logits are NaN. That
+    request ends with finish reason "error" and a 422 failure naming "steering"; a request in the
+    same batch and every request after it (which are handed the failed request's freed blocks
+    first) equal what they gave before, tokens and logprobs; the failed request's blocks left the
+    prefix cache."""
+    from vllm import SamplingParams
+
+    from tests import _faults
+    from vsteer.engine.failures import parse_failure
+
+    sp = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
+    poisoned = "Numbers can overflow when a long chain of products grows without bound, " * 5 + "and then"
+    others = ["The capital of France is", "My favourite colour is", "Once upon a time there was"]
+    spec = {"interventions": [{"op": "add", "vector": directions["love"].sha256, "layers": [8],
+                               "scale": _faults.FAULT_SCALE}]}
+
+    def run(prompts, steering):
+        return [(list(o.outputs[0].token_ids), [{k: v.logprob for k, v in p.items()} for p in o.outputs[0].logprobs or []],
+                 o.outputs[0].finish_reason, o.outputs[0].stop_reason, o.num_cached_tokens)
+                for o in eager_llm.generate(prompts, sp, steering=steering)]
+
+    def assert_same(got, want):
+        assert got[0] == want[0] and got[2] == want[2] != "error"
+        for g, w in zip(got[1], want[1], strict=True):
+            assert g.keys() == w.keys() and all(abs(g[k] - w[k]) < 1e-4 for k in g)
+
+    before = run(others, None)
+    eager_llm.engine.collective_rpc(lambda worker: _faults.install(worker.model_runner))
+    try:
+        mixed = run([poisoned, others[0]], [spec, None])
+        alone = run([poisoned], [spec])
+    finally:
+        eager_llm.engine.collective_rpc(lambda worker: _faults.remove(worker.model_runner))
+    for tokens, logprobs, reason, stop, _ in (mixed[0], alone[0]):
+        failure = parse_failure(stop)
+        assert reason == "error" and failure is not None, (reason, stop)
+        assert failure.status == 422 and failure.field == "steering" and "non-finite" in failure.message
+        assert tokens == []
+    assert_same(mixed[1], before[0])
+    for got, want in zip(run(others, None), before, strict=True):
+        assert_same(got, want)
+    clean = run([poisoned], [spec])[0]  # no fault now: the scale is harmless
+    assert clean[2] != "error" and clean[0]
+    assert clean[4] == 0, "the failed request's blocks were left in the prefix cache"
+
+
+@pytest.mark.parametrize("failure, code, param", [
+    ((400, "interventions", "vector abc was deleted: before it ran"), 400, "interventions"),
+    ((422, "steering", "non-finite: lower the scale"), 422, "steering"),
+    ((500, None, "non-finite"), 500, None),
+])
+def test_a_failure_reason_travels_to_the_http_error_it_names(failure, code, param):
+    """The label the scheduler writes into stop_reason reads back whole (colons in the message too),
+    and vLLM's own error-response builder answers it with that status and field."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    from vsteer.engine.failures import Failure, parse_failure
+    from vsteer.server.engine_failures import failure_error
+
+    f = Failure(*failure)
+    assert parse_failure(f.reason()) == f
+    assert parse_failure("length") is None and parse_failure(7) is None and parse_failure(None) is None
+    err = create_error_response(failure_error(f)).error
+    assert (err.code, err.param) == (code, param) and f.message in err.message

@@ -1,13 +1,20 @@
-"""The model-runner side of steering: per-step slot index and slot rows.
+"""The model-runner side of steering: per-step slot index and slot rows, runner-independent.
 
-``SteeringRunnerMixin`` is mixed into vLLM's V1 ``GPUModelRunner`` (and ``CPUModelRunner``, which
-subclasses it), the way vLLM's LoRA mixin is: ``load_model`` wraps the decoder layers,
-``_update_states`` tracks which requests carry steering, ``_prepare_inputs`` builds the step's
-token map (:mod:`vsteer.engine.token_map`) and from it fills the per-token slot index (host work,
-then one in-place copy), the effect-row index (:mod:`vsteer.engine.effect_rows`) and the capture
-rows to read (:mod:`vsteer.engine.capture`), which ``execute_model`` copies out after the forward
-pass. The scheduler has checked every request (:mod:`vsteer.engine.request_args`) before it gets
-here.
+``SteeringRunnerMixin`` holds everything steering does per request and per step, the way vLLM's
+LoRA mixin does for adapters; a thin adapter per vLLM model runner (:mod:`vsteer.engine.runner_v1`
+for V1's ``GPUModelRunner``/``CPUModelRunner``, :mod:`vsteer.engine.runner_v2` for Model Runner
+V2) calls it from that runner's own hook points: ``load_model`` wraps the decoder layers; new and
+finished requests go to :meth:`~SteeringRunnerMixin._vsteer_register` and
+:meth:`~SteeringRunnerMixin._vsteer_forget`; once the runner has laid out the step's batch, the
+adapter turns it into the step's token map (:mod:`vsteer.engine.token_map`) and
+:meth:`~SteeringRunnerMixin._vsteer_fill_index` fills from it the per-token slot index (host work,
+then one in-place copy), the schedule multipliers, the gates, the effect-row index
+(:mod:`vsteer.engine.effect_rows`) and the capture rows to read (:mod:`vsteer.engine.capture`);
+after the forward pass :meth:`~SteeringRunnerMixin._vsteer_after_forward` copies captures out and
+flags the requests whose final hidden states or logits went non-finite, which
+:meth:`~SteeringRunnerMixin._vsteer_label_output` hands to the scheduler through the step's output
+(:mod:`vsteer.engine.failures`). The scheduler has checked every request
+(:mod:`vsteer.engine.request_args`) before it gets here.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ from vsteer import schedules
 from vsteer.engine.capture import CaptureBook
 from vsteer.engine.config import SteeringEngineConfig
 from vsteer.engine.effect_rows import EffectBook
+from vsteer.engine.failures import flagged_requests
 from vsteer.engine.gates import GateBook
 from vsteer.engine.layers import SteeringBuffers, wrap_decoder_layers
 from vsteer._errors import EngineError
 from vsteer.engine.plan import EXTRA_ARGS_KEY, Segment, SteeringPlan, _direction, fold_layer
 from vsteer.engine.request_args import CAPTURE_ARGS_KEY, EFFECTS_ARGS_KEY, TENANT_ARGS_KEY
 from vsteer.engine.slots import LRUSlotManager
-from vsteer.engine.token_map import StepRun, step_runs
+from vsteer.engine.token_map import StepRun
 from vsteer.kernels import BankLayout
 from vsteer.vectors import VectorStore
 
@@ -46,7 +54,8 @@ class _RequestSteering:
 
 
 class SteeringRunnerMixin:
-    """Adds per-request steering to a V1 model runner. Mixed in ahead of the runner class."""
+    """Per-request steering in a vLLM model runner; an adapter mixes it in ahead of the runner
+    class and calls it from that runner's hook points."""
 
     # --- load ---------------------------------------------------------------------------------
     def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -116,21 +125,13 @@ class SteeringRunnerMixin:
         self._vsteer_key_source: dict[str, tuple[SteeringPlan, tuple[int, ...], int, int]] = {}
         self._vsteer_captures = CaptureBook(hf.hidden_size)
         self._vsteer_capturing = False  # this step computes rows a capture request needs
+        self._vsteer_runs: list[StepRun] = []  # the step's token map
+        self._vsteer_nonfinite: set[str] = set()  # requests whose hidden states or logits went non-finite
 
     # --- request bookkeeping ----------------------------------------------------------------
-    def _update_states(self, scheduler_output: Any) -> Any:
-        for req_id in scheduler_output.finished_req_ids:
-            self._vsteer_forget(req_id)
-        result = super()._update_states(scheduler_output)
-        for new in scheduler_output.scheduled_new_reqs:
-            self._vsteer_register(new.req_id)
-        return result
-
-    def _vsteer_register(self, req_id: str) -> None:
-        state = self.requests.get(req_id)
-        params = getattr(state, "sampling_params", None)
+    def _vsteer_register(self, req_id: str, prompt_len: int, params: Any) -> None:
+        """Start tracking a new request (``params``: its ``SamplingParams``, or None)."""
         extra = (params.extra_args or {}) if params is not None else {}
-        prompt_len = state.num_prompt_tokens if state is not None else 0
         plan_data = extra.get(EXTRA_ARGS_KEY)
         if plan_data is not None:
             plan = SteeringPlan.from_extra_args(plan_data)
@@ -165,6 +166,7 @@ class SteeringRunnerMixin:
         return self._vsteer_effects.take(keys)
 
     def _vsteer_forget(self, req_id: str) -> None:
+        """Stop tracking a finished request (its effect sums become ready to take)."""
         self._vsteer_effects.finish(req_id)
         self._vsteer_captures.forget(req_id)
         self._vsteer_forget_steering(req_id)
@@ -226,13 +228,9 @@ class SteeringRunnerMixin:
             self._vsteer_buffers.activity.sas_len[layer] = len(union)
 
     # --- per step ------------------------------------------------------------------------------
-    def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *args: Any, **kwargs: Any) -> Any:
-        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        self._vsteer_fill_index(num_scheduled_tokens)
-        return result
-
-    def _vsteer_fill_index(self, num_scheduled_tokens: np.ndarray) -> None:
-        runs = step_runs(self.input_batch.req_ids, num_scheduled_tokens, self.input_batch.num_computed_tokens_cpu)
+    def _vsteer_fill_index(self, runs: list[StepRun]) -> None:
+        """Fill the step's steering inputs from its token map ``runs`` (batch order)."""
+        self._vsteer_runs = runs
         idx = self._vsteer_index_host
         steered = self._vsteer_requests
         self._vsteer_slots.begin_step()
@@ -305,15 +303,28 @@ class SteeringRunnerMixin:
         self._vsteer_effect_prev = off if self._vsteer_effects else 0
         self._vsteer_buffers.activity.accumulate = bool(self._vsteer_effects)
 
-    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
-        out = super().execute_model(*args, **kwargs)
+    def _vsteer_after_forward(self, hidden: Any, logits: Any, logit_rows: list[str | None]) -> None:
+        """After the step's forward pass: copy captured rows out, finish effect rows, and flag the
+        requests whose final hidden states (``hidden``) or logits went non-finite (defence in depth:
+        whatever made them, those requests end with an error)."""
         if self._vsteer_capturing:
             self._vsteer_captures.read(self._vsteer_buffers.capture)
             self._vsteer_capturing = False
         for req_id in self._vsteer_effects.finishing:
             self._vsteer_effects.finish(req_id)
         self._vsteer_effects.finishing = []
-        return out
+        hidden = hidden if isinstance(hidden, torch.Tensor) else None
+        self._vsteer_nonfinite = flagged_requests(hidden, self._vsteer_runs, logits, logit_rows)
+        self._vsteer_runs = []
+
+    def _vsteer_label_output(self, output: Any) -> None:
+        """Put the flagged requests into ``output.num_nans_in_logits``, vLLM's own per-request
+        channel to the scheduler (which fails them)."""
+        bad, self._vsteer_nonfinite = self._vsteer_nonfinite, set()
+        if bad and output is not None:
+            counts = dict(output.num_nans_in_logits or {})
+            counts.update({req_id: max(counts.get(req_id, 0), 1) for req_id in bad})
+            output.num_nans_in_logits = counts
 
     # --- introspection (collective_rpc) ---------------------------------------------------------
     def vsteer_stats(self) -> dict:
@@ -357,7 +368,13 @@ _RUNNER_CLASSES: dict[type, type] = {}
 
 
 def steered_runner_class(cls: type) -> type:
-    """The steered subclass of a V1 model runner class."""
+    """The steered subclass of a vLLM model runner class (V1 or Model Runner V2)."""
     if cls not in _RUNNER_CLASSES:
-        _RUNNER_CLASSES[cls] = type(f"Steered{cls.__name__}", (SteeringRunnerMixin, cls), {})
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+
+        if issubclass(cls, V2Runner):
+            from vsteer.engine.runner_v2 import V2RunnerAdapter as adapter
+        else:
+            from vsteer.engine.runner_v1 import V1RunnerAdapter as adapter
+        _RUNNER_CLASSES[cls] = type(f"Steered{cls.__name__}", (adapter, cls), {})
     return _RUNNER_CLASSES[cls]

@@ -8,10 +8,17 @@ feature budget: the supports of the running sas configs at one SAE layer add up 
 ``max_sas_support``, so the step's feature union always fits the engine's buffer.
 
 Every request is checked when it arrives (:mod:`vsteer.engine.request_args`): one the runner could
-not serve is finished with an error (finish reason ``"error"``) and never reaches the runner, and
+not serve is finished with an error (finish reason ``"error"``, its reason in ``stop_reason``:
+:mod:`vsteer.engine.failures`) and never reaches the runner, and
 the request's prefix-cache salt is derived here, engine-side, from everything that determines its
 KV (tenant, plan, prompt length where positions are prompt-relative, the client's salt). Capture
 and effect requests never read the prefix cache.
+
+Defence in depth: a request whose final hidden states or logits went non-finite in a step (the
+runner flags it) ends with an error instead of its token; so does any running request that read a
+KV block it wrote through the prefix cache. The blocks those requests wrote leave the prefix cache
+and are zeroed (vLLM's own ``new_block_ids_to_zero``) before the next step runs, so no later
+request reads their numbers, not even from the stale slots of a partly filled block.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import FinishReason
 
 from vsteer._errors import EngineError, SpecError, VectorFileError
 from vsteer.engine import edge_seal
 from vsteer.engine.compat import refuse_unsupported, warn_vllm_defects
 from vsteer.engine.config import SteeringEngineConfig
+from vsteer.engine.failures import Failure, nonfinite
 from vsteer.engine.plan import EXTRA_ARGS_KEY
 from vsteer.engine.request_args import TENANT_ARGS_KEY, EngineLimits, RequestArgs, cache_salt, parse_request_args
 from vsteer.vectors import VectorStore
@@ -99,6 +108,8 @@ class SteeringScheduler(Scheduler):
         self._vsteer_gated: set[str] = set()
         self._vsteer_gate_rows = int(self.vllm_config.scheduler_config.max_num_seqs)
         self._vsteer_held_back = 0  # requests held back in the last step, for metrics
+        self._vsteer_reasons: dict[str, str] = {}  # request -> why it fails, until its error output is sent
+        self._vsteer_zero: list[int] = []  # KV blocks non-finite requests wrote, zeroed before the next step
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._vsteer_running_keys: set[str] = set()
@@ -129,7 +140,7 @@ class SteeringScheduler(Scheduler):
             self._vsteer_pin(request, args)
         except SpecError as exc:
             logger.warning("vsteer: request %s refused: %s", request.request_id, exc)
-            request._vsteer_error = str(exc)
+            request._vsteer_error = Failure(400, exc.field, str(exc)).reason()
             args = _NONE
         request._vsteer_args = args
         self._vsteer_set_salt(request, cache_salt(args, request.num_prompt_tokens, client_salt))
@@ -189,6 +200,7 @@ class SteeringScheduler(Scheduler):
     def _handle_blocked_waiting_request(self, request: Any) -> bool:
         if getattr(request, "_vsteer_error", None) is not None:
             self.grammar_compile_error_reqs.add(request.request_id)  # finished with FINISHED_ERROR
+            self._vsteer_reasons[request.request_id] = request._vsteer_error
             return False
         if not super()._handle_blocked_waiting_request(request):
             return False
@@ -213,9 +225,76 @@ class SteeringScheduler(Scheduler):
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         self._vsteer_gated.discard(request.request_id)
+        if not request.is_finished() or request.get_finished_reason() != FinishReason.ERROR:
+            self._vsteer_reasons.pop(request.request_id, None)  # aborted first: no error output to label
         self._vsteer_unpin(getattr(request, "_vsteer_pinned", ()))
         request._vsteer_pinned = ()
         return super()._free_request(request, *args, **kwargs)
+
+    # --- requests that went non-finite ---------------------------------------------------------
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        counts = model_runner_output.num_nans_in_logits
+        bad = {req_id for req_id, n in (counts or {}).items() if n and req_id in self.requests}
+        if bad:
+            self._vsteer_fail_nonfinite(bad, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self._vsteer_reasons:
+            for batch in outputs.values():
+                for out in batch.outputs:
+                    if out.finish_reason == FinishReason.ERROR and out.request_id in self._vsteer_reasons:
+                        out.stop_reason = self._vsteer_reasons.pop(out.request_id)
+        return outputs
+
+    def _vsteer_fail_nonfinite(self, bad: set[str], model_runner_output: Any) -> None:
+        """Fail ``bad`` and every running request that reads a block they wrote in this step (the
+        step's tokens of them are dropped); take those blocks out of the prefix cache and queue them
+        for zeroing."""
+        failing, dirty = set(bad), set()
+        for req_id in bad:
+            dirty |= self._vsteer_unverified_blocks(self.requests[req_id])
+        grew = True
+        while grew:  # a request reading a dirty block writes dirty blocks of its own
+            grew = False
+            for req in self.running:
+                if req.request_id not in failing and dirty.intersection(self._vsteer_blocks(req.request_id)):
+                    failing.add(req.request_id)
+                    dirty |= self._vsteer_unverified_blocks(req)
+                    grew = True
+        logger.warning("vsteer: requests %s produced non-finite hidden states or logits%s; they end with an error "
+                       "and the %d KV blocks they wrote are zeroed", sorted(bad),
+                       f" (and {sorted(failing - bad)} read their KV)" if failing != bad else "", len(dirty))
+        sampled, index = model_runner_output.sampled_token_ids, model_runner_output.req_id_to_index
+        for req_id in failing:
+            i = index.get(req_id)
+            if sampled and i is not None and i < len(sampled):
+                sampled[i] = []
+            if model_runner_output.prompt_logprobs_dict:
+                model_runner_output.prompt_logprobs_dict.pop(req_id, None)
+            steered = getattr(self.requests[req_id], "_vsteer_args", _NONE).plan is not None
+            self._vsteer_reasons[req_id] = nonfinite(steered).reason()
+        self.grammar_compile_error_reqs.update(failing)
+        dirty.discard(self.kv_cache_manager.block_pool.null_block.block_id)
+        self.kv_cache_manager.block_pool.evict_blocks(dirty)
+        self._vsteer_zero.extend(sorted(dirty))
+
+    def _vsteer_blocks(self, req_id: str) -> list[int]:
+        return [b for group in self.kv_cache_manager.get_block_ids(req_id) for b in group]
+
+    def _vsteer_unverified_blocks(self, request: Any) -> set[int]:
+        """The KV blocks holding positions of ``request`` that no finished step has checked: from
+        the first position of the step being processed on (earlier steps' final hidden states were
+        finite, and a NaN in any layer's KV at a position makes its final hidden state NaN)."""
+        first = max(request.num_computed_tokens - request.num_in_flight_tokens, 0)
+        groups = self.kv_cache_manager.get_block_ids(request.request_id)
+        specs = self.kv_cache_config.kv_cache_groups
+        return {b for ids, group in zip(groups, specs) for b in ids[first // group.kv_cache_spec.block_size :]}
+
+    def _get_new_block_ids_to_zero(self) -> list[int] | None:
+        ids = super()._get_new_block_ids_to_zero()
+        if not self._vsteer_zero:
+            return ids
+        ids, self._vsteer_zero = [*(ids or ()), *self._vsteer_zero], []
+        return ids
 
     def _sas_fits(self, request: Any) -> bool:
         """Whether the supports of the running sas configs plus the new ones stay within the

@@ -2,8 +2,9 @@
 
 Both swap their model runner's class for its steered subclass before the model is loaded, so the
 decoder layers are wrapped before torch.compile traces them and before CUDA graphs are captured.
-vsteer pins vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``) on CPU and GPU, so the per-step
-code CI exercises on CPU is the code that runs on a GPU.
+Whichever model runner vLLM picked (V1, or Model Runner V2: vLLM's default on GPUs, and on CPUs
+when ``VLLM_USE_V2_MODEL_RUNNER=1`` and Triton has a CPU backend) gets its adapter
+(:func:`vsteer.engine.runner.steered_runner_class`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from vllm.v1.worker.cpu_worker import CPUWorker
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from vsteer._errors import EngineError
@@ -22,11 +22,6 @@ from vsteer.engine.runner import steered_runner_class
 class _SteeredWorkerMixin:
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         runner = self.model_runner
-        if not isinstance(runner, GPUModelRunner):
-            raise EngineError(
-                f"vsteer needs vLLM's V1 model runner, got {type(runner).__name__}; "
-                "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
-            )
         if self.vllm_config.parallel_config.enable_dbo:
             raise EngineError("vsteer does not support dual-batch overlap (enable_dbo); turn it off")
         runner.__class__ = steered_runner_class(type(runner))

@@ -359,6 +359,7 @@ class SteeringMiddleware:
             return
         import anyio
 
+        from vsteer.server.engine_failures import raise_engine_failures
         from vsteer.server.tenants import _LimitError
 
         app = scope.get("app")
@@ -366,6 +367,7 @@ class SteeringMiddleware:
         self.metrics.start_polling(engine_client)
         if self.resolve.engine_check is None and getattr(engine_client, "vllm_config", None) is not None:
             self.resolve.know_engine(engine_client.vllm_config)
+            raise_engine_failures(engine_client)
         ambiguous = _ambiguous_headers(scope["headers"])
         if ambiguous is not None:
             await self._refuse(send, ambiguous[0], ambiguous[1], ambiguous[2])

@@ -8,6 +8,7 @@ two public vectors: "pub" (a random unit direction at layer 10) and "public-ones
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,11 @@ def tenant_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="package")
 def tenant_server(model_path, tenant_store, tmp_path_factory):
-    """The base URL of the server (the tenants of __init__.py, a condition layer, prompt-token details in usage)."""
+    """The base URL of the server (the tenants of __init__.py, a condition layer, prompt-token details in usage).
+    Its engine carries the fault of tests/_faults.py: a request steered with scale FAULT_SCALE goes NaN."""
     root = tmp_path_factory.mktemp("tenant-server-run")
+    site = Path(__file__).resolve().parents[2] / "_faults_site"
+    faults = {"VSTEER_TEST_FAULTS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     (root / "tenants.json").write_text(json.dumps({"tenants": TENANTS}))
     yield from serve_process(model_path, root / "server.log", ["--tenants", str(root / "tenants.json"), "--condition-layers", "6"],
-                             vllm_args=["--enable-prompt-tokens-details"], store=tenant_store, served_model_name=MODEL)
+                             vllm_args=["--enable-prompt-tokens-details"], store=tenant_store, served_model_name=MODEL, env=faults)

@@ -156,6 +156,32 @@ def test_3_nan_makers_are_refused_and_the_largest_allowed_steering_poisons_nobod
     assert _store_returns_to(tenant_store, before)  # the inline vectors went with their requests
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_request_whose_forward_pass_goes_nan_is_a_422_and_poisons_nobody(http, baseline, route):
+    """Defence in depth over HTTP: the server's engine carries the fault of tests/_faults.py, so
+    erin's request steered with scale FAULT_SCALE goes NaN from layer 3 on (its KV, hidden states and
+    logits). It is answered 422 naming "steering" (a stream: an error event), the server keeps
+    serving, and frank's next answers (handed erin's freed KV blocks first) equal his answers before."""
+    from tests._faults import FAULT_SCALE
+
+    spec = _add("pub", scale=FAULT_SCALE)
+    if route == "/v1/completions":
+        body = _body(LONG_PROMPT, steering=spec, max_tokens=4)
+    else:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 4, "steering": spec}
+    r = http.post(route, json=body, headers=auth("erin"))
+    _refused(r, 422, "steering")
+    assert "non-finite" in r.json()["error"]["message"]
+    with http.stream("POST", route, json={**body, "stream": True}, headers=auth("erin")) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert any('"code":422' in e.replace(" ", "") and "non-finite" in e for e in events), events
+    assert _answer(http.post("/v1/completions", json=_body(), headers=auth("frank"))) == baseline[0]
+    assert _answer(http.post("/v1/completions", json=_body(steering=_add("pub", scale=6.0)),
+                             headers=auth("frank"))) == baseline[1]
+    r = http.post(route, json={**body, "steering": _add("pub", scale=1.0)}, headers=auth("erin"))
+    assert r.status_code == 200, r.text
+
+
 def test_4_more_slots_than_the_engine_has_is_a_400(http, tenant_store):
     """A per-position vector with more rows than the engine has slots: the edge knows the engine's
     resolved max_slots even without --max-slots or --max-num-seqs."""
