@@ -29,16 +29,6 @@ DEFAULT_CPU_KV_BYTES = 4 * 2**30
 _WORKERS = {"cpu": "vsteer.engine.worker.SteeredCPUWorker", "cuda": "vsteer.engine.worker.SteeredGPUWorker"}
 
 
-def _pin_v1_runner() -> None:
-    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if value is not None and value.strip().lower() not in ("0", "false"):
-        raise EngineError(
-            f"VLLM_USE_V2_MODEL_RUNNER={value} is set, but vsteer runs on vLLM's V1 model runner "
-            "(the same per-step code on CPU and GPU); unset it or set it to 0"
-        )
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-
-
 class LLM:
     """A vLLM engine whose requests each carry their own steering.
 
@@ -91,7 +81,6 @@ class LLM:
         max_conditions: int = 2,
         **engine_kwargs: Any,
     ) -> None:
-        _pin_v1_runner()
         import vllm
         from vllm.platforms import current_platform
 
@@ -194,7 +183,9 @@ class LLM:
                 the adapter compose: the adapter changes the layers' weights, steering their outputs.
 
         Returns:
-            vLLM ``RequestOutput`` objects, in prompt order.
+            vLLM ``RequestOutput`` objects, in prompt order. A request the engine failed (its
+            forward pass went non-finite) has finish reason ``"error"`` and the reason in
+            ``stop_reason`` (``vsteer.engine.failures.parse_failure`` reads it).
 
         Raises:
             SpecError: a spec is invalid; nothing was submitted.

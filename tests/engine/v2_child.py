@@ -1,0 +1,35 @@
+"""Run steered batches on vLLM's Model Runner V2, in its own process (V2 on this CPU needs the
+Triton-interpreter harness of tests/_v2_site, which must not reach the test process's V1
+engines). Usage: ``python tests/engine/v2_child.py job.json result.json`` where job.json holds
+model, store, prompts, specs (one per prompt, null for none) and max_tokens; the child generates
+them as one mixed batch and each alone (greedy, float32, eager) and records the runner class."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(job_path: str, result_path: str) -> None:
+    from vllm import SamplingParams
+
+    from vsteer.engine.llm import LLM
+
+    job = json.loads(open(job_path).read())
+    llm = LLM(job["model"], store=job["store"], enforce_eager=True, dtype="float32", max_model_len=256,
+              max_num_seqs=8, kv_cache_memory_bytes=64 * 2**20, **job.get("engine", {}))
+    params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
+
+    def record(outs):
+        return [{"tokens": list(o.outputs[0].token_ids), "finish": o.outputs[0].finish_reason,
+                 "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+                for o in outs]
+
+    mixed = record(llm.generate(job["prompts"], params, steering=job["specs"]))
+    alone = [record(llm.generate([p], params, steering=[s]))[0] for p, s in zip(job["prompts"], job["specs"])]
+    [runner] = llm.engine.collective_rpc(lambda worker: [f"{c.__module__}.{c.__name__}" for c in type(worker.model_runner).__mro__[1:4]])
+    open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "runner": runner}))
+
+
+if __name__ == "__main__":  # vLLM spawns its workers: they must not rerun this
+    main(*sys.argv[1:3])
