@@ -2,9 +2,10 @@
 (vsteer/engine/runner_v2.py), on this CPU through the Triton-interpreter harness of tests/_v2_site
 (in a child process: the harness must not reach this process's V1 engines).
 
-A mixed batch of plain, additive, ablating, scheduled and gated requests on V2 equals each request
-alone on V2 and the same batch on the session's V1 engine (which the rest of the suite checks
-against HF float64 references), tokens and logprobs."""
+A mixed batch of plain, additive, ablating, scheduled, gated and SAS requests on V2, with chunked
+prefill (a 32-token step budget), equals each request alone on V2 (read back through the prefix
+cache) and the same batch on the session's V1 engine (unchunked; the rest of the suite checks it
+against HF float64 references), tokens and logprobs; V2's captures equal V1's."""
 
 from __future__ import annotations
 
@@ -26,12 +27,20 @@ def _unit(seed: int, norm: float) -> list[float]:
     return (v / v.norm() * norm).tolist()
 
 
-def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager_llm, tmp_path):
+def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager_llm, store_dir, sae_store_dir,
+                                                                            tmp_path):
     from vllm import SamplingParams
 
+    from vsteer import SteeringVector
+
     v, w, c = _unit(0, 60.0), _unit(1, 1.0), _unit(2, 1.0)
+    sae = eager_llm.saes["test-relu"]
+    s = torch.zeros(sae.d_sae)
+    s[[3, 40, 300]] = 6.0
+    sas = eager_llm.store.put(SteeringVector({sae.layer: s}, hidden_size=sae.d_sae, method="sas"))
+    long = "The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships " * 9
     prompts = ["I think that", "I think that", "Once upon a time", "My favourite food is", "The weather today is",
-               "The weather today is"]
+               "The weather today is", long, "Tell me a story about"]
     specs = [
         None,
         {"interventions": [{"op": "add", "vector": v, "layers": [10], "scale": 1.0}]},
@@ -43,9 +52,12 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
                             "when": {"vector": c, "layer": 6, "threshold": -1.0, "compare": "above"}}]},
         {"interventions": [{"op": "add", "vector": v, "layers": [14], "scale": 1.0,
                             "when": {"vector": c, "layer": 6, "threshold": 1.0, "compare": "above"}}]},
+        {"interventions": [{"op": "add", "vector": v, "layers": [10], "scale": 0.7, "positions": "prompt"}]},
+        {"interventions": [{"op": "sas", "vector": sas, "sae": "test-relu", "scale": 1.0}]},
     ]
-    job = {"model": "smollm2", "store": str(tmp_path / "store"), "prompts": prompts, "specs": specs, "max_tokens": 6,
-           "engine": {"condition_layers": [6]}}
+    job = {"model": "smollm2", "store": str(store_dir), "prompts": prompts, "specs": specs, "max_tokens": 6,
+           "capture_layers": [3, 15], "engine": {"condition_layers": [6], "saes": ["test-relu"],
+                                                  "sae_store": str(sae_store_dir), "max_num_batched_tokens": 32}}
     (tmp_path / "job.json").write_text(json.dumps(job))
     site = Path(__file__).resolve().parents[1] / "_v2_site"
     env = {**subprocess_env(), "VSTEER_TEST_V2": "1", "VSTEER_LOG": "info",
@@ -67,3 +79,9 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
             assert max(abs(a - b) for a, b in zip(mixed["logprobs"], other["logprobs"])) < LOGPROB_TOL, i
     assert got["mixed"][1]["tokens"] != got["mixed"][0]["tokens"]  # the steering did something
     assert got["mixed"][4]["tokens"] != got["mixed"][5]["tokens"]  # the gate opened for one, not the other
+    assert got["alone"][6]["cached"] > 0  # the long prompt's second pass read its first pass's blocks
+    for got_cap, want_cap in zip(got["captures"], eager_llm.capture(prompts, [3, 15]), strict=True):
+        for layer in (3, 15):
+            want = want_cap[layer]
+            torch.testing.assert_close(torch.tensor(got_cap[str(layer)]), want,
+                                       atol=1e-4 * float(want.norm(dim=-1).max()), rtol=1e-4)

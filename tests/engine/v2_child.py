@@ -1,8 +1,10 @@
 """Run steered batches on vLLM's Model Runner V2, in its own process (V2 on this CPU needs the
 Triton-interpreter harness of tests/_v2_site, which must not reach the test process's V1
 engines). Usage: ``python tests/engine/v2_child.py job.json result.json`` where job.json holds
-model, store, prompts, specs (one per prompt, null for none) and max_tokens; the child generates
-them as one mixed batch and each alone (greedy, float32, eager) and records the runner class."""
+model, store, prompts, specs (one per prompt, null for none), max_tokens, capture_layers and
+engine settings; the child generates the prompts as one mixed batch and then each alone (greedy,
+float32, eager; the second pass finds the first's blocks in the prefix cache), captures them, and
+records the runner class."""
 
 from __future__ import annotations
 
@@ -22,13 +24,16 @@ def main(job_path: str, result_path: str) -> None:
 
     def record(outs):
         return [{"tokens": list(o.outputs[0].token_ids), "finish": o.outputs[0].finish_reason,
-                 "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+                 "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
+                 "cached": o.num_cached_tokens}
                 for o in outs]
 
     mixed = record(llm.generate(job["prompts"], params, steering=job["specs"]))
     alone = [record(llm.generate([p], params, steering=[s]))[0] for p, s in zip(job["prompts"], job["specs"])]
+    captures = [{str(layer): cap[layer].tolist() for layer in job["capture_layers"]}
+                for cap in llm.capture(job["prompts"], job["capture_layers"])]
     [runner] = llm.engine.collective_rpc(lambda worker: [f"{c.__module__}.{c.__name__}" for c in type(worker.model_runner).__mro__[1:4]])
-    open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "runner": runner}))
+    open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "captures": captures, "runner": runner}))
 
 
 if __name__ == "__main__":  # vLLM spawns its workers: they must not rerun this

@@ -145,7 +145,7 @@ class SteeringScheduler(Scheduler):
         request._vsteer_args = args
         self._vsteer_set_salt(request, cache_salt(args, request.num_prompt_tokens, client_salt))
         if args.reads_every_token:
-            request.skip_reading_prefix_cache = True
+            _skip_prefix_cache_reads(request)
 
     @staticmethod
     def _vsteer_set_salt(request: Any, salt: str | None) -> None:
@@ -263,7 +263,10 @@ class SteeringScheduler(Scheduler):
         logger.warning("vsteer: requests %s produced non-finite hidden states or logits%s; they end with an error "
                        "and the %d KV blocks they wrote are zeroed", sorted(bad),
                        f" (and {sorted(failing - bad)} read their KV)" if failing != bad else "", len(dirty))
-        sampled, index = model_runner_output.sampled_token_ids, model_runner_output.req_id_to_index
+        sampled = model_runner_output.sampled_token_ids
+        index = getattr(model_runner_output, "req_id_to_index", None)  # vLLM 0.34 keeps only req_ids
+        if index is None:
+            index = {req_id: i for i, req_id in enumerate(model_runner_output.req_ids)}
         for req_id in failing:
             i = index.get(req_id)
             if sampled and i is not None and i < len(sampled):
@@ -312,6 +315,13 @@ class SteeringScheduler(Scheduler):
             totals.get(layer, 0) <= self._vsteer_sas_capacity or self._vsteer_sas_capacity >= width
             for layer, width in widths.items()
         )
+
+
+def _skip_prefix_cache_reads(request: Any) -> None:
+    """Make ``request`` read nothing from the prefix cache (vLLM 0.32/0.33: a flag; 0.34: a limit)."""
+    request.skip_reading_prefix_cache = True
+    if hasattr(request, "prefix_cache_hit_limit"):
+        request.prefix_cache_hit_limit = 0
 
 
 def _drop_dead_pins(store: VectorStore) -> None:
