@@ -5,7 +5,8 @@
 A mixed batch of plain, additive, ablating, scheduled, gated and SAS requests on V2, with chunked
 prefill (a 32-token step budget), equals each request alone on V2 (read back through the prefix
 cache) and the same batch on the session's V1 engine (unchunked; the rest of the suite checks it
-against HF float64 references), tokens and logprobs; V2's captures equal V1's."""
+against HF float64 references), tokens and logprobs; V2's captures equal V1's; and a steered batch
+that a small KV cache makes vLLM preempt on V2 gives the tokens of a roomy V1 engine."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _unit(seed: int, norm: float) -> list[float]:
 
 
 def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager_llm, store_dir, sae_store_dir,
-                                                                            tmp_path):
+                                                                            directions, tmp_path):
     from vllm import SamplingParams
 
     from vsteer import SteeringVector
@@ -58,9 +59,18 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
     job = {"model": "smollm2", "store": str(store_dir), "prompts": prompts, "specs": specs, "max_tokens": 6,
            "capture_layers": [3, 15], "engine": {"condition_layers": [6], "saes": ["test-relu"],
                                                   "sae_store": str(sae_store_dir), "max_num_batched_tokens": 32}}
+    # as tests/engine/test_preemption.py: ~170 tokens of KV for 8 requests growing to ~100 tokens
+    love = directions["love"].sha256
+    tight_prompts = ["I think that", "The weather today is", "My best friend", "Once upon a time"] * 2
+    tight_specs = [{"interventions": [{"op": "add", "vector": love, "layers": [10], "scale": s}]} if s else None
+                   for s in (8.0, -8.0, 0, 12.0, 4.0, 0, -4.0, 16.0)]
+    job["preemption"] = {"prompts": tight_prompts, "specs": tight_specs, "max_tokens": 60, "engine": dict(
+        max_model_len=128, block_size=32, max_num_seqs=8, max_slots=8, kv_cache_memory_bytes=8 * 2**20,
+        enable_prefix_caching=False)}
     (tmp_path / "job.json").write_text(json.dumps(job))
     site = Path(__file__).resolve().parents[1] / "_v2_site"
-    env = {**subprocess_env(), "VSTEER_TEST_V2": "1", "VSTEER_LOG": "info",
+    env = {k: v for k, v in subprocess_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the engines set their own
+    env = {**env, "VSTEER_TEST_V2": "1", "VSTEER_LOG": "info",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("v2_child.py")), str(tmp_path / "job.json"),
                            str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=900)
@@ -80,6 +90,11 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
     assert got["mixed"][1]["tokens"] != got["mixed"][0]["tokens"]  # the steering did something
     assert got["mixed"][4]["tokens"] != got["mixed"][5]["tokens"]  # the gate opened for one, not the other
     assert got["alone"][6]["cached"] > 0  # the long prompt's second pass read its first pass's blocks
+    preempted = got["preempted"]
+    assert preempted["preemptions"] and preempted["preemptions"][0] > 0, "the KV cache was large enough"
+    roomy = eager_llm.generate(tight_prompts, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True),
+                               steering=tight_specs)
+    assert preempted["tokens"] == [list(o.outputs[0].token_ids) for o in roomy]
     for got_cap, want_cap in zip(got["captures"], eager_llm.capture(prompts, [3, 15]), strict=True):
         for layer in (3, 15):
             want = want_cap[layer]

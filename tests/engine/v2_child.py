@@ -4,7 +4,8 @@ engines). Usage: ``python tests/engine/v2_child.py job.json result.json`` where 
 model, store, prompts, specs (one per prompt, null for none), max_tokens, capture_layers and
 engine settings; the child generates the prompts as one mixed batch and then each alone (greedy,
 float32, eager; the second pass finds the first's blocks in the prefix cache), captures them, and
-records the runner class."""
+records the runner class; with "preemption" it also runs that batch on a second engine whose KV
+cache is too small for it."""
 
 from __future__ import annotations
 
@@ -32,8 +33,18 @@ def main(job_path: str, result_path: str) -> None:
     alone = [record(llm.generate([p], params, steering=[s]))[0] for p, s in zip(job["prompts"], job["specs"])]
     captures = [{str(layer): cap[layer].tolist() for layer in job["capture_layers"]}
                 for cap in llm.capture(job["prompts"], job["capture_layers"])]
+    tight = job.get("preemption")
+    preempted = None
+    if tight:  # a second engine whose KV cache is too small for its batch: vLLM preempts requests
+        small = LLM(job["model"], store=job["store"], enforce_eager=True, dtype="float32", disable_log_stats=False,
+                    **tight["engine"])
+        sp = SamplingParams(max_tokens=tight["max_tokens"], temperature=0.0, ignore_eos=True)
+        preempted = {"tokens": [list(o.outputs[0].token_ids)
+                                for o in small.generate(tight["prompts"], sp, steering=tight["specs"])],
+                     "preemptions": [m.value for m in small.engine.get_metrics() if m.name == "vllm:num_preemptions"]}
     [runner] = llm.engine.collective_rpc(lambda worker: [f"{c.__module__}.{c.__name__}" for c in type(worker.model_runner).__mro__[1:4]])
-    open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "captures": captures, "runner": runner}))
+    open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "captures": captures, "runner": runner,
+                                          "preempted": preempted}))
 
 
 if __name__ == "__main__":  # vLLM spawns its workers: they must not rerun this
