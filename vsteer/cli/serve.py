@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -49,15 +48,12 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
     and access lines of error responses (status >= 400) still print.
     """
     from vsteer.server.serve import serve_main
-    from vsteer.server.tenants import TENANTS_ENV, TenantsFile
 
-    if tenants is not None:
-        os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(tenants.read_text()).model_dump_json()
     serve_main(vllm_args, max_slots=max_slots, max_ablation_rank=max_ablation_rank, vector_store=vector_store,
                max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store,
                capture_layers=_capture_layers(capture_layers), default_steering=_read_spec(default_steering),
                condition_layers=layers_option(condition_layers, "--condition-layers", allow_all=False) or [],
-               max_conditions=max_conditions)
+               max_conditions=max_conditions, tenants=tenants)
 
 
 def _read_spec(path: Path | None) -> object:

@@ -99,8 +99,8 @@ class SteeringEngineConfig(BaseModel):
             from vsteer._errors import EngineError
 
             raise EngineError(
-                "the vsteer worker needs additional_config['vsteer']; build engines with vsteer.LLM "
-                "or `vsteer serve`"
+                "the vsteer worker needs additional_config['vsteer']; build engines with vsteer.LLM, "
+                "`vsteer serve`, or stock vLLM with vsteer installed and additional_config={'vsteer': {...}}"
             )
         return cls.model_validate(data)
 

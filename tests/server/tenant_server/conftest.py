@@ -1,4 +1,4 @@
-"""One `vsteer serve` with tenants for every module in this folder; it stops after the last of them
+"""One steering server (stock vLLM with vsteer's plugins) with tenants for every module in this folder; it stops after the last of them
 (package scope; under xdist these modules are one group, tests/conftest.py: group_of).
 
 Each module has tenants of its own (test_edge.py: alice and bob; test_tenants.py: carol and dave),
@@ -33,11 +33,14 @@ def tenant_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="package")
 def tenant_server(model_path, tenant_store, tmp_path_factory):
-    """The base URL of the server (the tenants of __init__.py, a condition layer, prompt-token details in usage).
+    """The base URL of the server (the tenants of __init__.py, a condition layer, prompt-token details in usage),
+    started the stock way: vLLM's own server with vsteer's plugins (tests/server/shared_server runs
+    `vsteer serve`, the same path behind a CLI).
     Its engine carries the fault of tests/_faults.py: a request steered with scale FAULT_SCALE goes NaN."""
     root = tmp_path_factory.mktemp("tenant-server-run")
     site = Path(__file__).resolve().parents[2] / "_faults_site"
     faults = {"VSTEER_TEST_FAULTS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     (root / "tenants.json").write_text(json.dumps({"tenants": TENANTS}))
-    yield from serve_process(model_path, root / "server.log", ["--tenants", str(root / "tenants.json"), "--condition-layers", "6"],
-                             vllm_args=["--enable-prompt-tokens-details"], store=tenant_store, served_model_name=MODEL, env=faults)
+    yield from serve_process(model_path, root / "server.log", vllm_args=["--enable-prompt-tokens-details"], store=tenant_store,
+                             served_model_name=MODEL, env=faults,
+                             stock={"tenants": str(root / "tenants.json"), "condition_layers": [6]})

@@ -1,12 +1,14 @@
-"""Tenants on a real `vsteer serve`: keys, per-tenant vectors, limits; over real HTTP. The server
-(tenants carol and dave here) is this folder's, shared with test_edge.py (conftest.py)."""
+"""Tenants on a real steering server (stock vLLM's own server with vsteer's plugins, started the
+stock way): keys, per-tenant vectors, limits; over real HTTP, with httpx and the OpenAI client. The
+server (tenants carol and dave here) is this folder's, shared with test_edge.py (conftest.py)."""
 
 from __future__ import annotations
 
 import httpx
+import pytest
 import torch
 
-from tests.server.tenant_server import MODEL, PUBLIC, auth
+from tests.server.tenant_server import KEYS, MODEL, PUBLIC, auth
 from vsteer import SteeringVector, save_vector
 
 
@@ -14,6 +16,32 @@ def _complete(base: str, who: str | None, vector: object, **extra) -> httpx.Resp
     body = {"model": MODEL, "prompt": "My weekend", "max_tokens": 6, "temperature": 0,
             "steering": {"interventions": [{"op": "add", "vector": vector, "layers": [10], "scale": 8.0}]}, **extra}
     return httpx.post(f"{base}/v1/completions", json=body, headers=auth(who) if who else {}, timeout=60)
+
+
+def test_the_openai_client_steers_stock_vllm(tenant_server):
+    """The official OpenAI client against stock vLLM's server: a tenant's steered completion and
+    chat differ from its plain ones and repeat exactly (streamed too); a wrong key and a vector
+    the tenant cannot see come back as the client's own errors."""
+    import openai
+
+    client = openai.OpenAI(base_url=tenant_server + "/v1", api_key=KEYS["carol"], max_retries=0)
+    spec = {"interventions": [{"op": "add", "vector": PUBLIC[0], "layers": [10], "scale": 40.0}]}
+    ask = dict(model=MODEL, prompt="My weekend", max_tokens=8, temperature=0)
+    steered = client.completions.create(**ask, extra_body={"steering": spec}).choices[0].text
+    plain = client.completions.create(**ask).choices[0].text
+    assert steered != plain
+    assert client.completions.create(**ask, extra_body={"steering": spec}).choices[0].text == steered
+    stream = client.completions.create(**ask, stream=True, extra_body={"steering": spec})
+    assert "".join(chunk.choices[0].text for chunk in stream) == steered
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Describe your weekend."}], max_tokens=8, temperature=0)
+    assert (client.chat.completions.create(**chat, extra_body={"steering": spec}).choices[0].message.content
+            != client.chat.completions.create(**chat).choices[0].message.content)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=tenant_server + "/v1", api_key="sk-wrong", max_retries=0).completions.create(**ask)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(**ask, extra_body={"steering": {"interventions": [
+            {"op": "add", "vector": "nobody-has-this", "layers": [10], "scale": 8.0}]}})
+    assert 400 <= refused.value.status_code < 500 and "vector" in str(refused.value.body)
 
 
 def test_keys_are_required(tenant_server):
