@@ -157,6 +157,7 @@ def test_resolved_max_slots_is_capped_by_the_bank_budget():
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}}, "speculative_config"),
     ({"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
     ({"enable_sleep_mode": True}, "enable_sleep_mode"),
+    ({"prefill_context_parallel_size": 2}, "prefill_context_parallel_size"),
     ({"data_parallel_size": 2, "effect_saes": ["test-relu"], "saes": ["test-relu"]}, "data_parallel_size"),
 ])
 def test_inexact_vllm_options_are_refused_at_start_up(model_path, store_dir, sae_store_dir, kwargs, option):

@@ -18,6 +18,9 @@ from vsteer.engine.plugin import SCHEDULER, WORKERS, steer_engine_args
 from vsteer.server.middleware import CONFIG_ENV, shared_resolver
 
 
+_KEEP: list = []
+
+
 @pytest.fixture
 def edge_env(monkeypatch):
     """The edge's environment, restored afterwards (a server's hook writes it)."""
@@ -68,6 +71,7 @@ def test_settings_become_the_engine_configuration(model_path, tmp_path):
     ({"condition_layers": [99]}, {}, "vsteer'].condition_layers"),
     ({"effect_saes": ["nope"]}, {}, "vsteer'].effect_saes"),
     ({}, {"enable_sleep_mode": True}, "sleep mode"),
+    ({}, {"prefill_context_parallel_size": 2}, "prefill context parallelism"),
     ({}, {"worker_cls": "my.Worker"}, "drop --worker-cls"),
 ])
 def test_bad_settings_are_refused_naming_the_field(model_path, tmp_path, settings, kwargs, message):
@@ -105,6 +109,7 @@ def test_stock_vllm_LLM_steers_like_vsteer_LLM(model_path, eager_llm, directions
     stock = vllm.LLM(model_path, additional_config={"vsteer": {"vector_store": str(eager_llm.store.root), "capture_layers": [12]}},
                      enforce_eager=True, dtype="float32", max_model_len=128, max_num_seqs=4,
                      kv_cache_memory_bytes=64 * 2**20)
+    _KEEP.append(stock)  # never freed: in-process engines share vLLM's parallel state, which a shutdown tears down
     steered = LLM.from_vllm(stock)
     prompts = ["I think that", "My best friend"]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1)

@@ -6,7 +6,8 @@ A mixed batch of plain, additive, ablating, scheduled, gated and SAS requests on
 prefill (a 32-token step budget), equals each request alone on V2 (read back through the prefix
 cache) and the same batch on the session's V1 engine (unchunked; the rest of the suite checks it
 against HF float64 references), tokens and logprobs; V2's captures equal V1's; and a steered batch
-that a small KV cache makes vLLM preempt on V2 gives the tokens of a roomy V1 engine."""
+that a small KV cache makes vLLM preempt on V2 gives the tokens of a roomy V1 engine. Stock vLLM's
+server with vsteer's plugins, on V2, serves concurrent steered and plain requests as V1 does."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ LOGPROB_TOL = 1e-4
 def _unit(seed: int, norm: float) -> list[float]:
     v = torch.randn(576, generator=torch.Generator().manual_seed(seed))
     return (v / v.norm() * norm).tolist()
+
+
+def _v2_env() -> dict[str, str]:
+    """What puts a child process on V2 through the harness (tests/_v2_site)."""
+    site = Path(__file__).resolve().parents[1] / "_v2_site"
+    return {"VSTEER_TEST_V2": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
 def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager_llm, store_dir, sae_store_dir,
@@ -68,10 +75,8 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
         max_model_len=128, block_size=32, max_num_seqs=8, max_slots=8, kv_cache_memory_bytes=8 * 2**20,
         enable_prefix_caching=False)}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    site = Path(__file__).resolve().parents[1] / "_v2_site"
     env = {k: v for k, v in subprocess_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the engines set their own
-    env = {**env, "VSTEER_TEST_V2": "1", "VSTEER_LOG": "info",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    env = {**env, **_v2_env(), "VSTEER_LOG": "info"}
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("v2_child.py")), str(tmp_path / "job.json"),
                            str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -100,3 +105,49 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
             want = want_cap[layer]
             torch.testing.assert_close(torch.tensor(got_cap[str(layer)]), want,
                                        atol=1e-4 * float(want.norm(dim=-1).max()), rtol=1e-4)
+
+
+def test_stock_vllm_server_steers_on_model_runner_v2(eager_llm, model_path, directions, tmp_path):
+    """Stock vLLM's server with vsteer's plugins, started the stock way on V2: concurrent steered
+    and plain completions from the OpenAI client (one engine batch) equal vsteer.LLM on V1, and
+    ``/metrics`` says the engine steers on V2."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import openai
+    from vllm import SamplingParams
+
+    from tests.conftest import start_serve
+    from vsteer.server.process import stop
+
+    love, wedding = directions["love"].sha256, directions["wedding"].sha256
+    prompts = ["I think that", "The weather today is", "I think that", "My best friend"]
+    specs = [{"interventions": [{"op": "add", "vector": love, "layers": [10], "scale": 8.0}]}, None,
+             {"interventions": [{"op": "ablate", "vector": wedding, "layers": [4, 5]},
+                                {"op": "add", "vector": love, "layers": [12], "scale": -6.0, "positions": "generated"}]},
+             {"interventions": [{"op": "add", "vector": love, "layers": [8], "scale": 6.0,
+                                 "schedule": {"kind": "linear", "from": 1.0, "to": 0.0, "over": 4}}]}]
+    want = [o.outputs[0].text for o in eager_llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0),
+                                                            steering=specs)]
+    proc, base = start_serve(model_path, tmp_path / "server.log", store=eager_llm.store.root, max_model_len=256,
+                             max_num_seqs=4, env=_v2_env(), stock={})
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0, timeout=300)
+
+        def complete(i: int) -> str:
+            extra = {} if specs[i] is None else {"extra_body": {"steering": specs[i]}}
+            return client.completions.create(model="smollm2", prompt=prompts[i], max_tokens=6, temperature=0,
+                                             **extra).choices[0].text
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(complete, range(len(prompts))))
+        assert got == want
+        assert got[0] != got[2]  # the steering did something
+        deadline, metrics = time.time() + 20, ""
+        while 'vsteer_runner_info{runner="v2"} 1.0' not in metrics and time.time() < deadline:
+            time.sleep(0.5)
+            metrics = httpx.get(base + "/metrics").text
+        assert 'vsteer_runner_info{runner="v2"} 1.0' in metrics, [m for m in metrics.splitlines() if "vsteer" in m]
+    finally:
+        stop(proc)

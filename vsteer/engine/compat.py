@@ -17,7 +17,8 @@ __all__ = ["refuse_unsupported", "refuse_unsupported_kwargs", "warn_vllm_defects
 logger = logging.getLogger("vsteer.engine")
 
 
-def _refusals(*, speculative: bool, pipeline: int, data: int, sleep: bool, effects: bool) -> list[str]:
+def _refusals(*, speculative: bool, pipeline: int, data: int, sleep: bool, effects: bool,
+              prefill_context: int = 1) -> list[str]:
     out = []
     if speculative:
         out.append("speculative decoding (speculative_config): draft tokens are steered before they are "
@@ -29,6 +30,10 @@ def _refusals(*, speculative: bool, pipeline: int, data: int, sleep: bool, effec
     if data > 1 and effects:
         out.append(f"data parallelism (data_parallel_size={data}) with effect_saes: effect sums are read "
                    "from one engine's workers; run one engine per process instead")
+    if prefill_context > 1:
+        out.append(f"prefill context parallelism (prefill_context_parallel_size={prefill_context}, Model Runner V2 "
+                   "only): each rank runs part of a prompt's tokens, so conditions, SAS unions, captures and "
+                   "effect sums would see only that part; turn it off")
     if sleep:
         out.append("sleep mode (enable_sleep_mode): level 2 drops the steering bank and its identity slot; "
                    "turn it off")
@@ -48,6 +53,7 @@ def refuse_unsupported_kwargs(engine_kwargs: Mapping[str, Any], *, effects: bool
         data=int(engine_kwargs.get("data_parallel_size") or 1),
         sleep=bool(engine_kwargs.get("enable_sleep_mode")),
         effects=effects,
+        prefill_context=int(engine_kwargs.get("prefill_context_parallel_size") or 1),
     ))
 
 
@@ -60,6 +66,7 @@ def refuse_unsupported(vllm_config: Any, *, effects: bool) -> None:
         data=parallel.data_parallel_size,
         sleep=bool(vllm_config.model_config.enable_sleep_mode),
         effects=effects,
+        prefill_context=getattr(parallel, "prefill_context_parallel_size", 1),
     ))
 
 

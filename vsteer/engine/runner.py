@@ -57,6 +57,9 @@ class SteeringRunnerMixin:
     """Per-request steering in a vLLM model runner; an adapter mixes it in ahead of the runner
     class and calls it from that runner's hook points."""
 
+    #: which vLLM model runner the adapter serves ("v1" or "v2"; in ``vsteer_stats``)
+    vsteer_runner = "?"
+
     # --- load ---------------------------------------------------------------------------------
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
@@ -330,6 +333,7 @@ class SteeringRunnerMixin:
     def vsteer_stats(self) -> dict:
         """Slot usage, for metrics and tests."""
         return {
+            "runner": self.vsteer_runner,  # "v1" or "v2": the adapter in use
             "max_slots": self._vsteer_slots.num_slots,
             "resident": len(self._vsteer_slots.resident),
             "in_use": self._vsteer_slots.pinned,  # slots the last step's tokens used

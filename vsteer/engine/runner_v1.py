@@ -16,6 +16,8 @@ from vsteer.engine.token_map import step_runs
 class V1RunnerAdapter(SteeringRunnerMixin):
     """Steering in a V1 model runner. Mixed in ahead of the runner class."""
 
+    vsteer_runner = "v1"
+
     def _update_states(self, scheduler_output: Any) -> Any:
         for req_id in scheduler_output.finished_req_ids:
             self._vsteer_forget(req_id)

@@ -23,6 +23,8 @@ from vsteer.engine.token_map import step_runs
 class V2RunnerAdapter(SteeringRunnerMixin):
     """Steering in a Model Runner V2. Mixed in ahead of the runner class."""
 
+    vsteer_runner = "v2"
+
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
         self._vsteer_live: set[str] = set()  # requests registered and not finished

@@ -15,6 +15,7 @@ From the engine's workers, polled every ``POLL_S`` seconds through ``collective_
 - ``vsteer_slot_loads``: bank rows written so far (a config taking a slot it was not cached in).
 - ``vsteer_capture_bytes``: bytes of the workers' activation-capture buffers (0 unless
   ``--capture-layers`` asks for some).
+- ``vsteer_runner_info{runner}``: 1 for the vLLM model runner steering runs on (``v1`` or ``v2``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _metrics():
         "resident": Gauge("vsteer_slots_resident", "Steering slots holding a folded config."),
         "loads": Gauge("vsteer_slot_loads", "Bank rows written since the engine started."),
         "capture": Gauge("vsteer_capture_bytes", "Bytes of the engine's activation-capture buffers."),
+        "runner": Gauge("vsteer_runner_info", "1 for the vLLM model runner steering runs on.", ["runner"]),
     }
 
 
@@ -75,6 +77,7 @@ class SteeringMetrics:
                 self._m["resident"].set(stats["resident"])
                 self._m["loads"].set(stats["loads"])
                 self._m["capture"].set(stats.get("capture_bytes", 0))
+                self._m["runner"].labels(runner=stats["runner"]).set(1)
             except Exception:  # noqa: BLE001 - the engine may be starting or stopping; try again
                 pass
             await asyncio.sleep(POLL_S)

@@ -32,15 +32,14 @@ def prepare_edge(settings: Any, config: Any, model_path: str, sae_root: Any) -> 
         EngineError: vLLM will not load the edge (``VLLM_PLUGINS`` does not name ``vsteer``).
         SpecError: ``default_steering`` or ``tenants`` is not valid.
     """
-    import vllm.envs as envs
-
     from vsteer._errors import EngineError, SpecError
     from vsteer.engine.edge_seal import SECRET_ENV, new_secret
     from vsteer.server.middleware import CONFIG_ENV, shared_resolver
     from vsteer.server.tenants import TENANTS_ENV, TenantsFile
 
-    allowed = envs.VLLM_PLUGINS
-    if allowed is None or PLUGIN_NAME not in allowed:
+    # read as vLLM reads it; not through vllm.envs, whose values vLLM may have cached in this process
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is None or PLUGIN_NAME not in allowed.split(","):
         raise EngineError(f"a server with additional_config['{ADDITIONAL_CONFIG_KEY}'] serves steering only behind "
                           f"vsteer's HTTP edge, which vLLM loads when VLLM_PLUGINS names it: set "
                           f"VLLM_PLUGINS={PLUGIN_NAME} (plus any other plugins you use, comma-separated)")
