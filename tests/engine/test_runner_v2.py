@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from vllm import SamplingParams
 
 from tests.conftest import subprocess_env
 
@@ -64,8 +65,9 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
         {"interventions": [{"op": "sas", "vector": sas, "sae": "test-relu", "scale": 1.0}]},
     ]
     job = {"model": "smollm2", "store": str(store_dir), "prompts": prompts, "specs": specs, "max_tokens": 6,
-           "capture_layers": [3, 15], "engine": {"condition_layers": [6], "saes": ["test-relu"],
+           "capture_layers": [3, 15], "engine": {"condition_layers": [6], "saes": ["test-relu"], "effect_saes": ["test-relu"],
                                                   "sae_store": str(sae_store_dir), "max_num_batched_tokens": 32}}
+    job["runs"] = _feature_runs(eager_llm, directions["love"].sha256, long)
     # as tests/engine/test_preemption.py: ~170 tokens of KV for 8 requests growing to ~100 tokens
     love = directions["love"].sha256
     tight_prompts = ["I think that", "The weather today is", "My best friend", "Once upon a time"] * 2
@@ -100,11 +102,61 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
     roomy = eager_llm.generate(tight_prompts, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True),
                                steering=tight_specs)
     assert preempted["tokens"] == [list(o.outputs[0].token_ids) for o in roomy]
+    _check_feature_runs(eager_llm, job["runs"], got["runs"])
     for got_cap, want_cap in zip(got["captures"], eager_llm.capture(prompts, [3, 15]), strict=True):
         for layer in (3, 15):
             want = want_cap[layer]
             torch.testing.assert_close(torch.tensor(got_cap[str(layer)]), want,
                                        atol=1e-4 * float(want.norm(dim=-1).max()), rtol=1e-4)
+
+
+SCHEMA = {"type": "object", "properties": {"mood": {"type": "string", "enum": ["happy", "sad", "calm"]},
+                                           "reason": {"type": "string", "maxLength": 30}},
+          "required": ["mood", "reason"], "additionalProperties": False}
+
+
+def _feature_runs(eager_llm, love: str, long: str) -> list[dict]:
+    """Batches for the V2 child after its mixed batch: feature-effect sums of steered and plain
+    requests; steered and plain JSON-schema requests; and two turns of a conversation whose turn 2
+    (turn 1 + its steered reply + a question, from V1) reads turn 1's KV from the prefix cache."""
+    add = {"interventions": [{"op": "add", "vector": love, "layers": [10], "scale": 8.0}]}
+    late = {"interventions": [{"op": "add", "vector": love, "layers": [12], "scale": -6.0, "positions": "generated"}]}
+    tok = eager_llm.get_tokenizer()
+    turn1 = tok(long)["input_ids"]
+    reply = eager_llm.generate([turn1], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                               steering=add)[0].outputs[0].token_ids
+    turn2 = turn1 + list(reply) + tok(" And then?")["input_ids"]
+    return [
+        {"prompts": ["I think that", "The weather today is", "My best friend"], "specs": [add, None, late],
+         "sampling_params": {"max_tokens": 9, "ignore_eos": True},
+         "effects": [{"key": f"e{i}", "start": 1, "tokens": 8} for i in range(3)]},
+        {"prompts": ["Answer in JSON with your mood and a reason. How was your day?"] * 2, "specs": [add, None],
+         "sampling_params": {"max_tokens": 16}, "json_schema": SCHEMA},
+        {"prompts": [turn1], "specs": [add], "sampling_params": {"max_tokens": 12, "ignore_eos": True}},
+        {"prompts": [turn2], "specs": [add], "sampling_params": {"max_tokens": 8, "ignore_eos": True}},
+    ]
+
+
+def _check_feature_runs(eager_llm, runs: list[dict], got: list[dict]) -> None:
+    """Each V2 run equals the same run on V1: tokens, logprobs, effect counts and sums."""
+    from tests.engine.v2_child import run_batch
+
+    for i, (run, v2) in enumerate(zip(runs, got, strict=True)):
+        v1 = run_batch(eager_llm, run)
+        for a, b in zip(v2["outputs"], v1["outputs"], strict=True):
+            assert a["tokens"] == b["tokens"], (i, a, b)
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < LOGPROB_TOL, i
+        assert sorted(v2["effects"]) == sorted(v1["effects"])
+        for key, want in v1["effects"].items():
+            have = v2["effects"][key]
+            assert not have["partial"] and have["count"] == want["count"] > 0, (key, have["count"], want["count"])
+            for layer, sums in want["sums"].items():
+                torch.testing.assert_close(torch.tensor(have["sums"][layer]), torch.tensor(sums), atol=1e-2, rtol=1e-3)
+    effects, structured, _, turn2 = got
+    assert effects["outputs"][0]["tokens"] != effects["outputs"][1]["tokens"]
+    steered, plain = structured["outputs"]  # the grammar may keep the tokens; the steering moves the logprobs
+    assert steered["tokens"] != plain["tokens"] or max(abs(a - b) for a, b in zip(steered["logprobs"], plain["logprobs"])) > 1e-2
+    assert turn2["outputs"][0]["cached"] > 0  # turn 2 read turn 1's KV
 
 
 def test_stock_vllm_server_steers_on_model_runner_v2(eager_llm, model_path, directions, tmp_path):

@@ -5,7 +5,10 @@ model, store, prompts, specs (one per prompt, null for none), max_tokens, captur
 engine settings; the child generates the prompts as one mixed batch and then each alone (greedy,
 float32, eager; the second pass finds the first's blocks in the prefix cache), captures them, and
 records the runner class; with "preemption" it also runs that batch on a second engine whose KV
-cache is too small for it."""
+cache is too small for it. "runs" are further batches, in order, each with its own sampling
+parameters (``sampling_params``: SamplingParams keywords, ``json_schema`` for structured output)
+and optional feature-effect keys (``effects``: extra_args[vsteer_effects] per prompt, sums taken
+after the batch)."""
 
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ def main(job_path: str, result_path: str) -> None:
     alone = [record(llm.generate([p], params, steering=[s]))[0] for p, s in zip(job["prompts"], job["specs"])]
     captures = [{str(layer): cap[layer].tolist() for layer in job["capture_layers"]}
                 for cap in llm.capture(job["prompts"], job["capture_layers"])]
+    runs = []
+    for run in job.get("runs", []):
+        runs.append(run_batch(llm, run))
     tight = job.get("preemption")
     preempted = None
     if tight:  # a second engine whose KV cache is too small for its batch: vLLM preempts requests
@@ -44,7 +50,29 @@ def main(job_path: str, result_path: str) -> None:
                      "preemptions": [m.value for m in small.engine.get_metrics() if m.name == "vllm:num_preemptions"]}
     [runner] = llm.engine.collective_rpc(lambda worker: [f"{c.__module__}.{c.__name__}" for c in type(worker.model_runner).__mro__[1:4]])
     open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "captures": captures, "runner": runner,
-                                          "preempted": preempted}))
+                                          "preempted": preempted, "runs": runs}))
+
+
+def run_batch(llm, run: dict) -> dict:
+    """One of a job's "runs" on ``llm`` (V1 or V2): tokens, logprobs and cached tokens per prompt,
+    and the effect sums by key (each a list per layer)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kw = dict(run["sampling_params"])
+    if "json_schema" in run:
+        kw["structured_outputs"] = StructuredOutputsParams(json=run["json_schema"])
+    effects = run.get("effects") or [None] * len(run["prompts"])
+    params = [SamplingParams(logprobs=0, temperature=0.0, **kw,
+                             extra_args={"vsteer_effects": e} if e else None) for e in effects]
+    outs = llm.generate(run["prompts"], params, steering=run["specs"])
+    sums = llm.take_effects([e["key"] for e in effects if e])
+    return {"outputs": [{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens,
+                         "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+                        for o in outs],
+            "effects": {k: {"count": v["count"], "partial": v["partial"],
+                            "sums": {str(layer): t.tolist() for layer, t in v["sums"].items()}} for k, v in sums.items()}}
+
 
 
 if __name__ == "__main__":  # vLLM spawns its workers: they must not rerun this
