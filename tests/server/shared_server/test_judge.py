@@ -1,4 +1,4 @@
-"""The eval harness's judge client against a real `vsteer serve` (this folder's shared server)."""
+"""The eval harness's judge client against a real steering server (this folder's shared server)."""
 
 from __future__ import annotations
 

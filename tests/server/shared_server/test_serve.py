@@ -1,5 +1,5 @@
-"""`vsteer serve` as a real server process on loopback (this folder's shared server), driven over HTTP
-by the official OpenAI client."""
+"""A real steering server process on loopback (this folder's shared server: stock vLLM's server with
+vsteer's plugins), driven over HTTP by the official OpenAI client."""
 
 from __future__ import annotations
 
