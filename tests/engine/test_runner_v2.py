@@ -203,3 +203,39 @@ def test_stock_vllm_server_steers_on_model_runner_v2(eager_llm, model_path, dire
         assert 'vsteer_runner_info{runner="v2"} 1.0' in metrics, [m for m in metrics.splitlines() if "vsteer" in m]
     finally:
         stop(proc)
+    # vsteer's own start-up lines reach stock vLLM's log
+    assert "vsteer: steering vLLM's vllm.v1.worker.cpu.model_runner.CPUModelRunner (Model Runner V2)" in (
+        tmp_path / "server.log").read_text()
+
+
+def test_vsteer_generate_runs_on_model_runner_v2(eager_llm, directions, tmp_path):
+    """``vsteer generate`` on V2: steered, scheduled, gated and plain rows give V1's tokens, and its
+    log says which runner it steered."""
+    import re
+
+    from vllm import SamplingParams
+
+    love = directions["love"].sha256
+    rows = [{"prompt": "I think that", "steering": None},
+            {"prompt": "I think that", "steering": {"interventions": [{"op": "add", "vector": love, "layers": [10], "scale": 8.0}]}},
+            {"prompt": "My neighbour is", "steering": {"interventions": [
+                {"op": "add", "vector": love, "layers": [6], "scale": 6.0, "schedule": {"kind": "exp", "half_life": 3}}]}},
+            {"prompt": "I think that", "steering": {"interventions": [
+                {"op": "add", "vector": love, "layers": [10], "scale": 8.0,
+                 "when": {"vector": love, "layer": 12, "threshold": -1.0, "compare": "above"}}]}}]
+    rows = [{**r, "max_tokens": 6, "temperature": 0.0} for r in rows]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**subprocess_env(), **_v2_env(), "VSTEER_VECTOR_STORE": str(eager_llm.store.root)}
+    env.pop("VSTEER_LOG", None)  # quiet: the log goes to the file the command names
+    proc = subprocess.run([sys.executable, "-m", "vsteer.cli", "generate", "--input", str(src), "--output", str(dst),
+                           "--eager", "--dtype", "float32", "--max-slots", "4"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(line)["token_ids"] for line in dst.read_text().splitlines()]
+    want = eager_llm.generate([r["prompt"] for r in rows], SamplingParams(max_tokens=6, temperature=0.0),
+                              steering=[r["steering"] for r in rows])
+    assert got == [list(o.outputs[0].token_ids) for o in want]
+    assert got[1] != got[0]
+    log = Path(re.search(r"vsteer: logs in (\S+)", proc.stderr).group(1)).read_text()
+    assert "(Model Runner V2)" in log

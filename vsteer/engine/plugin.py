@@ -65,6 +65,7 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point (idempotent; vLLM calls it in every process)."""
     from vllm.engine.arg_utils import EngineArgs
 
+    _log_with_vllm()
     original = EngineArgs.create_engine_config
     if getattr(original, _WRAPPED, False):
         return
@@ -76,6 +77,21 @@ def register() -> None:
 
     setattr(create_engine_config, _WRAPPED, True)
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _log_with_vllm() -> None:
+    """In a process where nobody configured Python logging (stock ``vllm serve``, a script), send
+    vsteer's log records where vLLM sends its own, so that what vsteer reports at start-up (its
+    settings, the runner it steers) shows in vLLM's log. A configured process is left alone."""
+    ours = logging.getLogger("vsteer")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    vllm_logger = logging.getLogger("vllm")
+    for handler in vllm_logger.handlers:
+        ours.addHandler(handler)
+    if vllm_logger.handlers:
+        ours.setLevel(vllm_logger.level or logging.INFO)
+        ours.propagate = False
 
 
 def steer_engine_args(engine_args: Any, usage_context: Any = None) -> None:

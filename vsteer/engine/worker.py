@@ -9,6 +9,7 @@ when ``VLLM_USE_V2_MODEL_RUNNER=1`` and Triton has a CPU backend) gets its adapt
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vllm.v1.worker.cpu_worker import CPUWorker
@@ -18,13 +19,18 @@ from vsteer._errors import EngineError
 from vsteer.engine.compile_key import pin_vector_width
 from vsteer.engine.runner import steered_runner_class
 
+logger = logging.getLogger("vsteer.engine")
+
 
 class _SteeredWorkerMixin:
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         runner = self.model_runner
         if self.vllm_config.parallel_config.enable_dbo:
             raise EngineError("vsteer does not support dual-batch overlap (enable_dbo); turn it off")
-        runner.__class__ = steered_runner_class(type(runner))
+        base = type(runner)
+        runner.__class__ = steered_runner_class(base)
+        logger.info("vsteer: steering vLLM's %s.%s (Model Runner %s)", base.__module__, base.__name__,
+                    runner.vsteer_runner.upper())
         super().load_model(*args, **kwargs)
 
     def vsteer_stats(self) -> dict:
