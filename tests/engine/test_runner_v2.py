@@ -6,7 +6,9 @@ A mixed batch of plain, additive, ablating, scheduled, gated and SAS requests on
 prefill (a 32-token step budget), equals each request alone on V2 (read back through the prefix
 cache) and the same batch on the session's V1 engine (unchunked; the rest of the suite checks it
 against HF float64 references), tokens and logprobs; V2's captures equal V1's; and a steered batch
-that a small KV cache makes vLLM preempt on V2 gives the tokens of a roomy V1 engine. Stock vLLM's
+that a small KV cache makes vLLM preempt on V2, with more configs than slots, gives the tokens of a
+roomy V1 engine; a request that goes non-finite (tests/_faults.py) fails alone, as on V1; parallel sampling (n = 3, seeded) gives each choice of a single request with the
+child's seed. Stock vLLM's
 server with vsteer's plugins, on V2, serves concurrent steered and plain requests as V1 does."""
 
 from __future__ import annotations
@@ -68,13 +70,15 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
            "capture_layers": [3, 15], "engine": {"condition_layers": [6], "saes": ["test-relu"], "effect_saes": ["test-relu"],
                                                   "sae_store": str(sae_store_dir), "max_num_batched_tokens": 32}}
     job["runs"] = _feature_runs(eager_llm, directions["love"].sha256, long)
-    # as tests/engine/test_preemption.py: ~170 tokens of KV for 8 requests growing to ~100 tokens
+    job["fault"] = _fault_job(directions["love"].sha256)
+    # as tests/engine/test_preemption.py: ~170 tokens of KV for 8 requests growing to ~100 tokens, and
+    # 6 steering configs for 5 slots (one waits for a slot)
     love = directions["love"].sha256
     tight_prompts = ["I think that", "The weather today is", "My best friend", "Once upon a time"] * 2
     tight_specs = [{"interventions": [{"op": "add", "vector": love, "layers": [10], "scale": s}]} if s else None
                    for s in (8.0, -8.0, 0, 12.0, 4.0, 0, -4.0, 16.0)]
     job["preemption"] = {"prompts": tight_prompts, "specs": tight_specs, "max_tokens": 60, "engine": dict(
-        max_model_len=128, block_size=32, max_num_seqs=8, max_slots=8, kv_cache_memory_bytes=8 * 2**20,
+        max_model_len=128, block_size=32, max_num_seqs=8, max_slots=5, kv_cache_memory_bytes=8 * 2**20,
         enable_prefix_caching=False)}
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in subprocess_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the engines set their own
@@ -103,6 +107,7 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
                                steering=tight_specs)
     assert preempted["tokens"] == [list(o.outputs[0].token_ids) for o in roomy]
     _check_feature_runs(eager_llm, job["runs"], got["runs"])
+    _check_fault(eager_llm, job["fault"], got["fault"])
     for got_cap, want_cap in zip(got["captures"], eager_llm.capture(prompts, [3, 15]), strict=True):
         for layer in (3, 15):
             want = want_cap[layer]
@@ -134,7 +139,41 @@ def _feature_runs(eager_llm, love: str, long: str) -> list[dict]:
          "sampling_params": {"max_tokens": 16}, "json_schema": SCHEMA},
         {"prompts": [turn1], "specs": [add], "sampling_params": {"max_tokens": 12, "ignore_eos": True}},
         {"prompts": [turn2], "specs": [add], "sampling_params": {"max_tokens": 8, "ignore_eos": True}},
+        # parallel sampling, compared on V2 itself (V2 samples with its own kernels, not V1's)
+        {"prompts": ["Once upon a time"], "specs": [add], "v2_only": True,
+         "sampling_params": {"n": 3, "temperature": 1.0, "seed": 1234, "max_tokens": 8, "ignore_eos": True}},
+        *({"prompts": ["Once upon a time"], "specs": [add], "v2_only": True,
+           "sampling_params": {"temperature": 1.0, "seed": 1234 + i, "max_tokens": 8, "ignore_eos": True}}
+          for i in range(3)),
     ]
+
+
+def _fault_job(love: str) -> dict:
+    """tests/engine/test_finite.py's defence-in-depth case, for the V2 child."""
+    from tests import _faults
+
+    return {"poisoned": "Numbers can overflow when a long chain of products grows without bound, " * 5 + "and then",
+            "others": ["The capital of France is", "My favourite colour is", "Once upon a time there was"],
+            "spec": {"interventions": [{"op": "add", "vector": love, "layers": [8], "scale": _faults.FAULT_SCALE}]}}
+
+
+def _check_fault(eager_llm, job: dict, got: dict) -> None:
+    """On V2 the request that went non-finite fails alone (422 naming steering); the plain request
+    beside it and every request after it equal V1 without the fault; its blocks left the cache."""
+    from vsteer.engine.failures import parse_failure
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0)
+    want = [{"tokens": list(o.outputs[0].token_ids),
+             "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+            for o in eager_llm.generate(job["others"], params)]
+    failed = got["mixed"][0]
+    failure = parse_failure(failed["stop"])
+    assert failed["finish"] == "error" and failure is not None and failed["tokens"] == [], failed
+    assert failure.status == 422 and failure.field == "steering" and "non-finite" in failure.message
+    for g, w in zip([got["mixed"][1], *got["after"]], [want[0], *want], strict=True):
+        assert g["finish"] != "error" and g["tokens"] == w["tokens"], (g, w)
+        assert max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"])) < LOGPROB_TOL
+    assert got["clean"]["finish"] != "error" and got["clean"]["tokens"] and got["clean"]["cached"] == 0
 
 
 def _check_feature_runs(eager_llm, runs: list[dict], got: list[dict]) -> None:
@@ -142,6 +181,8 @@ def _check_feature_runs(eager_llm, runs: list[dict], got: list[dict]) -> None:
     from tests.engine.v2_child import run_batch
 
     for i, (run, v2) in enumerate(zip(runs, got, strict=True)):
+        if run.get("v2_only"):
+            continue
         v1 = run_batch(eager_llm, run)
         for a, b in zip(v2["outputs"], v1["outputs"], strict=True):
             assert a["tokens"] == b["tokens"], (i, a, b)
@@ -152,7 +193,9 @@ def _check_feature_runs(eager_llm, runs: list[dict], got: list[dict]) -> None:
             assert not have["partial"] and have["count"] == want["count"] > 0, (key, have["count"], want["count"])
             for layer, sums in want["sums"].items():
                 torch.testing.assert_close(torch.tensor(have["sums"][layer]), torch.tensor(sums), atol=1e-2, rtol=1e-3)
-    effects, structured, _, turn2 = got
+    effects, structured, _, turn2, parallel, *singles = got
+    assert parallel["outputs"][0]["choices"] == [single["outputs"][0]["tokens"] for single in singles]
+    assert len({tuple(c) for c in parallel["outputs"][0]["choices"]}) > 1  # sampled, not greedy
     assert effects["outputs"][0]["tokens"] != effects["outputs"][1]["tokens"]
     steered, plain = structured["outputs"]  # the grammar may keep the tokens; the steering moves the logprobs
     assert steered["tokens"] != plain["tokens"] or max(abs(a - b) for a, b in zip(steered["logprobs"], plain["logprobs"])) > 1e-2

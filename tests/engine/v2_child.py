@@ -8,12 +8,14 @@ records the runner class; with "preemption" it also runs that batch on a second 
 cache is too small for it. "runs" are further batches, in order, each with its own sampling
 parameters (``sampling_params``: SamplingParams keywords, ``json_schema`` for structured output)
 and optional feature-effect keys (``effects``: extra_args[vsteer_effects] per prompt, sums taken
-after the batch)."""
+after the batch). "fault" runs tests/_faults.py's non-finite fault on this engine: a poisoned
+steered request beside a plain one, then the plain prompts again and the poisoned prompt clean."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def main(job_path: str, result_path: str) -> None:
@@ -39,6 +41,7 @@ def main(job_path: str, result_path: str) -> None:
     runs = []
     for run in job.get("runs", []):
         runs.append(run_batch(llm, run))
+    fault = run_fault(llm, job["fault"]) if job.get("fault") else None
     tight = job.get("preemption")
     preempted = None
     if tight:  # a second engine whose KV cache is too small for its batch: vLLM preempts requests
@@ -50,7 +53,32 @@ def main(job_path: str, result_path: str) -> None:
                      "preemptions": [m.value for m in small.engine.get_metrics() if m.name == "vllm:num_preemptions"]}
     [runner] = llm.engine.collective_rpc(lambda worker: [f"{c.__module__}.{c.__name__}" for c in type(worker.model_runner).__mro__[1:4]])
     open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "captures": captures, "runner": runner,
-                                          "preempted": preempted, "runs": runs}))
+                                          "preempted": preempted, "runs": runs, "fault": fault}))
+
+
+def run_fault(llm, job: dict) -> dict:
+    """The fault job (see the module's docstring): each request's tokens, logprobs, finish and stop
+    reasons and cached tokens."""
+    from vllm import SamplingParams
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests import _faults
+
+    sp = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0)
+
+    def run(prompts, specs):
+        return [{"tokens": list(o.outputs[0].token_ids), "finish": o.outputs[0].finish_reason,
+                 "stop": o.outputs[0].stop_reason, "cached": o.num_cached_tokens,
+                 "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs or [], o.outputs[0].token_ids)]}
+                for o in llm.generate(prompts, sp, steering=specs)]
+
+    llm.engine.collective_rpc(lambda worker: _faults.install(worker.model_runner))
+    try:
+        mixed = run([job["poisoned"], job["others"][0]], [job["spec"], None])
+    finally:
+        llm.engine.collective_rpc(lambda worker: _faults.remove(worker.model_runner))
+    return {"mixed": mixed, "after": run(job["others"], [None] * len(job["others"])),
+            "clean": run([job["poisoned"]], [job["spec"]])[0]}
 
 
 def run_batch(llm, run: dict) -> dict:
@@ -63,11 +91,13 @@ def run_batch(llm, run: dict) -> dict:
     if "json_schema" in run:
         kw["structured_outputs"] = StructuredOutputsParams(json=run["json_schema"])
     effects = run.get("effects") or [None] * len(run["prompts"])
-    params = [SamplingParams(logprobs=0, temperature=0.0, **kw,
+    kw.setdefault("temperature", 0.0)
+    params = [SamplingParams(logprobs=0, **kw,
                              extra_args={"vsteer_effects": e} if e else None) for e in effects]
     outs = llm.generate(run["prompts"], params, steering=run["specs"])
     sums = llm.take_effects([e["key"] for e in effects if e])
     return {"outputs": [{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens,
+                         "choices": [list(c.token_ids) for c in o.outputs],
                          "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
                         for o in outs],
             "effects": {k: {"count": v["count"], "partial": v["partial"],
