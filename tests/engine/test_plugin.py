@@ -4,6 +4,7 @@ HTTP edge plugin is the server of tests/server/tenant_server."""
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import entry_points
 
 import pytest
@@ -16,6 +17,7 @@ from vsteer.engine.config import SteeringEngineConfig
 from vsteer.engine.edge_seal import SECRET_ENV
 from vsteer.engine.plugin import SCHEDULER, WORKERS, steer_engine_args
 from vsteer.server.middleware import CONFIG_ENV, shared_resolver
+from vsteer.server.tenants import TENANTS_ENV
 
 
 _KEEP: list = []
@@ -24,7 +26,7 @@ _KEEP: list = []
 @pytest.fixture
 def edge_env(monkeypatch):
     """The edge's environment, restored afterwards (a server's hook writes it)."""
-    for name in (CONFIG_ENV, SECRET_ENV, "VLLM_PLUGINS"):
+    for name in (CONFIG_ENV, SECRET_ENV, TENANTS_ENV, "VLLM_PLUGINS"):
         monkeypatch.delenv(name, raising=False)
     yield monkeypatch
     shared_resolver.cache_clear()
@@ -88,12 +90,38 @@ def test_a_server_steers_only_behind_the_edge(model_path, tmp_path, edge_env):
     steer_engine_args(args, UsageContext.OPENAI_API_SERVER)
     assert SteeringEngineConfig.from_vllm(args.additional_config).edge
     import json
-    import os
 
     assert os.environ[SECRET_ENV] and json.loads(os.environ[CONFIG_ENV])["max_abs_scale"] == 5.0
     bad = _args(model_path, {"vector_store": str(tmp_path), "default_steering": {"interventions": [{"op": "nope"}]}})
     with pytest.raises(Exception, match="--default-steering"):
         steer_engine_args(bad, UsageContext.OPENAI_API_SERVER)
+
+
+def test_tenants_are_checked_whole_at_start_from_the_settings_or_the_environment(model_path, tmp_path, edge_env):
+    """``tenants`` (a file) or ``$VSTEER_TENANTS`` (the file's JSON text or its path) is checked
+    before the engine starts, names and keys included, and reaches the edge as JSON text."""
+    import json
+
+    edge_env.setenv("VLLM_PLUGINS", "vsteer")
+    good = {"tenants": {"ann": {"keys": ["sk-ann"]}, "ben": {"keys": ["sk-ben"], "max_vectors": 3}}}
+    (tmp_path / "t.json").write_text(json.dumps(good))
+    for settings, env in (({"tenants": str(tmp_path / "t.json")}, None), ({}, str(tmp_path / "t.json")),
+                          ({}, json.dumps(good))):
+        if env is None:
+            edge_env.delenv(TENANTS_ENV, raising=False)
+        else:
+            edge_env.setenv(TENANTS_ENV, env)
+        steer_engine_args(_args(model_path, {"vector_store": str(tmp_path / "store"), **settings}),
+                          UsageContext.OPENAI_API_SERVER)
+        assert json.loads(os.environ[TENANTS_ENV])["tenants"]["ben"]["max_vectors"] == 3
+    shared_key = {"tenants": {"ann": {"keys": ["sk-same"]}, "ben": {"keys": ["sk-same"]}}}
+    for bad in (shared_key, {"tenants": {"bad name!": {"keys": ["k"]}}}, {"tenants": {"ann": {}}}):
+        edge_env.setenv(TENANTS_ENV, json.dumps(bad))
+        with pytest.raises(SpecError, match="tenants"):
+            steer_engine_args(_args(model_path, {"vector_store": str(tmp_path / "store")}), UsageContext.OPENAI_API_SERVER)
+    edge_env.setenv(TENANTS_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(SpecError, match="missing.json"):
+        steer_engine_args(_args(model_path, {"vector_store": str(tmp_path / "store")}), UsageContext.OPENAI_API_SERVER)
 
 
 def test_stock_vllm_LLM_steers_like_vsteer_LLM(model_path, eager_llm, directions):
@@ -110,6 +138,7 @@ def test_stock_vllm_LLM_steers_like_vsteer_LLM(model_path, eager_llm, directions
                      enforce_eager=True, dtype="float32", max_model_len=128, max_num_seqs=4,
                      kv_cache_memory_bytes=64 * 2**20)
     _KEEP.append(stock)  # never freed: in-process engines share vLLM's parallel state, which a shutdown tears down
+    _edge_must_be_in_front(stock)
     steered = LLM.from_vllm(stock)
     prompts = ["I think that", "My best friend"]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1)
@@ -130,3 +159,20 @@ def test_stock_vllm_LLM_steers_like_vsteer_LLM(model_path, eager_llm, directions
     with pytest.raises(SpecError, match="sara"):
         steered.steering_args(sara)
     assert steered.generate(prompts[0], greedy, steering=sara)[0].outputs[0].token_ids  # through vsteer.LLM it runs
+
+
+def _edge_must_be_in_front(stock) -> None:
+    """The endpoint plugin loads for every server task, and a steering server whose app did not get
+    the edge (here: an app without vLLM's parsed arguments) refuses to start serving."""
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from vsteer.server.plugin import SteeringEndpointPlugin
+
+    plugin = SteeringEndpointPlugin()
+    assert plugin.required_tasks is None
+    plugin.attach_router(FastAPI())
+    with pytest.raises(EngineError, match="not put in front"):
+        asyncio.run(plugin.init_state(stock.llm_engine, None, None))
+    asyncio.run(SteeringEndpointPlugin().init_state(None, None, None))  # the render server: no engine, no edge

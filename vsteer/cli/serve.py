@@ -21,7 +21,7 @@ __all__ = ["serve"]
 @click.option("--max-abs-scale", default=1.0e4, show_default=True, help="Refuse specs with a larger |scale|.")
 @click.option("--tenants", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help='JSON {"tenants": {name: {"keys": [...], "max_vectors": N, "max_configs_in_flight": N}}} '
-                   "(or $VSTEER_TENANTS). Without it the server is single-tenant.")
+                   "(or $VSTEER_TENANTS: the file's path or its JSON text). Without it the server is single-tenant.")
 @click.option("--sae", "saes", multiple=True, help="An SAE for sas ops (name in the SAE store or path); repeatable.")
 @click.option("--max-sas-support", default=1024, show_default=True, help="Features one SAE layer may touch per step.")
 @click.option("--sae-store", type=click.Path(file_okay=False, path_type=Path), default=None,

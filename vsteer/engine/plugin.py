@@ -58,17 +58,17 @@ class SteeringSettings(BaseModel):
     # the HTTP edge's own settings (an OpenAI-compatible server only)
     max_abs_scale: float = Field(default=1.0e4, gt=0, allow_inf_nan=False, description="Refuse specs with a larger |scale|.")
     default_steering: Any = Field(default=None, description="Spec for requests without a steering key.")
-    tenants: str | None = Field(default=None, description="Tenants file (default: the tenants JSON text in $VSTEER_TENANTS, if set; else single-tenant).")
+    tenants: str | None = Field(default=None, description="Tenants file (default $VSTEER_TENANTS: a tenants file's path or JSON text; else single-tenant).")
 
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point (idempotent; vLLM calls it in every process)."""
     from vllm.engine.arg_utils import EngineArgs
 
-    _log_with_vllm()
     original = EngineArgs.create_engine_config
     if getattr(original, _WRAPPED, False):
         return
+    _log_with_vllm()
 
     @functools.wraps(original)
     def create_engine_config(self: Any, usage_context: Any = None, *args: Any, **kwargs: Any) -> Any:

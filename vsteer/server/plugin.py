@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from vsteer.engine.config import ADDITIONAL_CONFIG_KEY
@@ -35,7 +36,7 @@ def prepare_edge(settings: Any, config: Any, model_path: str, sae_root: Any) -> 
     from vsteer._errors import EngineError, SpecError
     from vsteer.engine.edge_seal import SECRET_ENV, new_secret
     from vsteer.server.middleware import CONFIG_ENV, shared_resolver
-    from vsteer.server.tenants import TENANTS_ENV, TenantsFile
+    from vsteer.server.tenants import TENANTS_ENV, TenantDirectory, TenantsFile
 
     # read as vLLM reads it; not through vllm.envs, whose values vLLM may have cached in this process
     allowed = os.environ.get("VLLM_PLUGINS")
@@ -43,12 +44,22 @@ def prepare_edge(settings: Any, config: Any, model_path: str, sae_root: Any) -> 
         raise EngineError(f"a server with additional_config['{ADDITIONAL_CONFIG_KEY}'] serves steering only behind "
                           f"vsteer's HTTP edge, which vLLM loads when VLLM_PLUGINS names it: set "
                           f"VLLM_PLUGINS={PLUGIN_NAME} (plus any other plugins you use, comma-separated)")
-    if settings.tenants is not None:
+    # the tenants file, or $VSTEER_TENANTS (its JSON text or its path): checked whole now, and
+    # handed to the edge as JSON text
+    source = settings.tenants if settings.tenants is not None else os.environ.get(TENANTS_ENV)
+    if source:
         try:
-            with open(settings.tenants, encoding="utf-8") as f:
-                os.environ[TENANTS_ENV] = TenantsFile.model_validate_json(f.read()).model_dump_json()
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"{settings.tenants}: {exc}", field="tenants") from None
+            if source.lstrip().startswith("{"):
+                text = source
+            else:
+                with open(source, encoding="utf-8") as f:
+                    text = f.read()
+            tenants = TenantsFile.model_validate_json(text)
+            TenantDirectory(tenants, Path(config.store))  # names and keys
+        except (OSError, ValueError, EngineError) as exc:
+            where = "$" + TENANTS_ENV if settings.tenants is None else settings.tenants
+            raise SpecError(f"{where}: {exc}", field="tenants") from None
+        os.environ[TENANTS_ENV] = tenants.model_dump_json()
     os.environ.setdefault(SECRET_ENV, new_secret())
     os.environ[CONFIG_ENV] = json.dumps({"model_path": model_path, "engine": config.model_dump(),
                                          "max_abs_scale": settings.max_abs_scale, "sae_store": str(sae_root),
@@ -62,7 +73,12 @@ class SteeringEndpointPlugin:
     """The ``vllm.endpoint_plugins`` entry: vsteer's edge in front of a steering engine's server."""
 
     name = PLUGIN_NAME
-    required_tasks = ("generate",)
+    #: every server: the edge (keys, tenants, seals) must stand in front of any steering engine,
+    #: whatever its tasks
+    required_tasks = None
+
+    def __init__(self) -> None:
+        self.attached = False
 
     def attach_router(self, app: Any) -> None:
         """Add the edge, when this server's engine steers (vLLM builds the app before serving)."""
@@ -71,6 +87,7 @@ class SteeringEndpointPlugin:
         args = getattr(app.state, "args", None)
         if ADDITIONAL_CONFIG_KEY in (getattr(args, "additional_config", None) or {}):
             app.add_middleware(SteeringMiddleware)
+            self.attached = True
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         """Check that the engine accepts only sealed steering, and give the edge its limits."""
@@ -82,6 +99,9 @@ class SteeringEndpointPlugin:
         steering = (getattr(config, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY)
         if steering is None:
             return
+        if not self.attached:
+            raise EngineError("vsteer's HTTP edge was not put in front of this steering server; refusing to serve "
+                              "without it (keys and tenants would not be checked)")
         if not steering.get("edge"):
             raise EngineError("the steering engine behind vsteer's HTTP edge must accept only sealed steering (edge)")
         shared_resolver().know_engine(config)
