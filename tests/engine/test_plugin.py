@@ -25,10 +25,15 @@ _KEEP: list = []
 
 @pytest.fixture
 def edge_env(monkeypatch):
-    """The edge's environment, restored afterwards (a server's hook writes it)."""
+    """The edge's environment, restored afterwards: a server's hook writes os.environ itself, which
+    monkeypatch would not undo, and a leaked $VSTEER_TENANTS would reach later servers."""
+    saved = dict(os.environ)
     for name in (CONFIG_ENV, SECRET_ENV, TENANTS_ENV, "VLLM_PLUGINS"):
         monkeypatch.delenv(name, raising=False)
     yield monkeypatch
+    monkeypatch.undo()  # first: it would restore values the hook wrote before a test's own setenv
+    os.environ.clear()
+    os.environ.update(saved)
     shared_resolver.cache_clear()
 
 
