@@ -94,6 +94,22 @@ def serve_process(model_path, log: Path, extra_args=(), *, store, served_model_n
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server (tests/_postgres.py), one per test session (per xdist worker)."""
+    from tests._postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registry_url(postgres) -> str:
+    """A fresh, empty registry database on the session's PostgreSQL server."""
+    return postgres.new_database()
+
+
+@pytest.fixture(scope="session")
 def model_path() -> str:
     from vsteer.models import prepare_default_model
 

@@ -36,8 +36,13 @@ class VectorFileError(VsteerError):
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
         self.path = path
         self.key = key
+        self.reason = message if not key else f"{message} (key={key})"  # without the server's path
         where = ", ".join(p for p in (f"path={path}" if path else "", f"key={key}" if key else "") if p)
         super().__init__(f"{message} ({where})" if where else message)
+
+
+class NameConflictError(VectorFileError):
+    """A vector name already points at another vector, and re-pointing it was not asked for."""
 
 
 class ModelPreparationError(VsteerError):
@@ -82,5 +87,6 @@ class SaeFileError(VsteerError):
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
         self.path = path
         self.key = key
+        self.reason = message if not key else f"{message} (key={key})"  # without the server's path
         where = ", ".join(p for p in (f"path={path}" if path else "", f"key={key}" if key else "") if p)
         super().__init__(f"{message} ({where})" if where else message)

@@ -181,3 +181,15 @@ def _edge_must_be_in_front(stock) -> None:
     with pytest.raises(EngineError, match="not put in front"):
         asyncio.run(plugin.init_state(stock.llm_engine, None, None))
     asyncio.run(SteeringEndpointPlugin().init_state(None, None, None))  # the render server: no engine, no edge
+
+
+def test_a_registry_database_that_cannot_be_reached_stops_the_server_at_start(model_path, tmp_path, edge_env):
+    from vsteer.server.process import free_port
+
+    edge_env.setenv("VLLM_PLUGINS", "vsteer")
+    edge_env.setenv("VSTEER_REGISTRY_TIMEOUT", "2")
+    for url, message in ((f"postgresql://nobody@127.0.0.1:{free_port()}/none", "cannot connect to the registry"),
+                         ("sqlite:///x.db", "postgresql:// URL")):
+        edge_env.setenv("VSTEER_REGISTRY_URL", url)
+        with pytest.raises(EngineError, match=message):
+            steer_engine_args(_args(model_path, {"vector_store": str(tmp_path / "store")}), UsageContext.OPENAI_API_SERVER)

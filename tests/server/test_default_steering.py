@@ -1,6 +1,9 @@
 """`vsteer serve --default-steering`: requests with no "steering" key get the server's spec, a
 request's own spec replaces it, and "steering": null turns it off; a bad default stops the server
-before the engine starts, naming the option and the field."""
+before the engine starts, naming the option and the field.
+
+This server keeps its registry in PostgreSQL ($VSTEER_REGISTRY_URL) with an empty store folder of
+its own, so its edge and its engine read every vector from the database."""
 
 from __future__ import annotations
 
@@ -23,11 +26,21 @@ def _spec(directions, name: str, scale: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(model_path, eager_llm, directions, tmp_path_factory):
+def registry(postgres, eager_llm, directions, tmp_path_factory):
+    """The server's registry database, holding the session's vectors; returns its URL."""
+    from vsteer.vectors._pg_store import PgVectorStore
+
+    url = postgres.new_database()
+    PgVectorStore(tmp_path_factory.mktemp("seed-cache"), url).import_folder(eager_llm.store)
+    return url
+
+
+@pytest.fixture(scope="module")
+def server(model_path, registry, directions, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve-default")
     (folder / "default.json").write_text(json.dumps(_spec(directions, "love", 12.0)))
     yield from serve_process(model_path, folder / "server.log", ("--default-steering", str(folder / "default.json")),
-                             store=eager_llm.store.root, served_model_name=MODEL)
+                             store=folder / "store", served_model_name=MODEL, env={"VSTEER_REGISTRY_URL": registry})
 
 
 def _complete(base: str, **extra) -> str:
@@ -83,3 +96,23 @@ def test_a_non_object_vllm_xargs_is_a_client_error(server):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "vllm_xargs": "not an object"}
     reply = httpx.post(server + "/v1/completions", json=body, timeout=120)
     assert 400 <= reply.status_code < 500, reply.text
+
+
+def test_uploads_and_deletes_go_to_the_database(server, registry, eager_llm, directions, tmp_path):
+    """What the HTTP registry writes is what another replica (another cache folder) reads."""
+    from vsteer import save_vector
+    from vsteer.vectors._pg_store import PgVectorStore
+
+    elsewhere = PgVectorStore(tmp_path / "elsewhere", registry)
+    save_vector(directions["wedding"], tmp_path / "w.safetensors")
+    sha = directions["wedding"].sha256
+    up = httpx.post(server + "/v1/vectors", params={"name": "wedding-db"}, content=(tmp_path / "w.safetensors").read_bytes())
+    assert up.status_code == 201, up.text
+    assert elsewhere.resolve("wedding-db") == sha
+    spec = {"interventions": [{"op": "add", "vector": "wedding-db", "layers": [10], "scale": 12.0}]}
+    want = eager_llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0), steering=[
+        {"interventions": [{**spec["interventions"][0], "vector": sha}]}])[0].outputs[0].text
+    assert _complete(server, steering=spec) == want
+    elsewhere.remove_name("wedding-db")  # another replica's operator removes the name
+    gone = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "steering": spec}, timeout=60)
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "interventions.0.vector"

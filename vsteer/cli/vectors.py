@@ -1,4 +1,5 @@
-"""``vsteer vectors``: list, show, import, export and remove vectors in a `VectorStore`.
+"""``vsteer vectors``: list, show, import, export and remove vectors in a `VectorStore` (the
+PostgreSQL registry when ``$VSTEER_REGISTRY_URL`` is set), and copy a folder store into it.
 
 A thin adapter over `VectorStore`: errors are raised as vsteer errors and printed by
 ``vsteer.cli.main`` as ``ErrorName: message`` (exit 1). Results go to stdout, notes to stderr.
@@ -30,7 +31,9 @@ def _open_store(store_dir: Path | None) -> VectorStore:
         from vsteer.models import default_vector_store
 
         store_dir = default_vector_store()
-    return VectorStore(Path(os.path.expanduser(store_dir)))
+    from vsteer.vectors._pg_store import open_store
+
+    return open_store(Path(os.path.expanduser(store_dir)))
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -128,3 +131,31 @@ def rm(ref: str, name_only: bool, store_dir: Path | None) -> None:
     store.delete(sha)
     suffix = f" (names: {', '.join(names)})" if names else ""
     click.echo(f"removed {sha[:12]}{suffix}", err=True)
+
+
+@vectors.command("import-store")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tenants", "tenants_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The server's tenants file: also copy these tenants' vectors and names (FOLDER/tenants/*.json).")
+@_store_option
+def import_store(folder: Path, tenants_file: Path | None, store_dir: Path | None) -> None:
+    """Copy a folder store (vectors, names, and with --tenants the tenants' ownership) into the
+    PostgreSQL registry of $VSTEER_REGISTRY_URL. Names already taken there are reported and kept."""
+    from vsteer.vectors._pg_store import PgVectorStore, registry_url
+
+    url = registry_url()
+    if url is None:
+        raise VectorFileError("set $VSTEER_REGISTRY_URL to the registry to import into", key="VSTEER_REGISTRY_URL")
+    target = _open_store(store_dir)
+    assert isinstance(target, PgVectorStore)
+    counts = target.import_folder(VectorStore(folder))
+    click.echo(f"copied {counts['vectors']} vectors and {counts['names']} names"
+               + (f"; {counts['conflicts']} names already point elsewhere and were kept" if counts["conflicts"] else ""),
+               err=True)
+    if tenants_file is not None:
+        from vsteer.server.tenants import TenantsFile
+        from vsteer.server.tenants_pg import PgTenantDirectory
+
+        config = TenantsFile.model_validate_json(tenants_file.read_text())
+        directory = PgTenantDirectory(config, target.root, url)
+        click.echo(f"copied the vectors and names of {directory.import_folder(folder)} tenants", err=True)

@@ -21,7 +21,8 @@ from vsteer.engine.compat import refuse_unsupported_kwargs
 from vsteer.engine.request_args import CAPTURE_ARGS_KEY
 from vsteer.models import model_info, resolve_model
 from vsteer.spec import DEFAULT_MAX_ABS_SCALE
-from vsteer.vectors import SteeringVector, VectorStore, load_vector
+from vsteer.vectors import SteeringVector, load_vector
+from vsteer.vectors._pg_store import open_store
 
 #: KV cache on CPU when neither kv_cache_memory_bytes, gpu_memory_utilization nor
 #: VLLM_CPU_KVCACHE_SPACE says otherwise.
@@ -92,7 +93,7 @@ class LLM:
             sae_store=None if sae_store is None else os.fspath(sae_store), max_sas_support=max_sas_support,
             effect_saes=list(effect_saes), condition_layers=[int(x) for x in condition_layers], max_conditions=max_conditions)
         self.config, self.model_shape, self.sae_store, self.saes = engine_setup(settings, path, edge=False)
-        self.store = VectorStore(Path(self.config.store))
+        self.store = open_store(Path(self.config.store))
         self.max_abs_scale = max_abs_scale
         refuse_unsupported_kwargs(engine_kwargs, effects=bool(effect_saes))
         device = current_platform.device_type
@@ -141,7 +142,7 @@ class LLM:
         info = model_info(self.model_path)
         self.model_shape = ModelShape(info.name, info.num_layers, info.hidden_size)
         self.config, self.engine, self.max_abs_scale = config, engine, max_abs_scale
-        self.store = VectorStore(Path(config.store))
+        self.store = open_store(Path(config.store))
         self.sae_store = SaeStore(Path(sae_store) if sae_store else default_sae_store())
         self.saes = {name: load_sae(path) for name, path in config.saes.items()}
         self.max_slots = config.resolved_max_slots(vllm_config)

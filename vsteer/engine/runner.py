@@ -39,7 +39,7 @@ from vsteer.engine.request_args import CAPTURE_ARGS_KEY, EFFECTS_ARGS_KEY, TENAN
 from vsteer.engine.slots import LRUSlotManager
 from vsteer.engine.token_map import StepRun
 from vsteer.kernels import BankLayout
-from vsteer.vectors import VectorStore
+from vsteer.vectors._pg_store import open_store
 
 __all__ = ["CAPTURE_ARGS_KEY", "EFFECTS_ARGS_KEY", "TENANT_ARGS_KEY", "SteeringRunnerMixin", "steered_runner_class"]
 
@@ -108,7 +108,7 @@ class SteeringRunnerMixin:
         self._vsteer_slot_writes = 0
         self._vsteer_slot_layers: dict[int, frozenset[int]] = {}  # slot -> layers its row changes
         self._vsteer_layer_row = {layer: i for i, layer in enumerate(self._vsteer_buffers.layers)}
-        self._vsteer_store = VectorStore(Path(cfg.store))
+        self._vsteer_store = open_store(Path(cfg.store))
         gates = self._vsteer_buffers.gates
         self._vsteer_gates = GateBook(gates, self._vsteer_layer_row, self._vsteer_store.get) if gates else None
         self._vsteer_slots = LRUSlotManager(num_slots, self._vsteer_write_slot)

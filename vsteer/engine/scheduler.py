@@ -42,6 +42,7 @@ from vsteer.engine.failures import Failure, nonfinite
 from vsteer.engine.plan import EXTRA_ARGS_KEY
 from vsteer.engine.request_args import TENANT_ARGS_KEY, EngineLimits, RequestArgs, cache_salt, parse_request_args
 from vsteer.vectors import VectorStore
+from vsteer.vectors._pg_store import open_store
 
 logger = logging.getLogger("vsteer.engine")
 _NONE = RequestArgs()
@@ -92,7 +93,7 @@ class SteeringScheduler(Scheduler):
             self._vsteer_capacity, "set" if cfg.max_slots else f"default, capped by max_bank_bytes={cfg.max_bank_bytes}",
             self.vllm_config.scheduler_config.max_num_seqs, cfg.bank_bytes(self._vsteer_capacity, **shape) / 2**20,
         )
-        store = VectorStore(cfg.store)
+        store = open_store(cfg.store)
         self._vsteer_store = store
         self._vsteer_limits = EngineLimits.of_engine(cfg, self.vllm_config, store.get)
         self._vsteer_secret = edge_seal.secret_from_env() if cfg.edge else None

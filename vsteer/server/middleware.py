@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from vsteer._errors import EngineError, SpecError, VsteerError
+from vsteer._errors import EngineError, SpecError, VectorFileError, VsteerError
 from vsteer.engine import edge_seal
 from vsteer.engine.request_args import TENANT_ARGS_KEY  # written on every request of a tenant
 from vsteer.server.compare import no_steering, run_pair, split_compare
@@ -87,12 +87,12 @@ class _Resolver:
         from vsteer.engine.config import SteeringEngineConfig
         from vsteer.engine.plan import ModelShape
         from vsteer.models import model_info
-        from vsteer.vectors import VectorStore
+        from vsteer.vectors._pg_store import open_store
 
         raw = self._raw
         info = model_info(raw["model_path"])
         engine = SteeringEngineConfig.model_validate(raw["engine"])
-        return ModelShape(info.name, info.num_layers, info.hidden_size), VectorStore(Path(engine.store)), engine, raw["max_abs_scale"]
+        return ModelShape(info.name, info.num_layers, info.hidden_size), open_store(Path(engine.store)), engine, raw["max_abs_scale"]
 
     @cached_property
     def _saes(self):
@@ -143,8 +143,7 @@ class _Resolver:
         limits = self.engine_check
         max_slots, magnitude = (limits.max_slots, limits.magnitude) if limits is not None else (None, None)
         try:
-            if tenant is not None:
-                spec = self._tenant_refs(spec, tenant)
+            spec = self._visible_refs(spec, tenant)
             return resolve_spec(spec, store=store, model=model, steerable_layers=engine.steerable_layers,
                                 max_ablation_rank=engine.max_ablation_rank, max_slots=max_slots or engine.max_slots,
                                 max_abs_scale=max_abs_scale, allow_paths=False, saes=self._saes[0],
@@ -171,21 +170,32 @@ class _Resolver:
 
             check_plan(plan, None, dataclasses.replace(self.engine_check, vectors=vectors))
 
-    def _tenant_refs(self, spec: Any, tenant: Any) -> Any:
-        """Replace each vector name with the sha256 it means for this tenant; a vector the tenant
-        may not see does not exist for it."""
+    def _visible_refs(self, spec: Any, tenant: Any) -> Any:
+        """Replace each vector name with the sha256 it means for this caller (a tenant, or anyone
+        on a server without tenants); a vector the caller may not see does not exist for it (404,
+        with or without tenants)."""
         from vsteer.engine.plan import SAE_FEATURE_PREFIX
         from vsteer.spec import parse_spec
 
         parsed = parse_spec(spec)
         if parsed is None:
             return None
-        public = self._setup[1].names()
+        store = self._setup[1]
+        public = store.names()
+
+        def lookup(ref: str) -> str | None:
+            if tenant is not None:
+                sha = self.tenants.visible(tenant, ref, public)
+                return sha if sha is not None and sha in store else None
+            try:
+                return store.resolve(ref)
+            except VectorFileError:
+                return None
 
         def visible(holder: dict, field: str) -> None:
             ref = holder.get("vector")
             if isinstance(ref, str) and not ref.startswith(SAE_FEATURE_PREFIX):  # SAE features are public
-                sha = self.tenants.visible(tenant, ref, public)
+                sha = lookup(ref)
                 if sha is None:
                     raise NotFoundError(f"unknown vector {ref!r}", field=f"{field}.vector")
                 holder["vector"] = sha
@@ -331,7 +341,7 @@ class SteeringMiddleware:
         self.app = app
         self.resolve = shared_resolver()
         self.resolve.warm()  # vLLM builds the middleware stack at start-up: load SAEs here
-        self.registry = VectorRegistryAPI(self.resolve)
+        self.registry = VectorRegistryAPI(self.resolve, rejected=lambda status: self.metrics.rejected(status))
         self._metrics = None
         self._metrics_lock = threading.Lock()
 

@@ -33,7 +33,7 @@ def prepare_edge(settings: Any, config: Any, model_path: str, sae_root: Any) -> 
         EngineError: vLLM will not load the edge (``VLLM_PLUGINS`` does not name ``vsteer``).
         SpecError: ``default_steering`` or ``tenants`` is not valid.
     """
-    from vsteer._errors import EngineError, SpecError
+    from vsteer._errors import EngineError, SpecError, VsteerError
     from vsteer.engine.edge_seal import SECRET_ENV, new_secret
     from vsteer.server.middleware import CONFIG_ENV, shared_resolver
     from vsteer.server.tenants import TENANTS_ENV, TenantDirectory, TenantsFile
@@ -60,6 +60,14 @@ def prepare_edge(settings: Any, config: Any, model_path: str, sae_root: Any) -> 
             where = "$" + TENANTS_ENV if settings.tenants is None else settings.tenants
             raise SpecError(f"{where}: {exc}", field="tenants") from None
         os.environ[TENANTS_ENV] = tenants.model_dump_json()
+    from vsteer.vectors._pg_store import REGISTRY_ENV, pool, registry_url
+
+    try:  # a registry database that is unreachable stops the server now, not in the first request
+        url = registry_url()
+        if url:
+            pool(url)
+    except VsteerError as exc:
+        raise EngineError(f"${REGISTRY_ENV}: {getattr(exc, 'reason', exc)}") from None
     os.environ.setdefault(SECRET_ENV, new_secret())
     os.environ[CONFIG_ENV] = json.dumps({"model_path": model_path, "engine": config.model_dump(),
                                          "max_abs_scale": settings.max_abs_scale, "sae_store": str(sae_root),

@@ -1,13 +1,16 @@
 """The vector registry REST API of ``vsteer serve``: upload, list, show and delete vectors.
 
-    POST   /v1/vectors?name=NAME   body: a .safetensors or GGUF control-vector file -> 201 + info
+    POST   /v1/vectors?name=NAME[&overwrite=true]
+                                   body: a .safetensors or GGUF control-vector file -> 201 + info
+                                   409 if NAME points at another vector (unless overwrite=true)
     GET    /v1/vectors             -> {"object": "list", "data": [info, ...]}
     GET    /v1/vectors/{ref}       -> info (ref: a name or sha256)          404 if unknown
     DELETE /v1/vectors/{ref}       -> {"deleted": sha256}                    409 while in use
 
-Vectors are stored content-addressed in the server's vector store, where the engine reads them by
-sha256 (nothing is pickled per request). A vector that running requests use cannot be deleted
-until they finish.
+Vectors are stored content-addressed in the server's vector store (a folder, or the PostgreSQL
+registry of ``$VSTEER_REGISTRY_URL``), where the engine reads them by sha256 (nothing is pickled per
+request). A vector that running requests on this server use cannot be deleted until they finish. A
+refused request stores nothing; every refusal is counted in ``vsteer_requests_rejected_total``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote
 
-from vsteer._errors import SpecError, VectorFileError
+from vsteer._errors import NameConflictError, SpecError, VectorFileError
 from vsteer.server.http import error_body as _error, read_body, respond as _respond
 
 PREFIX = "/v1/vectors"
@@ -31,8 +34,9 @@ MAX_UPLOAD_BYTES = int(os.environ.get("VSTEER_MAX_UPLOAD_BYTES", 64 * 2**20))
 
 
 class VectorRegistryAPI:
-    def __init__(self, resolver: Any) -> None:
+    def __init__(self, resolver: Any, rejected: Any = None) -> None:
         self._resolver = resolver
+        self._rejected = rejected or (lambda status: None)  # counts each 4xx this API answers
         self._in_use: Counter[str] = Counter()
         #: vectors stored only because a request gave them inline: deleted once no request uses them
         self._inline: set[str] = set()
@@ -107,12 +111,13 @@ class VectorRegistryAPI:
         ref = unquote(path[len(PREFIX) + 1:]) if path.startswith(PREFIX + "/") else None
         try:
             if method == "POST" and ref is None:
-                query = parse_qs(scope.get("query_string", b"").decode())
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+                name, overwrite = _one(query, "name"), _flag(query, "overwrite")
                 try:
                     data = await read_body(receive, MAX_UPLOAD_BYTES)
                 except OverflowError:
                     raise _HTTPError(413, f"upload exceeds {MAX_UPLOAD_BYTES} bytes", "file") from None
-                status, payload = 201, await to_thread.run_sync(partial(self._upload, tenant, data, (query.get("name") or [None])[0]))
+                status, payload = 201, await to_thread.run_sync(partial(self._upload, tenant, data, name, overwrite))
             elif method == "GET" and ref is None:
                 status, payload = 200, {"object": "list", "data": await to_thread.run_sync(self._list, tenant)}
             elif method == "GET":
@@ -122,15 +127,19 @@ class VectorRegistryAPI:
             else:
                 raise _HTTPError(405, f"{method} {path} is not supported", None)
         except _HTTPError as exc:
-            await _respond(send, exc.status, _error(exc.status, exc.message, exc.param))
-            return
+            status, payload = exc.status, _error(exc.status, exc.message, exc.param)
         except _LimitError as exc:
-            await _respond(send, 429, _error(429, str(exc), "file"))
-            return
+            status, payload = 429, _error(429, str(exc), "file")
+        except NameConflictError as exc:
+            status, payload = 409, _error(409, exc.reason, "name")
         except (SpecError, VectorFileError, ValueError) as exc:
-            await _respond(send, 400, _error(400, str(exc), getattr(exc, "field", None) or getattr(exc, "key", None)))
-            return
-        await _respond(send, status, json.dumps(payload).encode())
+            message = exc.reason if isinstance(exc, VectorFileError) else str(exc)  # never the server's paths
+            status, payload = 400, _error(400, message, getattr(exc, "field", None) or getattr(exc, "key", None))
+        else:
+            payload = json.dumps(payload).encode()
+        if status >= 400:
+            self._rejected(status)
+        await _respond(send, status, payload)
 
     @property
     def _store(self):
@@ -174,7 +183,7 @@ class VectorRegistryAPI:
             info["names"] = sorted([n for n, s in own.items() if s == sha] + [n for n in info["names"]])
         return info
 
-    def _upload(self, tenant: Any, data: bytes, name: str | None) -> dict:
+    def _upload(self, tenant: Any, data: bytes, name: str | None, overwrite: bool = False) -> dict:
         from vsteer.vectors import load_vector
 
         model = self._resolver._setup[0]
@@ -185,7 +194,7 @@ class VectorRegistryAPI:
             try:
                 vector = load_vector(path)
             except VectorFileError as exc:
-                raise _HTTPError(400, f"not a readable vector file: {exc}", "file") from exc
+                raise _HTTPError(400, f"not a readable vector file: {exc.reason}", "file") from exc
         if vector.hidden_size != model.hidden_size:
             raise _HTTPError(400, f"vector has hidden size {vector.hidden_size} but {model.name} has {model.hidden_size}", "file")
         if vector.model is not None and vector.model != model.name:
@@ -197,17 +206,31 @@ class VectorRegistryAPI:
             sha = vector.sha256
             try:  # nothing is stored for a refused upload
                 if tenant is not None:
-                    self._tenants.check_add(tenant, sha, name)
+                    self._tenants.check_add(tenant, sha, name, overwrite=overwrite)
                 elif name:
                     self._store.check_name(name)
+                    current = self._store.names().get(name)
+                    if current is not None and current != sha and not overwrite:
+                        raise NameConflictError(f"name {name!r} already points at {current[:12]}; pass "
+                                                "overwrite=true to re-point it", key=name)
+            except NameConflictError:
+                raise
             except VectorFileError as exc:
-                raise _HTTPError(400, str(exc), "name") from exc
-            self._store.put(vector)
+                raise _HTTPError(400, exc.reason, "name") from exc
+            for attempt in range(3):  # another replica may delete the content between put and add
+                self._store.put(vector)
+                try:
+                    if tenant is not None:
+                        self._tenants.add(tenant, sha, name, overwrite=overwrite)
+                    elif name:
+                        self._store.set_name(name, sha, overwrite=overwrite)
+                    break
+                except NameConflictError:
+                    raise
+                except VectorFileError:
+                    if attempt == 2:
+                        raise
             self._inline.discard(sha)  # uploaded: owned now, no longer collected
-            if tenant is not None:
-                self._tenants.add(tenant, sha, name)
-            elif name:
-                self._store.set_name(name, sha, overwrite=True)
             return self._info(tenant, sha)
 
     def _delete(self, tenant: Any, ref: str) -> dict:
@@ -221,9 +244,9 @@ class VectorRegistryAPI:
                 raise _HTTPError(409, f"vector {ref!r} is in use by {self._in_use[sha]} running request(s)", "ref")
             if tenant is not None:
                 self._tenants.remove(tenant, sha)
-                if self._tenants.owners(sha) or sha in self._store.names().values():
-                    return {"deleted": sha}  # the content stays for its other owners
-            self._store.delete(sha)
+                self._tenants.collect(sha, self._store)  # the content stays for its other owners
+            else:
+                self._store.delete(sha)
         return {"deleted": sha}
 
 
@@ -241,6 +264,25 @@ def _check_entries(vector: Any) -> None:
         if peak > MAX_ABS_VECTOR_ENTRY:
             raise _HTTPError(400, f"vector has an entry of magnitude {peak:g} at layer {layer}; entries are bounded by "
                                   f"{MAX_ABS_VECTOR_ENTRY:g}", "file")
+
+
+def _one(query: dict[str, list[str]], key: str) -> str | None:
+    """The one value of a query parameter (None if absent); 400 when it is given twice."""
+    values = query.get(key)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _HTTPError(400, f"give ?{key}= once, not {len(values)} times", key)
+    return values[0]
+
+
+def _flag(query: dict[str, list[str]], key: str) -> bool:
+    value = _one(query, key)
+    if value is None:
+        return False
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise _HTTPError(400, f"?{key}= must be true or false, not {value[:20]!r}", key)
+    return value.lower() in ("true", "1")
 
 
 class _HTTPError(Exception):

@@ -23,10 +23,13 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vsteer._errors import EngineError, VectorFileError
+import filelock
+
+from vsteer._errors import EngineError, NameConflictError, VectorFileError
 
 TENANTS_ENV = "VSTEER_TENANTS"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -76,8 +79,20 @@ class TenantDirectory:
 
     @classmethod
     def from_env(cls, store_root: Path) -> "TenantDirectory | None":
+        """The tenants of ``$VSTEER_TENANTS`` (None without), in the PostgreSQL registry when
+        ``$VSTEER_REGISTRY_URL`` is set, else in ``<store_root>/tenants/``."""
         raw = os.environ.get(TENANTS_ENV)
-        return None if not raw else cls(TenantsFile.model_validate_json(raw), store_root)
+        if not raw:
+            return None
+        config = TenantsFile.model_validate_json(raw)
+        from vsteer.vectors._pg_store import registry_url
+
+        url = registry_url()
+        if url:
+            from vsteer.server.tenants_pg import PgTenantDirectory
+
+            return PgTenantDirectory(config, store_root, url)
+        return cls(config, store_root)
 
     def authenticate(self, authorization: str | None) -> Tenant | None:
         """The tenant whose key is in an ``Authorization: Bearer <key>`` header, or None."""
@@ -102,24 +117,38 @@ class TenantDirectory:
             json.dump(data, fh)
         os.replace(tmp, self._file(tenant))
 
-    def check_add(self, tenant: Tenant, sha: str, name: str | None) -> dict:
+    def _locked(self) -> filelock.FileLock:
+        """Held (in this process and across processes sharing the folder) while a tenant's file is
+        read, changed and replaced, so concurrent writers never lose each other's changes."""
+        return filelock.FileLock(str(self._root / ".lock"), timeout=60)
+
+    def check_add(self, tenant: Tenant, sha: str, name: str | None, *, overwrite: bool = False) -> dict:
         """What the tenant owns, after checking that :meth:`add` of ``sha`` and ``name`` would pass.
 
         Raises:
             _LimitError: the tenant's ``max_vectors`` is reached.
             VectorFileError: a bad name.
+            NameConflictError: ``name`` points at another vector and ``overwrite`` is false.
         """
-        data = self.owned(tenant)
+        return self._check_add(tenant, sha, name, self.owned(tenant), overwrite=overwrite)
+
+    @staticmethod
+    def _check_add(tenant: Tenant, sha: str, name: str | None, data: dict, *, overwrite: bool = False) -> dict:
         if sha not in data["vectors"] and len(data["vectors"]) >= tenant.limits.max_vectors:
             raise _LimitError(f"tenant {tenant.name!r} already owns {len(data['vectors'])} vectors "
                               f"(max_vectors={tenant.limits.max_vectors})")
         if name and (not _NAME.fullmatch(name) or re.fullmatch(r"[0-9a-fA-F]{64}", name)):
             raise VectorFileError("names are 1-64 letters, digits, '.', '_' or '-' (not a sha256)", key=name)
+        current = data["names"].get(name) if name else None
+        if current is not None and current != sha and not overwrite:
+            raise NameConflictError(f"name {name!r} already points at {current[:12]}; pass overwrite=true to "
+                                    "re-point it", key=name)
         return data
 
-    def add(self, tenant: Tenant, sha: str, name: str | None) -> None:
-        with self._lock:
-            data = self.check_add(tenant, sha, name)
+    def add(self, tenant: Tenant, sha: str, name: str | None, *, overwrite: bool = False) -> None:
+        """Give ``tenant`` the vector ``sha`` (and the name ``name`` for it)."""
+        with self._lock, self._locked():
+            data = self.check_add(tenant, sha, name, overwrite=overwrite)
             if sha not in data["vectors"]:
                 data["vectors"].append(sha)
             if name:
@@ -127,11 +156,22 @@ class TenantDirectory:
             self._save(tenant, data)
 
     def remove(self, tenant: Tenant, sha: str) -> None:
-        with self._lock:
+        """Take the vector ``sha`` and every name for it from ``tenant``."""
+        with self._lock, self._locked():
             data = self.owned(tenant)
             data["vectors"] = [s for s in data["vectors"] if s != sha]
             data["names"] = {n: s for n, s in data["names"].items() if s != sha}
             self._save(tenant, data)
+
+    def collect(self, sha: str, store: Any) -> None:
+        """Delete a vector's content from ``store`` once no tenant owns it and no global name
+        points at it."""
+        with self._locked():
+            if not self.owners(sha) and sha not in store.names().values():
+                try:
+                    store.delete(sha)
+                except VectorFileError:
+                    pass  # already gone
 
     def owners(self, sha: str) -> int:
         """How many tenants own a vector (its content is deleted only when none do)."""

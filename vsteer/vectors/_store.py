@@ -25,7 +25,7 @@ from typing import Any
 import filelock
 from safetensors import safe_open
 
-from vsteer._errors import VectorFileError
+from vsteer._errors import NameConflictError, VectorFileError
 from vsteer.vectors._gguf_format import (
     GGUF_MAGIC,
     PROVENANCE_MODEL_HINT,
@@ -400,7 +400,7 @@ class VectorStore:
             if current == sha:
                 return
             if current is not None and not overwrite:
-                raise VectorFileError(
+                raise NameConflictError(
                     f"name {name!r} already points at {current[:12]}; pass overwrite=True to re-point it",
                     key=name,
                 )
@@ -547,7 +547,7 @@ class VectorStore:
             current = self._read_names().get(name)
             if current is not None and current != vector.sha256:
                 # Checked before `put` too, so a refused import stores nothing new.
-                raise VectorFileError(
+                raise NameConflictError(
                     f"name {name!r} already points at {current[:12]}; pass overwrite=True to re-point it",
                     key=name,
                 )

@@ -79,13 +79,11 @@ def test_steered_chat_completion(client, directions):
 
 
 BAD = {
-    "unknown vector": ({"steering": {"interventions": [{"op": "add", "vector": "nope", "layers": [3]}]}}, "interventions.0.vector"),
     "layer out of range": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [30]}]}}, "interventions.0.layers"),
     "wrong hidden size": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 64, "layers": [3]}]}}, "interventions.0.vector"),
     "absurd scale": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [3], "scale": 1e9}]}}, "interventions.0.scale"),
     "schema": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layres": [3]}]}}, "interventions.0.layres"),
     "malformed JSON in xargs": ({"vllm_xargs": {"steering": "{not json"}}, "steering"),
-    "a file path": ({"steering": {"interventions": [{"op": "add", "vector": "/etc/hostname", "layers": [3]}]}}, "interventions.0.vector"),
     "bad schedule": ({"steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [3],
                                                       "schedule": {"kind": "exp", "half_life": -2}}]}},
                      "interventions.0.schedule.half_life"),
@@ -108,6 +106,60 @@ def test_bad_request_is_a_400_naming_the_field_and_the_server_keeps_serving(name
     assert "cannot load" not in info.value.body["message"]  # one clear reason, not a wrapped one
     ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0)
     assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("ref", ["nope", "/etc/hostname", "0" * 64])
+def test_an_unknown_vector_is_a_404_as_with_tenants(ref, client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={
+            "steering": {"interventions": [{"op": "add", "vector": ref, "layers": [3]}]}})
+    assert info.value.body["param"] == "interventions.0.vector" and info.value.body["type"] == "NotFoundError"
+
+
+def test_vector_registry_refusals_store_nothing_and_name_their_status(server, tmp_path):
+    """A refused upload stores nothing; re-pointing a name needs ?overwrite=true (else 409); each
+    error's type matches its status, shows no server path, and is counted."""
+    import httpx
+    import torch
+
+    from vsteer import SteeringVector, save_vector
+
+    def rejected(code: int) -> float:
+        line = f'vsteer_requests_rejected_total{{code="{code}"}}'
+        text = httpx.get(f"{server}/metrics").text
+        return float(next((row.split()[-1] for row in text.splitlines() if row.startswith(line)), 0))
+
+    counted = {code: rejected(code) for code in (400, 404, 405, 409)}
+    blobs = []
+    for seed in (1, 2):
+        v = SteeringVector.from_tensors({4: torch.randn(576, generator=torch.Generator().manual_seed(seed))})
+        save_vector(v, tmp_path / f"{seed}.safetensors")
+        blobs.append((v.sha256, (tmp_path / f"{seed}.safetensors").read_bytes()))
+    (sha1, one), (sha2, two) = blobs
+    bad_name = httpx.post(f"{server}/v1/vectors", params={"name": "no spaces!"}, content=one)
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name", bad_name.text
+    assert httpx.get(f"{server}/v1/vectors/{sha1}").status_code == 404  # nothing stored
+    twice = httpx.post(f"{server}/v1/vectors?name=a&name=b", content=one)
+    assert twice.status_code == 400 and twice.json()["error"]["param"] == "name"
+    assert httpx.post(f"{server}/v1/vectors", params={"name": "mine"}, content=one).status_code == 201
+    taken = httpx.post(f"{server}/v1/vectors", params={"name": "mine"}, content=two)
+    assert taken.status_code == 409 and taken.json()["error"]["type"] == "ConflictError", taken.text
+    assert httpx.get(f"{server}/v1/vectors/mine").json()["sha256"] == sha1
+    assert httpx.get(f"{server}/v1/vectors/{sha2}").status_code == 404  # the refused content was not kept
+    moved = httpx.post(f"{server}/v1/vectors", params={"name": "mine", "overwrite": "true"}, content=two)
+    assert moved.status_code == 201 and httpx.get(f"{server}/v1/vectors/mine").json()["sha256"] == sha2
+    missing = httpx.get(f"{server}/v1/vectors/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFoundError"
+    wrong = httpx.put(f"{server}/v1/vectors/mine", content=b"x")
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "MethodNotAllowedError"
+    unreadable = httpx.post(f"{server}/v1/vectors", content=b"\x10\0\0\0\0\0\0\0{not a header}")
+    assert unreadable.status_code == 400 and "/" not in unreadable.json()["error"]["message"], unreadable.text
+    assert rejected(400) >= counted[400] + 3 and rejected(404) >= counted[404] + 1
+    assert rejected(405) == counted[405] + 1 and rejected(409) == counted[409] + 1
+    for ref in ("mine", sha1):
+        httpx.delete(f"{server}/v1/vectors/{ref}")
 
 
 def test_vector_registry_upload_list_use_and_delete(server, client, directions, tmp_path):
@@ -157,7 +209,7 @@ def test_steering_metrics_on_the_prometheus_endpoint(server, client, directions)
     import httpx
 
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"steering": _spec(directions)})
-    bad = {"model": MODEL, "prompt": "Hi", "steering": {"interventions": [{"op": "add", "vector": "nope", "layers": [1]}]}}
+    bad = {"model": MODEL, "prompt": "Hi", "steering": {"interventions": [{"op": "add", "vector": [0.0] * 576, "layers": [99]}]}}
     assert httpx.post(f"{server}/v1/completions", json=bad).status_code == 400
     text = httpx.get(f"{server}/metrics").text
     value = lambda name: float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))  # noqa: E731

@@ -263,7 +263,7 @@ def test_concurrent_upload_and_delete_of_one_name_never_corrupt_the_store(http, 
     for t in threads:
         t.join()
     assert not errors, errors
-    assert set(codes) <= {200, 201, 404}, sorted(set(codes))
+    assert set(codes) <= {200, 201, 404, 409}, sorted(set(codes))  # 409: "race" points at other content
     assert 201 in codes and 200 in codes
     _check_store(tenant_store)
     for who in ("alice", "bob"):
