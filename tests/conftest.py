@@ -217,7 +217,7 @@ ENGINE_MODULES = ("tests/engine/test_architectures.py", "tests/engine/test_batch
 #: folders whose modules share one server (package scope): one group each
 SHARED_SERVERS = ("tests/server/tenant_server/", "tests/server/shared_server/")
 #: modules that start a local Ray cluster: one at a time
-RAY_MODULES = ("tests/effects/test_effects_ray.py", "tests/jobs/test_ray_pool.py")
+RAY_MODULES = ("tests/effects/test_effects_ray.py", "tests/jobs/test_ray_pool.py", "tests/deploy/test_ray_serve.py")
 #: groups in the order workers take them: the longest first (measured with --durations), so no
 #: worker is left alone with a long one at the end; the server groups (which the "engines" worker
 #: never takes) before the other long ones, which that worker takes once its engines are done.

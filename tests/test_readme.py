@@ -36,6 +36,13 @@ SKIPPED_LINES = {
         "needs the running server (covered by tests/server)",
     "curl -X DELETE localhost:8000/v1/vectors/love   # 409 while running requests use it":
         "needs the running server (covered by tests/server)",
+    "export VSTEER_REGISTRY_URL=postgresql://user:password@db-host:5432/vsteer":
+        "a placeholder database; tests/deploy/test_ray_serve.py sets it to a private PostgreSQL server",
+    "export VSTEER_TENANTS=/path/to/tenants.json":
+        "a placeholder path; tests/deploy/test_ray_serve.py sets $VSTEER_TENANTS to its tenants' JSON text",
+    "serve run deploy/serve_config.yaml      # two replicas of SmolLM2 on 127.0.0.1:8000":
+        "blocks while serving; tests/deploy/test_ray_serve.py runs `serve run` on this config (its HTTP port changed "
+        "to a free one) with the two variables above",
     "vsteer generate --input rows.parquet --output out.parquet --ray --workers 4 --gpus-per-worker 1":
         "4 Ray engine actors with a GPU each; tests/jobs/test_ray_pool.py runs a 2-actor CPU pool through the "
         "Python ray_executor that --ray uses (the CLI flags themselves are not run)",

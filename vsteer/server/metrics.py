@@ -16,6 +16,12 @@ From the engine's workers, polled every ``POLL_S`` seconds through ``collective_
 - ``vsteer_capture_bytes``: bytes of the workers' activation-capture buffers (0 unless
   ``--capture-layers`` asks for some).
 - ``vsteer_runner_info{runner}``: 1 for the vLLM model runner steering runs on (``v1`` or ``v2``).
+
+In a Ray Serve replica (``$VSTEER_METRICS=ray``, set by :mod:`vsteer.server.ray_app`) the same
+metrics go through Ray's metrics pipeline instead (``ray.serve.metrics``), tagged with the
+deployment, the application and the replica, and are scraped from each Ray node's metrics export
+port (Prometheus names ``ray_vsteer_...``): through the Serve endpoint, ``/metrics`` would answer
+for whichever replica took the request.
 """
 
 from __future__ import annotations
@@ -27,10 +33,45 @@ from functools import cache
 from typing import Iterator
 
 
+#: ``ray``: report through Ray Serve's metrics (one series per replica); else prometheus_client.
+METRICS_ENV = "VSTEER_METRICS"
+
+
+class _RayMetric:
+    """A ``ray.serve.metrics`` Counter or Gauge with prometheus_client's ``labels().inc()/set()``."""
+
+    def __init__(self, kind: str, name: str, doc: str, labels: tuple[str, ...] = (), tags: dict | None = None):
+        from ray.serve import metrics
+
+        self._metric = (metrics.Counter if kind == "counter" else metrics.Gauge)(name, description=doc, tag_keys=labels)
+        self._kind, self._name, self._doc, self._labels, self._tags = kind, name, doc, labels, tags or {}
+
+    def labels(self, **tags: str) -> "_RayMetric":
+        bound = _RayMetric.__new__(_RayMetric)
+        bound.__dict__.update(self.__dict__)
+        bound._tags = tags
+        return bound
+
+    def inc(self, value: float = 1.0) -> None:
+        self._metric.inc(value, tags=self._tags or None)
+
+    def set(self, value: float) -> None:
+        self._metric.set(value, tags=self._tags or None)
+
+
 @cache
 def _metrics():
-    from prometheus_client import Counter as PCounter
-    from prometheus_client import Gauge
+    import os
+
+    if os.environ.get(METRICS_ENV) == "ray":
+        def PCounter(name, doc, labels=()):  # noqa: N802 - stands in for the class
+            return _RayMetric("counter", name + "_total", doc, tuple(labels))
+
+        def Gauge(name, doc, labels=()):  # noqa: N802
+            return _RayMetric("gauge", name, doc, tuple(labels))
+    else:
+        from prometheus_client import Counter as PCounter
+        from prometheus_client import Gauge
 
     return {
         "requests": PCounter("vsteer_requests", "Completion requests by steering op.", ["op"]),

