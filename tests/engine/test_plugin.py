@@ -193,3 +193,17 @@ def test_a_registry_database_that_cannot_be_reached_stops_the_server_at_start(mo
         edge_env.setenv("VSTEER_REGISTRY_URL", url)
         with pytest.raises(EngineError, match=message):
             steer_engine_args(_args(model_path, {"vector_store": str(tmp_path / "store")}), UsageContext.OPENAI_API_SERVER)
+
+
+def test_vsteer_serve_keeps_the_other_installed_plugins():
+    """Unset, $VLLM_PLUGINS loads every plugin; naming vsteer must not turn the others off."""
+    from importlib.metadata import entry_points
+
+    from vsteer.server.serve import allow_plugin
+
+    eps = entry_points()
+    installed = {ep.name for group in eps.groups if group.startswith("vllm.") for ep in eps.select(group=group)}
+    assert {"vsteer", "lora_filesystem_resolver"} <= installed
+    assert set(allow_plugin(None).split(",")) == installed
+    assert allow_plugin("mine") == "mine,vsteer" and allow_plugin("vsteer,mine") == "vsteer,mine"
+    assert allow_plugin("") == "vsteer"  # set and empty: no plugin but vsteer's

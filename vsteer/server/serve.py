@@ -32,8 +32,16 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
 
 
 def allow_plugin(plugins: str | None) -> str:
-    """``$VLLM_PLUGINS`` with vsteer's plugins allowed (vLLM loads endpoint plugins only when named)."""
-    names = [p.strip() for p in (plugins or "").split(",") if p.strip()]
+    """``$VLLM_PLUGINS`` with vsteer's plugins allowed (its edge requires being named). Unset, it
+    meant "load every installed plugin": then it becomes every installed vLLM plugin's name, so
+    naming vsteer does not turn the others off."""
+    if plugins is None:
+        from importlib.metadata import entry_points
+
+        eps = entry_points()
+        names = sorted({ep.name for group in eps.groups if group.startswith("vllm.") for ep in eps.select(group=group)})
+    else:
+        names = [p.strip() for p in plugins.split(",") if p.strip()]
     return ",".join(names if PLUGIN_NAME in names else [*names, PLUGIN_NAME])
 
 
