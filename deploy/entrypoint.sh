@@ -2,10 +2,8 @@
 # Entry point of the serving image (deploy/Dockerfile): `vsteer serve [MODEL] [options]`, listening
 # on 0.0.0.0:8000 unless the container's arguments give --host / --port.
 #
-# `vsteer serve` takes MODEL only as the first argument it passes on to vLLM (vsteer's own options,
-# such as --max-slots or --tenants, may come anywhere): an ENTRYPOINT of
-# `vsteer serve --host 0.0.0.0 --port 8000` put MODEL after --host/--port, and the default model
-# (SmolLM2) was served instead. So the defaults are appended after the container's arguments.
+# MODEL may stand anywhere among the options (`vsteer serve` finds it as `vllm serve` does); the
+# defaults go last so that the container's own --host/--port win.
 set -eu
 
 host=yes

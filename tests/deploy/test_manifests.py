@@ -13,14 +13,14 @@ import json
 import os
 import shlex
 import subprocess
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import yaml
 
 import kubernetes_validate
+
+from vsteer.server.serve import STOCK_ENTRY
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -266,20 +266,22 @@ def test_entrypoint_appends_host_and_port(tmp_path):
 
 
 def vllm_argv(argv: list[str], monkeypatch) -> list[str]:
-    """Run the real ``vsteer serve`` on ``argv`` (``["serve", ...]``) up to vLLM's server entry,
-    which is replaced by a stand-in: the ``sys.argv`` vLLM's server would parse."""
-    from vsteer.cli.serve import serve
+    """The stock vLLM server arguments the real ``vsteer serve`` gives for ``argv``
+    (``["serve", ...]``), from its ``--print-command``, checked by vLLM's own parser."""
+    from click.testing import CliRunner
 
-    captured: list[list[str]] = []
-    entry = types.ModuleType("vllm.entrypoints.launchers.api_server.entry")
-    entry.main = lambda: captured.append(list(sys.argv))
-    monkeypatch.setitem(sys.modules, entry.__name__, entry)
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setenv("VLLM_PLUGINS", "")
+    from vsteer.cli.serve import serve
+    from vsteer.server.ray_app import _parse
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     assert argv[0] == "serve"
-    serve.main(args=argv[1:], prog_name="vsteer serve", standalone_mode=False)
-    (out,) = captured
-    return out
+    done = CliRunner().invoke(serve, [*argv[1:], "--print-command"], prog_name="vsteer serve")
+    assert done.exit_code == 0, done.output
+    words = shlex.split(done.stdout.strip().splitlines()[-1])
+    assert words[0].startswith("VLLM_PLUGINS=") and "vsteer" in words[0] and words[2:4] == ["-m", STOCK_ENTRY]
+    parsed = _parse(words[4:])  # vLLM's parser: no stray positional, every option known
+    assert parsed.model_tag is None
+    return words[4:]
 
 
 def served_model(vllm_args: list[str]) -> str:
@@ -320,13 +322,14 @@ def test_dockerfiles_example_serves_its_model(tmp_path, monkeypatch):
     assert served_model(out) == str(model) and out.count(str(model)) == 1
 
 
-def test_old_entrypoint_served_the_default_model(tmp_path, monkeypatch):
-    """The bug this entry point fixes: options before MODEL make `vsteer serve` take the default."""
-    import vsteer.server.serve as serve_module
-
-    monkeypatch.setattr(serve_module, "resolve_model", lambda name: f"<resolved {name}>")
-    out = vllm_argv(["serve", "--host", "0.0.0.0", "--port", "8000", "/models/X", "--max-slots", "4"], monkeypatch)
-    assert served_model(out) == "<resolved smollm2>"
+def test_model_after_options_is_the_model_served(tmp_path, monkeypatch):
+    """The old entry point's order (options before MODEL) served the default SmolLM2; MODEL is now
+    found wherever it stands among vLLM's options, as `vllm serve` finds it."""
+    model = tmp_path / "X"
+    model.mkdir()
+    out = vllm_argv(["serve", "--host", "0.0.0.0", "--port", "8000", str(model), "--max-slots", "4"], monkeypatch)
+    assert served_model(out) == str(model) and out.count(str(model)) == 1
+    assert json.loads(out[out.index("--additional-config") + 1])["vsteer"]["max_slots"] == 4
 
 
 # --- the KubeRay RayService -------------------------------------------------------------------

@@ -35,15 +35,17 @@ __all__ = ["serve"]
 @click.option("--condition-layers", default="none", show_default=True,
               help='Layers where conditional steering ("when") may read the prompt: "none" or a comma list like 6,8.')
 @click.option("--max-conditions", default=2, show_default=True, help="Conditions (and distinct gates) one request may carry.")
+@click.option("--print-command", is_flag=True, help="Print the stock vLLM command this runs, and exit.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | None, max_abs_scale: float,
           tenants: Path | None, saes: tuple[str, ...], max_sas_support: int, sae_store: Path | None,
           capture_layers: str, default_steering: Path | None, condition_layers: str, max_conditions: int,
-          vllm_args: tuple[str, ...]) -> None:
+          print_command: bool, vllm_args: tuple[str, ...]) -> None:
     """vLLM's OpenAI-compatible server with per-request steering: vsteer serve [MODEL] [vllm serve options].
 
     MODEL defaults to the embedded SmolLM2. Requests carry "steering": {...} in the body (extra_body
-    of the OpenAI client) or "vllm_xargs": {"steering": "<JSON>"}. Options after MODEL go to vLLM.
+    of the OpenAI client) or "vllm_xargs": {"steering": "<JSON>"}. Options other than vsteer's go to
+    vLLM; MODEL may stand among them, as in `vllm serve`.
     Quiet by default: vLLM's logs go to the log file; uvicorn's start-up lines (where it listens)
     and access lines of error responses (status >= 400) still print.
     """
@@ -53,7 +55,7 @@ def serve(max_slots: int | None, max_ablation_rank: int, vector_store: Path | No
                max_abs_scale=max_abs_scale, saes=saes, max_sas_support=max_sas_support, sae_store=sae_store,
                capture_layers=_capture_layers(capture_layers), default_steering=_read_spec(default_steering),
                condition_layers=layers_option(condition_layers, "--condition-layers", allow_all=False) or [],
-               max_conditions=max_conditions, tenants=tenants)
+               max_conditions=max_conditions, tenants=tenants, print_command=print_command)
 
 
 def _read_spec(path: Path | None) -> object:

