@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=64.0)
     ap.add_argument("--rollouts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--baseline-rollouts", type=int, default=256)
+    ap.add_argument("--baseline", choices=["paired", "independent"], default="paired")
+    ap.add_argument("--baseline-rollouts", type=int, default=None, help="independent baseline only (default 256)")
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--check-rollouts", type=int, default=32, help="rollouts per vector in the targeting check")
     ap.add_argument("--concepts", default="wedding,london,love,anger,french")
@@ -74,7 +75,8 @@ def main() -> None:
     sae = stored_sae(args.sae, "sae_ts_approximator")
     parts = [(a, min(a + args.part_size, args.features)) for a in range(0, args.features, args.part_size)]
     jobs = [EffectsJob(sae=args.sae, vectors="decoder", features=list(range(a, b)), scale=args.scale,
-                       rollouts=args.rollouts, tokens=args.tokens, baseline_rollouts=args.baseline_rollouts,
+                       rollouts=args.rollouts, tokens=args.tokens, baseline=args.baseline,
+                       baseline_rollouts=args.baseline_rollouts,
                        chunk_size=args.chunk_size, engine={"enforce_eager": False, "max_num_seqs": 256})
             for a, b in parts]
     t0 = time.time()
@@ -127,7 +129,8 @@ def main() -> None:
     feats = [concept_feature(llm, sae, c) for c in concepts]
     dirs = [sae.W_dec.detach()[j].float() for j in feats] + [targeted_vector(approx, j).layers[data.layer] for j in feats]
     dirs_t = torch.stack([d / d.norm() for d in dirs])
-    check_cfg = RolloutConfig(rollouts=args.check_rollouts, baseline_rollouts=args.baseline_rollouts,
+    check_cfg = RolloutConfig(rollouts=args.check_rollouts, baseline=args.baseline,
+                              baseline_rollouts=args.baseline_rollouts if args.baseline == "independent" else None,
                               tokens=args.tokens, seed=100_000)
     t0 = time.time()
     res = measure_effects(llm, sae, dirs_t, args.scale, check_cfg)
@@ -151,7 +154,7 @@ def main() -> None:
     lines = [
         f"Effects of {data.n} decoder rows of `{args.sae}` (layer {data.layer}, d_sae {sae.d_sae}), each unit norm x "
         f"{args.scale:g}, {args.rollouts} rollouts x {args.tokens} tokens from \"I think\" (top_k 50, top_p 0.3), "
-        f"baseline {args.baseline_rollouts} rollouts; SAE codes summed inside the engine (fused). Measuring took "
+        f"{jobs[0].baseline} baseline of {jobs[0].rollout_config().baseline_rollouts} rollouts; SAE codes summed inside the engine (fused). Measuring took "
         f"{t_measure:.0f} s for {measured_rollouts} rollouts ({measured_rollouts / max(t_measure, 1e-9):.1f}/s) summed "
         f"over every run of the jobs ({timing_runs} runs; this run resumed {sum(j['resumed'] for j in job_summaries)} "
         f"of {sum(j['chunks'] for j in job_summaries)} chunks; engine start {t_engine:.0f} s). Held-out split: {len(test)} random vectors; least-squares ridge chosen on a "

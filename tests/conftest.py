@@ -222,7 +222,7 @@ RAY_MODULES = ("tests/effects/test_effects_ray.py", "tests/jobs/test_ray_pool.py
 #: worker is left alone with a long one at the end; the server groups (which the "engines" worker
 #: never takes) before the other long ones, which that worker takes once its engines are done.
 #: An entry ending in "/" stands for every group under that folder.
-FIRST_GROUPS = ("engines", "tests/test_readme.py", "ray", *SHARED_SERVERS, "tests/server/",
+FIRST_GROUPS = ("engines", "tests/test_readme.py", "ray", "tests/engine/test_runner_v2.py", *SHARED_SERVERS, "tests/server/",
                 "tests/test_cli.py", "tests/sae/test_sae_train.py", "tests/jobs/test_rollouts.py",
                 "tests/effects/test_effects_cli.py", "tests/eval/test_eval_harness.py")
 #: modules that start `vsteer serve` (a server and its engine process, ~3.5 GB)

@@ -54,6 +54,8 @@ SKIPPED_LINES = {
         "hours on CPU and optional-flag notation; tests/effects run a small job",
     "vsteer effects fit fx/ --out approx.safetensors [--method adam|lstsq]":
         "needs the measured effects above; tests/effects cover fit",
+    "vsteer effects curve fx/ --heldout fx-heldout/ --plot curve.png   # needs fx/ measured with --groups G":
+        "needs the measured effects above and a held-out job; tests/effects run `effects curve` on a small job",
     "vsteer effects target --approximator approx.safetensors --feature 123 --sae smollm2-l15-4k --output t.safetensors --name wedding-ts":
         "needs the fitted approximator above; tests/effects cover target",
     "vsteer eval run --concepts wedding,london,love,anger,french --methods caa,actadd,sara,sae,sas --n 24 --out quality/":

@@ -10,7 +10,8 @@ import torch
 from vsteer.effects.measure import RolloutConfig, measure_effects, rollout_sums
 from vsteer.effects.scales import pick_scales, select_scales
 
-CONFIG = RolloutConfig(prompts=("I think", "The weather"), rollouts=4, baseline_rollouts=6, tokens=8, seed=3)
+CONFIG = RolloutConfig(prompts=("I think", "The weather"), rollouts=4, baseline="independent", baseline_rollouts=6,
+                       tokens=8, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_k_vectors_at_once_equal_each_alone(eager_llm, sae, directions):
 
 
 def test_scale_zero_has_zero_effect_with_common_random_numbers(eager_llm, sae, directions):
-    config = RolloutConfig(prompts=CONFIG.prompts, rollouts=6, baseline_rollouts=6, tokens=8, seed=3)
+    config = RolloutConfig(prompts=CONFIG.prompts, rollouts=6, tokens=8, seed=3)  # a paired baseline
     result = measure_effects(eager_llm, sae, directions[:1], 0.0, config)
     assert float(result.effects.abs().max()) < 1e-5
 
@@ -69,7 +70,7 @@ def test_job_interrupted_and_resumed_counts_every_chunk_once(eager_llm, sae, sae
 
     monkeypatch.setenv("VSTEER_SAE_STORE", str(sae_store_dir))
     job = EffectsJob(sae="test-relu", vectors="decoder", features=[1, 2, 3, 4, 5], scale=6.0, chunk_size=2,
-                     prompts=list(CONFIG.prompts), rollouts=3, baseline_rollouts=4, tokens=6, seed=1)
+                     prompts=list(CONFIG.prompts), rollouts=3, baseline="independent", baseline_rollouts=4, tokens=6, seed=1)
     first = run_effects_job(job, tmp_path / "a", llm=eager_llm, max_chunks=1, progress=False)
     assert first["done"] == 1 and not first["complete"] and not (tmp_path / "a" / "effects.safetensors").exists()
     second = run_effects_job(job, tmp_path / "a", llm=eager_llm, progress=False)
@@ -84,3 +85,101 @@ def test_job_interrupted_and_resumed_counts_every_chunk_once(eager_llm, sae, sae
     assert whole["rollouts"] == 5 * 3 + 4
     with pytest.raises(Exception, match="other settings"):
         run_effects_job(job.model_copy(update={"scale": 7.0}), tmp_path / "a", llm=eager_llm, progress=False)
+
+
+def _exact_one_token_effect(llm, sae, spec, config):
+    """The effect of ``spec`` on one-token rollouts, by enumeration: with top-k sampling at
+    temperature 1 the first token is one of the k most likely, with their renormalised
+    probabilities, and the counted positions are the prompt's (the same with and without steering:
+    the SAE reads the residual before the add) and that token's. So the effect is
+    sum_t (p_steered(t) - p_unsteered(t)) f(h(prompt + t)) / positions."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=config.top_k)
+    steered, plain = llm.generate([config.prompts[0]] * 2, params, steering=[spec, None])
+    ids = list(plain.prompt_token_ids)
+
+    def top_k_probs(out):
+        lps = sorted(out.outputs[0].logprobs[0].items(), key=lambda kv: -kv[1].logprob)[:config.top_k]
+        p = torch.tensor([lp.logprob for _, lp in lps], dtype=torch.float64).softmax(0)
+        return dict(zip((t for t, _ in lps), p.tolist()))
+
+    ps, pb = top_k_probs(steered), top_k_probs(plain)
+    tokens = sorted(set(ps) | set(pb))
+    caps = llm.capture([ids + [t] for t in tokens], [sae.layer])
+    with torch.no_grad():
+        codes = torch.stack([sae.encode(cap[sae.layer][len(ids)].float()).double() for cap in caps])
+    weights = torch.tensor([ps.get(t, 0.0) - pb.get(t, 0.0) for t in tokens], dtype=torch.float64)
+    positions = len(ids) - config.start + config.tokens
+    return weights @ codes / positions
+
+
+def test_paired_and_independent_baselines_are_unbiased_for_a_known_effect(eager_llm, sae, directions):
+    """Both estimators, over many seeded one-token rollouts, land on the effect computed exactly by
+    enumerating the first token; the paired one with less variance."""
+    from vsteer.effects.noise import compare_baselines
+
+    config = RolloutConfig(prompts=("I think",), rollouts=256, tokens=1, top_k=3, top_p=1.0, seed=11)
+    scale = 12.0
+    spec = {"interventions": [{"op": "add", "vector": directions[0].tolist(), "layers": [sae.layer], "scale": scale}]}
+    exact = _exact_one_token_effect(eager_llm, sae, spec, config)
+    got = compare_baselines(eager_llm, sae, directions[:1], scale, config)
+    top = exact.abs().topk(8).indices
+    for est, var in ((got.paired[0], got.paired_var[0]), (got.independent[0], got.independent_var[0])):
+        z = (est[top] - exact[top]) / var[top].sqrt()
+        assert bool((z.abs() < 4.5).all()), (z, est[top], exact[top])
+        moved = var > 0
+        assert float(((est[moved] - exact[moved]) ** 2 / var[moved]).mean()) < 2.5  # ~1 when unbiased
+    # the test has power: the effect is many standard errors from zero on its largest features
+    assert float((exact[top].abs() / got.paired_var[0, top].sqrt()).max()) > 8
+    paired, independent = got.total_variance()
+    assert float(independent[0]) > 1.5 * float(paired[0]), (paired, independent)
+
+
+def test_rollout_groups_add_up_and_feed_the_learning_curve(eager_llm, sae, sae_store_dir, tmp_path, monkeypatch):
+    from vsteer.effects.curve import learning_curve, load_grouped, split_half
+    from vsteer.effects.data import load_effects
+    from vsteer.effects.job import EffectsJob, run_effects_job
+    from vsteer.effects.measure import rollout_group_sums
+
+    config = RolloutConfig(prompts=CONFIG.prompts, rollouts=4, tokens=6, seed=5, groups=2)
+    spec = [{"interventions": [{"op": "add", "vector": directions_list(sae, 9), "layers": [sae.layer], "scale": 6.0}]}]
+    grouped, counts = rollout_group_sums(eager_llm, sae, spec, config, 4, groups=2)
+    whole, whole_counts = rollout_sums(eager_llm, sae, spec, config, 4)
+    torch.testing.assert_close(grouped.sum(1), whole, atol=1e-6, rtol=1e-6)
+    assert torch.equal(counts.sum(1), whole_counts)
+
+    monkeypatch.setenv("VSTEER_SAE_STORE", str(sae_store_dir))
+    job = EffectsJob(sae="test-relu", features=list(range(16)), scale=6.0, chunk_size=8, prompts=["I think"],
+                     rollouts=4, groups=2, tokens=4, seed=2)
+    run_effects_job(job, tmp_path / "train", llm=eager_llm, progress=False)
+    held = job.model_copy(update={"features": list(range(16, 20))})
+    run_effects_job(held, tmp_path / "held", llm=eager_llm, progress=False)
+    data, train = load_effects(tmp_path / "train"), load_grouped(tmp_path / "train")
+    torch.testing.assert_close(train.effects(), data.Y, atol=1e-5, rtol=1e-5)  # all groups: the job's effects
+    # the first group alone is the same measurement with half the rollouts (paired with its half of the baseline)
+    half = EffectsJob(**{**job.model_dump(), "rollouts": 2, "groups": 1, "features": list(range(8))})
+    run_effects_job(half, tmp_path / "half", llm=eager_llm, progress=False)
+    torch.testing.assert_close(train.effects(1)[:8], load_effects(tmp_path / "half").Y, atol=1e-5, rtol=1e-5)
+    heldout = load_effects(tmp_path / "held")
+    rows = learning_curve(train, heldout.X, heldout.Y, vectors=[8, 16], progress=False)
+    assert [(r["rollouts"], r["vectors"]) for r in rows] == [(2, 8), (2, 16), (4, 8), (4, 16)]
+    assert all(-10 < r["r2"] <= 1 and -1 <= r["cosine_centered"] <= 1 for r in rows)
+    assert split_half(load_grouped(tmp_path / "held"))["rollouts_per_half"] == 2
+
+
+def directions_list(sae, row: int) -> list[float]:
+    d = sae.W_dec.detach()[row].float()
+    return (d / d.norm()).tolist()
+
+
+def test_rollout_config_refuses_settings_that_do_not_fit():
+    with pytest.raises(ValueError, match="baseline_rollouts must equal rollouts"):
+        RolloutConfig(rollouts=4, baseline_rollouts=8)
+    with pytest.raises(ValueError, match="groups"):
+        RolloutConfig(rollouts=6, groups=4)
+    assert RolloutConfig(rollouts=6).baseline_rollouts == 6
+    assert RolloutConfig(rollouts=6, baseline="independent").baseline_rollouts == 256
+    independent = RolloutConfig(rollouts=6, baseline="independent", seed=3)
+    assert independent.seed_of(2) == 5 and independent.seed_of(2, baseline=True) != 5
+    assert RolloutConfig(rollouts=6, seed=3).seed_of(2, baseline=True) == 5

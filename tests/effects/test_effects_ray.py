@@ -23,7 +23,7 @@ def test_two_actors_equal_single_process_even_after_losing_one(eager_llm, sae_st
     engine = {k: v for k, v in ENGINE_KW.items() if k != "enable_prefix_caching"}
     engine.update(enforce_eager=True, store=str(eager_llm.store.root))
     job = EffectsJob(model=str(eager_llm.model_path), sae="test-relu", vectors="random", count=6, scale=6.0,
-                     chunk_size=2, prompts=["I think", "The weather"], rollouts=3, baseline_rollouts=4, tokens=6,
+                     chunk_size=2, prompts=["I think", "The weather"], rollouts=3, baseline="independent", baseline_rollouts=4, tokens=6,
                      seed=2, engine=engine)
     local = run_effects_job(job, tmp_path / "local", llm=eager_llm, progress=False)
     monkeypatch.setenv("VSTEER_FAULT_CRASH_CHUNK", f"1:{marker}")  # the actor taking chunk 1 dies once

@@ -31,7 +31,7 @@ def fitted(eager_llm, tmp_path_factory):
     rows = list(dict.fromkeys(targets + list(range(64))))[:32]
     d = sae.W_dec.detach()[rows].float()
     d = d / d.norm(dim=1, keepdim=True)
-    res = measure_effects(eager_llm, sae, d, SCALE, RolloutConfig(rollouts=4, baseline_rollouts=8, tokens=12))
+    res = measure_effects(eager_llm, sae, d, SCALE, RolloutConfig(rollouts=4, baseline="independent", baseline_rollouts=8, tokens=12))
     own = [float(res.effects[rows.index(j), j]) for j in targets]
     best = max(range(len(concepts)), key=own.__getitem__)
     assert own[best] > 0, f"no concept feature moved when steered with its own decoder row: {own}"
@@ -62,7 +62,7 @@ def test_sae_ts_vector_raises_its_target_feature(eager_llm, fitted):
     sae = eager_llm.saes[SAE]
     sha = get_method("sae-ts", sae=SAE, approximator=path).prepare(eager_llm, concept)
     v = eager_llm.store.get(sha).layers[10][None]
-    res = measure_effects(eager_llm, sae, v, SCALE, RolloutConfig(rollouts=16, baseline_rollouts=16, tokens=12, seed=50))
+    res = measure_effects(eager_llm, sae, v, SCALE, RolloutConfig(rollouts=16, tokens=12, seed=50))
     effect = res.effects[0]
     assert float(effect[target]) > 0
     # the target moves more than a typical feature does

@@ -184,10 +184,18 @@ def target(approx_path: Path, sae_ref: str | None, features: tuple[str, ...], la
               help='file: safetensors with "directions" [N, d_model].')
 @click.option("--scale", type=float, default=None, help="One scale for every vector.")
 @click.option("--auto-scale", is_flag=True, help="Per vector, the scale where the LM loss rises by --loss-rise (SAE-TS).")
-@click.option("--loss-rise", default=0.5, show_default=True)
+@click.option("--loss-rise", default=0.5, show_default=True, help="--auto-scale: loss rise over unsteered (paper).")
+@click.option("--loss-target", type=float, default=None,
+              help="--auto-scale: an absolute LM loss instead of --loss-rise (the paper's reference code).")
 @click.option("--prompt", "prompts", multiple=True, help='Rollout prompt (repeatable; default "I think").')
 @click.option("--rollouts", default=64, show_default=True, help="Rollouts per vector (paper: 896).")
-@click.option("--baseline-rollouts", default=256, show_default=True, help="Unsteered rollouts (paper: 8,960).")
+@click.option("--baseline", type=click.Choice(["paired", "independent"]), default="paired", show_default=True,
+              help="paired: unsteered rollouts on the vectors' own seeds (less noise, same effect); "
+                   "independent: on other seeds (paper).")
+@click.option("--baseline-rollouts", type=int, default=None,
+              help="Unsteered rollouts (paired: must equal --rollouts, the default; independent: default 256; paper: 8,960).")
+@click.option("--groups", default=1, show_default=True,
+              help="Keep this many groups of rollouts apart (for `vsteer effects curve`); must divide --rollouts.")
 @click.option("--tokens", default=32, show_default=True, help="Tokens per rollout.")
 @click.option("--top-k", default=50, show_default=True)
 @click.option("--top-p", default=0.3, show_default=True)
@@ -202,8 +210,8 @@ def target(approx_path: Path, sae_ref: str | None, features: tuple[str, ...], la
 @ray_options
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run with other settings.")
 def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str | None, count: int | None,
-            vectors_file: str | None, scale: float | None, auto_scale: bool, loss_rise: float, prompts: tuple[str, ...],
-            rollouts: int, baseline_rollouts: int, tokens: int, top_k: int, top_p: float, temperature: float, seed: int,
+            vectors_file: str | None, scale: float | None, auto_scale: bool, loss_rise: float, loss_target: float | None,
+            prompts: tuple[str, ...], rollouts: int, baseline: str, baseline_rollouts: int | None, groups: int, tokens: int, top_k: int, top_p: float, temperature: float, seed: int,
             method: str, chunk_size: int, eager: bool, dtype: str, max_num_seqs: int, use_ray: bool, workers: int,
             cpus_per_worker: float, gpus_per_worker: float, ray_address: str | None, overwrite: bool) -> None:
     """Measure the SAE feature effects of many steering vectors (SAE-TS eq. 2), checkpointed per chunk."""
@@ -216,9 +224,14 @@ def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str
     feature_ids = _feature_list(features) if features else None
     job = EffectsJob(model=model, sae=sae_ref, vectors=vectors, features=feature_ids, count=count,
                      vectors_file=vectors_file, scale=scale, auto_scale=auto_scale, loss_rise=loss_rise,
-                     prompts=list(prompts) or ["I think"], rollouts=rollouts, baseline_rollouts=baseline_rollouts,
+                     loss_target=loss_target, prompts=list(prompts) or ["I think"], rollouts=rollouts,
+                     baseline=baseline, baseline_rollouts=baseline_rollouts, groups=groups,
                      tokens=tokens, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, method=method,
                      chunk_size=chunk_size, engine={"enforce_eager": eager, "dtype": dtype, "max_num_seqs": max_num_seqs})
+    try:
+        job.rollout_config()
+    except ValueError as exc:
+        raise SpecError(str(exc), field="--groups" if "groups" in str(exc) else "--baseline-rollouts") from exc
     summary = run_effects_job(job, out_dir, workers=workers if use_ray else 0, cpus_per_worker=cpus_per_worker,
                               gpus_per_worker=gpus_per_worker, ray_address=ray_address, overwrite=overwrite)
     click.echo(json.dumps(summary))
@@ -232,11 +245,48 @@ def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str
             click.echo(f"no heatmap: {exc}", err=True)
 
 
-def _feature_list(text: str) -> list[int]:
+@effects.command("curve")
+@click.argument("train_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--heldout", "heldout_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A finished job with other vectors (ideally more rollouts) to score the fits on.")
+@click.option("--vectors", "vector_counts", default=None, help="Comma-separated training-set sizes (default N/8, N/4, N/2, N).")
+@click.option("--seed", default=0, show_default=True, help="Seeds the vector subsets and the validation split.")
+@click.option("--out", "out_json", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the rows as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the plot (PNG).")
+def curve(train_dir: Path, heldout_dir: Path, vector_counts: str | None, seed: int, out_json: Path | None,
+          plot_path: Path | None) -> None:
+    """Learning curve: held-out quality of least-squares fits on TRAIN_DIR (measured with --groups)
+    against rollouts per vector and number of vectors."""
+    from vsteer.effects.curve import learning_curve, load_grouped, plot_learning_curve, split_half
+    from vsteer.effects.data import load_effects
+
+    train = load_grouped(train_dir)
+    held = load_effects(heldout_dir)
+    if held.d_model != train.X.shape[1] or held.d_sae != train.steered.shape[2]:
+        raise SpecError(f"held-out effects are [{held.d_model} -> {held.d_sae}], the training job's "
+                        f"[{train.X.shape[1]} -> {train.steered.shape[2]}]", field="--heldout")
+    counts = _feature_list(vector_counts, "--vectors") if vector_counts else None
+    if counts is not None and any(n < 1 for n in counts):
+        raise SpecError("training-set sizes must be >= 1", field="--vectors")
+    rows = learning_curve(train, held.X, held.Y, vectors=counts, seed=seed)
+    result: dict = {"rows": rows}
+    try:
+        result["heldout_split_half"] = split_half(load_grouped(heldout_dir))
+    except ValueError:  # the held-out job has no groups (EffectsFileError is a ValueError)
+        pass
+    text = json.dumps(result, indent=2)
+    if out_json:
+        out_json.write_text(text)
+    click.echo(text)
+    if plot_path:
+        click.echo(f"plot: {plot_learning_curve(rows, plot_path)}", err=True)
+
+
+def _feature_list(text: str, field: str = "--features") -> list[int]:
     try:
         if ":" in text:
             lo, hi = (int(x) for x in text.split(":"))
             return list(range(lo, hi))
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
-        raise SpecError(f"expected comma-separated integers or a range a:b, got {text!r}", field="--features") from exc
+        raise SpecError(f"expected comma-separated integers or a range a:b, got {text!r}", field=field) from exc

@@ -5,7 +5,9 @@ start over), ``baseline.safetensors`` (the unsteered mean codes), ``chunks/chunk
 (per chunk of vectors: directions, scales, mean codes, positions counted; written atomically, so a
 chunk is either done or not) and, once every chunk is done, ``effects.safetensors`` in the format
 of ``vsteer.effects.data`` (directions ``X`` and effects ``Y = steered - baseline``).
-``timing.json`` keeps the measuring time and rollouts summed over every run of the job, and
+With ``groups`` > 1, chunks and baseline also keep ``group_mean`` ``[n, G, d_sae]`` and
+``group_tokens`` ``[n, G]`` (each group of rollouts apart), from which ``vsteer.effects.curve`` draws
+learning curves. ``timing.json`` keeps the measuring time and rollouts summed over every run of the job, and
 ``probe-vectors/`` the vectors the engine steered with (a job-private vector store).
 
 Stopping at any point (Ctrl-C, a crash, a lost node) loses at most the chunks in flight; the rerun
@@ -27,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from vsteer._errors import EngineError
-from vsteer.effects.measure import RolloutConfig, rollout_sums
+from vsteer.effects.measure import RolloutConfig, rollout_group_sums
 from vsteer.jobs.pool import maybe_crash
 
-JOB_VERSION = 1
+JOB_VERSION = 2  # 2: paired baselines and rollout groups
 #: Vector store of a job's probe vectors, inside its folder.
 PROBE_STORE = "probe-vectors"
 
@@ -50,11 +52,15 @@ class EffectsJob(BaseModel):
     scale: float | None = Field(default=None, description="One scale for every vector (else auto_scale).")
     auto_scale: bool = Field(default=False, description="Pick each vector's scale from the steered LM loss.")
     scale_candidates: list[float] = Field(default_factory=lambda: [float(s) for s in range(0, 201, 20)])
-    loss_rise: float = 0.5
+    loss_rise: float | None = Field(default=0.5, description="auto_scale: the loss rise over unsteered (paper).")
+    loss_target: float | None = Field(default=None, description="auto_scale: an absolute loss instead (reference code).")
     loss_texts: list[str] | None = None
     prompts: list[str] = Field(default_factory=lambda: ["I think"])
     rollouts: int = 64
-    baseline_rollouts: int = 256
+    baseline: Literal["paired", "independent"] = Field(
+        default="paired", description="paired: unsteered rollouts on the vectors' seeds; independent: other seeds (paper).")
+    baseline_rollouts: int | None = Field(default=None, description="Default: rollouts (paired), 256 (independent).")
+    groups: int = Field(default=1, description="Rollout groups kept apart in the chunks (learning curves).")
     tokens: int = 32
     temperature: float = 1.0
     top_k: int = 50
@@ -68,7 +74,7 @@ class EffectsJob(BaseModel):
     def rollout_config(self) -> RolloutConfig:
         return RolloutConfig(prompts=tuple(self.prompts), rollouts=self.rollouts, baseline_rollouts=self.baseline_rollouts,
                              tokens=self.tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                             seed=self.seed, start=self.start)
+                             seed=self.seed, start=self.start, baseline=self.baseline, groups=self.groups)
 
     def manifest(self) -> dict:
         data = self.model_dump(mode="json")
@@ -107,8 +113,19 @@ def _engine_sae(llm: Any) -> Any:
 def baseline_task(llm: Any, job_json: str) -> dict[str, torch.Tensor]:
     job = EffectsJob.model_validate_json(job_json)
     sae = _engine_sae(llm)
-    sums, counts = rollout_sums(llm, sae, [None], job.rollout_config(), job.baseline_rollouts, method=job.method)
-    return {"mean": sums[0] / counts[0], "tokens": counts}
+    config = job.rollout_config()
+    sums, counts = rollout_group_sums(llm, sae, [None], config, config.baseline_rollouts, groups=job.groups,
+                                      method=job.method, baseline=True)
+    return _means(sums, counts, job.groups)
+
+
+def _means(sums: torch.Tensor, counts: torch.Tensor, groups: int) -> dict[str, torch.Tensor]:
+    """Per-row means over all rollouts (``mean``, ``tokens``) and, with groups, per group too."""
+    total = counts.sum(1)
+    out = {"mean": sums.sum(1) / total.clamp(min=1)[:, None], "tokens": total}
+    if groups > 1:
+        out |= {"group_mean": sums / counts.clamp(min=1)[..., None], "group_tokens": counts}
+    return out
 
 
 def chunk_task(llm: Any, job_json: str, index: int, directions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -119,15 +136,16 @@ def chunk_task(llm: Any, job_json: str, index: int, directions: torch.Tensor) ->
     if job.auto_scale:
         from vsteer.effects.scales import DEFAULT_LOSS_TEXTS, select_scales
 
+        rise = None if job.loss_target is not None else job.loss_rise
         scales = select_scales(llm, directions, sae.layer, job.loss_texts or DEFAULT_LOSS_TEXTS,
-                               candidates=job.scale_candidates, rise=job.loss_rise)
+                               candidates=job.scale_candidates, rise=rise, target=job.loss_target)
     else:
         scales = torch.full((len(directions),), float(job.scale))
     from vsteer.effects.measure import probe_specs
 
-    sums, counts = rollout_sums(llm, sae, probe_specs(llm, directions, scales, sae.layer), job.rollout_config(),
-                                job.rollouts, method=job.method)
-    return {"directions": directions, "scales": scales, "mean": sums / counts.clamp(min=1)[:, None], "tokens": counts}
+    sums, counts = rollout_group_sums(llm, sae, probe_specs(llm, directions, scales, sae.layer), job.rollout_config(),
+                                      job.rollouts, groups=job.groups, method=job.method)
+    return {"directions": directions, "scales": scales, **_means(sums, counts, job.groups)}
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -180,6 +198,7 @@ def run_effects_job(
     out = Path(out_dir)
     if job.scale is None and not job.auto_scale:
         raise ValueError("give a scale, or auto_scale=True")
+    job.rollout_config()  # settings that do not fit together fail before anything is written
     chunks_dir = out / "chunks"
     manifest_path = out / "job.json"
     manifest = job.manifest()
@@ -227,7 +246,7 @@ def run_effects_job(
                 yield key, _dispatch(llm, *args)
 
     items = ([("baseline", ("baseline", job_json))] if need_baseline else []) + [(i, ("chunk", *a)) for i, a in todo]
-    per_item = {"baseline": job.baseline_rollouts, **{i: len(a[2]) * job.rollouts for i, a in todo}}
+    per_item = {"baseline": job.rollout_config().baseline_rollouts, **{i: len(a[2]) * job.rollouts for i, a in todo}}
     bar = tqdm(total=len(bounds), initial=len(done), unit="chunk", disable=not progress, dynamic_ncols=True)
     started, rollouts = time.monotonic(), 0
     try:

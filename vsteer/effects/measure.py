@@ -14,8 +14,19 @@ Two ways to get the means, on the same rollouts:
 - ``two_pass`` (the reference): generate T tokens, then read the finished texts' residuals with
   ``capture`` and encode them on the host. It also serves SAEs at another layer than the steering.
 
-Rollout r of every vector (and of the baseline) uses prompt ``r % len(prompts)`` and sampling seed
-``seed + r``: common random numbers, so vector and baseline rollouts differ by the steering only.
+Rollout r of every vector uses prompt ``r % len(prompts)`` and sampling seed ``seed + r``. Two
+baselines, both unbiased for the same effect E[steered] - E[unsteered]:
+
+- ``paired`` (default): the unsteered rollouts 0..R-1 with the same prompts and seeds as every
+  vector's rollouts (common random numbers), so a steered rollout and its baseline rollout differ
+  by the steering only and most of the sampling noise cancels in the difference. R baseline
+  rollouts serve every vector.
+- ``independent`` (the paper's): ``baseline_rollouts`` unsteered rollouts on seeds that no
+  vector rollout uses (``seed + INDEPENDENT_SEED_OFFSET + r``).
+
+``groups`` splits each vector's R rollouts into G equal consecutive groups whose sums are kept
+apart (learning curves: the first g groups are the measurement with g R / G rollouts, paired with
+the baseline's first g groups).
 Positions counted: the whole rollout text (prompt and generated tokens) from ``start`` on; the
 default ``start = 1`` leaves out position 0, whose residual is the attention-sink outlier of
 every sequence.
@@ -35,6 +46,9 @@ if TYPE_CHECKING:
     from vsteer.sae import SparseAutoencoder
 
 Method = Literal["fused", "two_pass"]
+Baseline = Literal["paired", "independent"]
+#: Independent baseline rollouts use seeds from ``seed + INDEPENDENT_SEED_OFFSET`` on.
+INDEPENDENT_SEED_OFFSET = 2**30
 
 
 @dataclass(frozen=True)
@@ -43,21 +57,38 @@ class RolloutConfig:
 
     prompts: tuple[str, ...] = ("I think",)
     rollouts: int = 64  # per vector (paper: 896 = 14 prompts x 64)
-    baseline_rollouts: int = 256  # unsteered (paper: 8,960)
+    baseline_rollouts: int | None = None  # unsteered: paired -> rollouts; independent -> 256 (paper: 8,960)
     tokens: int = 32
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 0.3
     seed: int = 0
     start: int = 1  # first absolute position counted
+    baseline: Baseline = "paired"
+    groups: int = 1  # rollout groups kept apart (learning curves)
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not p for p in self.prompts):
             raise ValueError("rollouts need at least one non-empty prompt")
+        if self.baseline not in ("paired", "independent"):
+            raise ValueError(f"baseline must be 'paired' or 'independent', got {self.baseline!r}")
+        if self.baseline_rollouts is None:
+            object.__setattr__(self, "baseline_rollouts", self.rollouts if self.baseline == "paired" else 256)
         if self.rollouts < 1 or self.baseline_rollouts < 1 or self.tokens < 1:
             raise ValueError("rollouts, baseline_rollouts and tokens must be >= 1")
+        if self.baseline == "paired" and self.baseline_rollouts != self.rollouts:
+            raise ValueError(f"a paired baseline has one unsteered rollout per vector rollout: baseline_rollouts "
+                             f"must equal rollouts ({self.rollouts}), got {self.baseline_rollouts}")
+        if self.groups < 1 or self.rollouts % self.groups or self.baseline_rollouts % self.groups:
+            raise ValueError(f"groups ({self.groups}) must divide rollouts ({self.rollouts}) and baseline_rollouts "
+                             f"({self.baseline_rollouts})")
         if self.start < 0:
             raise ValueError(f"start must be >= 0, got {self.start}")
+
+    def seed_of(self, r: int, *, baseline: bool = False) -> int:
+        """Sampling seed of rollout ``r`` (of a vector, or of the baseline)."""
+        offset = INDEPENDENT_SEED_OFFSET if baseline and self.baseline == "independent" else 0
+        return self.seed + offset + r
 
 
 @dataclass
@@ -75,12 +106,12 @@ class EffectResult:
         return (self.steered - self.baseline).float()
 
 
-def _params(config: RolloutConfig, r: int, max_tokens: int, extra: dict | None = None):
+def _params(config: RolloutConfig, seed: int, max_tokens: int, extra: dict | None = None):
     from vllm import SamplingParams
 
     return SamplingParams(
         max_tokens=max_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-        seed=config.seed + r, ignore_eos=True, extra_args=extra,
+        seed=seed, ignore_eos=True, extra_args=extra,
     )
 
 
@@ -101,21 +132,47 @@ def rollout_sums(
     *,
     method: Method = "fused",
     effect_layer: int | None = None,
+    baseline: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of ``f(h)`` and number of positions, per spec, over ``rollouts`` rollouts each.
+    """Sum of ``f(h)`` and number of positions, per spec, over ``rollouts`` rollouts each:
+    ``[N, d_sae]`` and ``[N]``. ``baseline``: these are baseline rollouts (their seeds)."""
+    sums, counts = rollout_group_sums(llm, sae, specs, config, rollouts, groups=1, method=method,
+                                      effect_layer=effect_layer, baseline=baseline)
+    return sums[:, 0], counts[:, 0]
+
+
+def rollout_group_sums(
+    llm: Any,
+    sae: "SparseAutoencoder",
+    specs: Sequence[dict | None],
+    config: RolloutConfig,
+    rollouts: int,
+    *,
+    groups: int = 1,
+    method: Method = "fused",
+    effect_layer: int | None = None,
+    baseline: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`rollout_sums`, per group of ``rollouts / groups`` consecutive rollouts:
+    ``[N, G, d_sae]`` and ``[N, G]`` (``groups=rollouts``: one row per rollout).
 
     All ``len(specs) x rollouts`` requests go into one ``generate`` call (the engine batches them;
     every request carries its own steering)."""
-    prompts = [config.prompts[r % len(config.prompts)] for _ in specs for r in range(rollouts)]
+    if groups < 1 or rollouts % groups:
+        raise ValueError(f"groups ({groups}) must divide rollouts ({rollouts})")
+    per_group = rollouts // groups
+    rs = [r for _ in specs for r in range(rollouts)]
+    prompts = [config.prompts[r % len(config.prompts)] for r in rs]
     steering = [spec for spec in specs for _ in range(rollouts)]
+    seeds = [config.seed_of(r, baseline=baseline) for r in rs]
     n = len(specs)
-    sums = torch.zeros(n, sae.d_sae, dtype=torch.float64)
-    counts = torch.zeros(n, dtype=torch.int64)
+    sums = torch.zeros(n, groups, sae.d_sae, dtype=torch.float64)
+    counts = torch.zeros(n, groups, dtype=torch.int64)
     if method == "fused":
         keys = [uuid.uuid4().hex for _ in prompts]
         effects = {"start": config.start, "tokens": config.tokens}
-        params = [_params(config, r, config.tokens + 1, {"vsteer_effects": {**effects, "key": k}})
-                  for (r, k) in zip((r for _ in specs for r in range(rollouts)), keys)]
+        params = [_params(config, seed, config.tokens + 1, {"vsteer_effects": {**effects, "key": k}})
+                  for seed, k in zip(seeds, keys)]
         llm.generate(prompts, params, steering=steering)
         got = llm.take_effects(keys)
         layer = sae.layer if effect_layer is None else effect_layer
@@ -123,20 +180,20 @@ def rollout_sums(
             item = got.get(key)
             if item is None or item["partial"]:
                 raise RuntimeError(f"the engine returned no complete effect sums for rollout {j}")
-            sums[j // rollouts] += item["sums"][layer].double()
-            counts[j // rollouts] += item["count"]
+            sums[j // rollouts, rs[j] // per_group] += item["sums"][layer].double()
+            counts[j // rollouts, rs[j] // per_group] += item["count"]
         return sums, counts
     if method != "two_pass":
         raise ValueError(f"method must be 'fused' or 'two_pass', got {method!r}")
-    params = [_params(config, r, config.tokens) for _ in specs for r in range(rollouts)]
+    params = [_params(config, seed, config.tokens) for seed in seeds]
     outs = llm.generate(prompts, params, steering=steering)
     texts = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
     acts = llm.capture(texts, [sae.layer])
     with torch.no_grad():
         for j, cap in enumerate(acts):
             codes = sae.encode(cap[sae.layer][config.start:].float())
-            sums[j // rollouts] += codes.double().sum(0)
-            counts[j // rollouts] += codes.shape[0]
+            sums[j // rollouts, rs[j] // per_group] += codes.double().sum(0)
+            counts[j // rollouts, rs[j] // per_group] += codes.shape[0]
     return sums, counts
 
 
@@ -157,7 +214,8 @@ def measure_effects(
         llm: a ``vsteer.LLM`` with ``sae`` among its ``effect_saes`` (fused) or any (two_pass).
         directions: ``[N, d_model]``.
         scales: one scale or ``[N]``.
-        baseline: a precomputed unsteered ``(mean [d_sae], tokens)`` to reuse across calls.
+        baseline: a precomputed unsteered ``(mean [d_sae], tokens)`` to reuse across calls (it must
+            come from the same ``config``: a paired baseline pairs by seed).
     """
     layer = sae.layer if layer is None else layer
     if method == "fused" and layer != sae.layer:
@@ -170,7 +228,8 @@ def measure_effects(
         raise ValueError(f"scales must be one number or [N={len(directions)}], got {tuple(scales_t.shape)}")
     sums, counts = rollout_sums(llm, sae, probe_specs(llm, directions, scales_t, layer), config, config.rollouts, method=method)
     if baseline is None:
-        base_sum, base_count = rollout_sums(llm, sae, [None], config, config.baseline_rollouts, method=method)
+        base_sum, base_count = rollout_sums(llm, sae, [None], config, config.baseline_rollouts, method=method,
+                                            baseline=True)
         baseline = (base_sum[0] / base_count[0], int(base_count[0]))
     return EffectResult(
         steered=sums / counts.clamp(min=1)[:, None],

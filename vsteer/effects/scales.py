@@ -41,13 +41,14 @@ def steered_losses(llm: Any, directions: torch.Tensor, scales: Sequence[float], 
     if any(len(x) < 2 for x in ids):
         raise ValueError("every loss text needs at least two tokens")
     shas = [llm.store.put(SteeringVector({layer: d.float()}, hidden_size=d.shape[0], method="effects-probe")) for d in directions]
+    # a scale of 0 is the unsteered model, the same for every direction: run once
+    cells = [(None, 0.0)] if any(s == 0 for s in scales) else []
+    cells += [(sha, float(s)) for sha in shas for s in scales if s != 0]
     prompts, specs = [], []
-    for sha in shas:
-        for s in scales:
-            spec = None if s == 0 else {"interventions": [{"op": "add", "vector": sha, "layers": [layer], "scale": float(s)}]}
-            for x in ids:
-                prompts.append(x)
-                specs.append(spec)
+    for sha, s in cells:
+        spec = None if sha is None else {"interventions": [{"op": "add", "vector": sha, "layers": [layer], "scale": s}]}
+        prompts += ids
+        specs += [spec] * len(ids)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     outs = llm.generate(prompts, params, steering=specs)
     losses = []
@@ -55,7 +56,10 @@ def steered_losses(llm: Any, directions: torch.Tensor, scales: Sequence[float], 
         # prompt_logprobs[0] is None (no context); entry t holds the logprob of token t
         lps = [out.prompt_logprobs[t][x[t]].logprob for t in range(1, len(x))]
         losses.append(-sum(lps) / len(lps))
-    return torch.tensor(losses, dtype=torch.float64).view(len(directions), len(scales), len(ids)).mean(-1)
+    per_cell = torch.tensor(losses, dtype=torch.float64).view(len(cells), len(ids)).mean(-1)
+    at = {cell: i for i, cell in enumerate(cells)}
+    return torch.stack([torch.stack([per_cell[at[(None, 0.0)] if s == 0 else at[(sha, float(s))]] for s in scales])
+                        for sha in shas])
 
 
 def pick_scales(losses: torch.Tensor, scales: Sequence[float], threshold: torch.Tensor | float) -> torch.Tensor:

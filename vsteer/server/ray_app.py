@@ -106,12 +106,13 @@ class SteeringReplica:
 
 def _parse(argv: list[str]) -> Any:
     try:  # vLLM 0.33 and later
-        from vllm.entrypoints.common.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.entrypoints.common.cli_args import validate_parsed_serve_args
     except ImportError:  # vLLM 0.32
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
-    parsed = make_arg_parser(FlexibleArgumentParser(prog="vsteer (Ray Serve replica)")).parse_args(argv)
+    from vsteer.server.serve import serve_arg_parser
+
+    parsed = serve_arg_parser("vsteer (Ray Serve replica)").parse_args(argv)
     validate_parsed_serve_args(parsed)
     return parsed
 

@@ -47,17 +47,22 @@ def allow_plugin(plugins: str | None) -> str:
     return ",".join(names if PLUGIN_NAME in names else [*names, PLUGIN_NAME])
 
 
-def split_model(vllm_args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """MODEL (vLLM's positional ``model_tag``) wherever it stands among ``vllm serve`` options, and
-    the options without it. Which options take a value is read from vLLM's own server parser, so
-    ``--port 8000 /models/X`` finds ``/models/X`` as ``vllm serve`` would."""
+def serve_arg_parser(prog: str | None = None) -> Any:
+    """vLLM's own ``vllm serve`` argument parser (its module moved in vLLM 0.33)."""
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     try:  # vLLM 0.33 and later
         from vllm.entrypoints.common.cli_args import make_arg_parser
     except ImportError:  # vLLM 0.32
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    actions = make_arg_parser(FlexibleArgumentParser())._option_string_actions
+    return make_arg_parser(FlexibleArgumentParser(prog=prog))
+
+
+def split_model(vllm_args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """MODEL (vLLM's positional ``model_tag``) wherever it stands among ``vllm serve`` options, and
+    the options without it. Which options take a value is read from vLLM's own server parser, so
+    ``--port 8000 /models/X`` finds ``/models/X`` as ``vllm serve`` would."""
+    actions = serve_arg_parser()._option_string_actions
     args, i = list(vllm_args), 0
     while i < len(args):
         word = args[i]
