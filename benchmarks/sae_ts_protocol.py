@@ -66,7 +66,8 @@ def main() -> None:
     import vllm
     from safetensors.torch import load_file
 
-    from vsteer.effects.curve import learning_curve, load_grouped, plot_learning_curve, split_half
+    from vsteer.effects.curve import fit_with_validation, learning_curve, load_grouped, plot_learning_curve, split_half
+    from vsteer.effects.approximator import EffectApproximator
     from vsteer.effects.data import load_effects
     from vsteer.effects.job import EffectsJob, engine_kwargs, run_effects_job
     from vsteer.effects.measure import RolloutConfig
@@ -83,11 +84,20 @@ def main() -> None:
     held_job = EffectsJob(features=_rows(args.heldout_rows), rollouts=args.heldout_rollouts, groups=2, **common)
     train_job = EffectsJob(features=_rows(args.train_rows), rollouts=args.train_rollouts, groups=args.groups, **common)
     work = args.work_dir
-    t0 = time.time()
-    llm = LLM(**engine_kwargs(held_job), store=tempfile.mkdtemp(prefix="vsteer-sae-ts-store-"), kv_cache_memory_bytes=2 * 2**30)
-    t_engine = time.time() - t0
+    engine: dict = {}
 
-    held = run_effects_job(held_job, work / "heldout", llm=llm)
+    def llm_for(folder: Path | None = None):
+        """The engine, started the first time something is left to measure (a finished rerun starts none)."""
+        if folder is not None and (folder / "effects.safetensors").exists():
+            return None
+        if "llm" not in engine:
+            t0 = time.time()
+            engine["llm"] = LLM(**engine_kwargs(held_job), store=tempfile.mkdtemp(prefix="vsteer-sae-ts-store-"),
+                                kv_cache_memory_bytes=2 * 2**30)
+            engine["seconds"] = time.time() - t0
+        return engine["llm"]
+
+    held = run_effects_job(held_job, work / "heldout", llm=llm_for(work / "heldout"))
     if not held["complete"]:
         sys.exit(f"held-out job incomplete: {held}")
 
@@ -97,7 +107,7 @@ def main() -> None:
         n = args.noise_vectors
         config = RolloutConfig(rollouts=args.noise_rollouts, tokens=args.tokens)
         t0 = time.time()
-        cmp = compare_baselines(llm, sae, chunk["directions"][:n], chunk["scales"][:n], config)
+        cmp = compare_baselines(llm_for(), sae, chunk["directions"][:n], chunk["scales"][:n], config)
         paired, independent = cmp.total_variance()
         diff = (cmp.paired - cmp.independent)
         noise = {"vectors": n, "rollouts": args.noise_rollouts, "independent_rollouts": cmp.baseline_rollouts,
@@ -109,7 +119,7 @@ def main() -> None:
         noise_path.write_text(json.dumps(noise))
     noise = json.loads(noise_path.read_text())
 
-    train = run_effects_job(train_job, work / "train", llm=llm)
+    train = run_effects_job(train_job, work / "train", llm=llm_for(work / "train"))
     if not train["complete"]:
         sys.exit(f"training job incomplete: {train}")
 
@@ -120,6 +130,13 @@ def main() -> None:
     rows = learning_curve(grouped, heldout.X, heldout.Y, vectors=counts)
     ceiling = split_half(load_grouped(work / "heldout"))
     t_curve = time.time() - t0
+    # the approximator the headline evaluation uses: every measured vector, training and held out
+    fitted = fit_with_validation(torch.cat([grouped.X, heldout.X]), torch.cat([grouped.effects(), heldout.Y]))
+    approx = EffectApproximator(fitted.M, fitted.b, layer=heldout.layer, sae=heldout.sae, model=heldout.model,
+                                meta={**fitted.meta, "effects": {"paths": [str(work / "train"), str(work / "heldout")],
+                                                                 "n": len(grouped.X) + len(heldout.X)}})
+    approx_path = approx.save(work / "approximator.safetensors")
+    t_engine = engine.get("seconds", 0.0)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_learning_curve(rows, args.out_dir / "sae-ts-learning-curve.png",
                                title=f"{args.sae}: held-out fit vs rollouts per vector ({len(heldout.X)} held-out vectors)")
@@ -171,7 +188,7 @@ def main() -> None:
         f"{args.train_rollouts} rollouts of {args.tokens} tokens in {args.groups} groups, paired baseline, fused. "
         f"Held out: rows {args.heldout_rows}, {args.heldout_rollouts} rollouts each. Fits: least squares, ridge chosen on a "
         "validation tenth of the training vectors; the training vectors are a seeded shuffle, each size the first n. "
-        f"Engine start {t_engine:.0f} s; measuring {train['total']['seconds'] + held['total']['seconds']:.0f} s for "
+        f"Engine start {t_engine:.0f} s (this run); measuring {train['total']['seconds'] + held['total']['seconds']:.0f} s for "
         f"{train['total']['rollouts'] + held['total']['rollouts']} rollouts (including the loss-rule scale sweeps), "
         f"summed over every run; fits {t_curve:.0f} s.",
         "",
@@ -182,10 +199,14 @@ def main() -> None:
         f"The held-out targets are themselves measured: one half of their rollouts predicts the other half with R^2 "
         f"{ceiling['r2']:.3f} and centred cosine {ceiling['cosine_centered']:.3f} ({ceiling['rollouts_per_half']} "
         f"rollouts per half), which bounds what any fit can score against them. Plot: `results/{plot.name}`.",
+        "",
+        f"Approximator for the SAE-TS evaluation: least squares on all {len(grouped.X) + len(heldout.X)} vectors "
+        f"(ridge {approx.meta['fit']['ridge']:g}), `{approx_path}` (sha256 {approx.sha256[:12]}).",
     ]
     data = {"noise": noise, "curve": rows, "heldout_split_half": ceiling, "train_job": train_job.manifest(),
             "heldout_job": held_job.manifest(), "train_summary": train, "heldout_summary": held,
-            "engine_seconds": round(t_engine, 1), "curve_seconds": round(t_curve, 1), "plot": str(plot)}
+            "engine_seconds": round(t_engine, 1), "curve_seconds": round(t_curve, 1), "plot": str(plot),
+            "approximator": str(approx_path), "approximator_sha256": approx.sha256}
     publish(NOISE_SECTION, args.out_dir / "sae-ts-protocol.json", data, noise_lines, machine=machine)
     publish(CURVE_SECTION, args.out_dir / "sae-ts-protocol.json", data, curve_lines, machine=machine)
     print("\n".join(noise_lines + [""] + curve_lines))

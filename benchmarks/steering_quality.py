@@ -47,6 +47,9 @@ def main() -> None:
                     help="raw run folder (results.jsonl, resumable); default: a fresh temporary folder")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     ap.add_argument("--sae", default="smollm2-l15-4k", help="SAE of the sae, sae-ts and sas methods")
+    ap.add_argument("--baseline", default=None, help="method the others are compared with (default: the first)")
+    ap.add_argument("--title", default=TITLE, help="RESULTS.md section to write")
+    ap.add_argument("--name", default="steering-quality", help="results/<name>.json, <name>.png, <name>-best.png")
     ap.add_argument("--approximator", default=None,
                     help="sae-ts: effect approximator file (python benchmarks/sae_ts_approximator.py writes one)")
     args = ap.parse_args()
@@ -60,7 +63,9 @@ def main() -> None:
     from vsteer.cli.eval import build_methods, parse_scales
     from vsteer.engine.llm import LLM
     from vsteer.eval import LocalScorer, load_concepts, run_eval
+    from vsteer.eval import load_records
     from vsteer.eval.harness import markdown_tables, scorer_label
+    from vsteer.eval.intervals import interval_tables, quality_intervals
 
     concepts = load_concepts([c.strip() for c in args.concepts.split(",") if c.strip()])
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -79,10 +84,12 @@ def main() -> None:
                        scorer=scorer, out_dir=work)
     t_eval = time.time() - t1
     print("\n".join(markdown_tables(summary)))
+    intervals = quality_intervals(load_records(work), methods=names, baseline=args.baseline)
+    print("\n".join(interval_tables(intervals)))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plots = []
-    for src, dst in (("quality.png", "steering-quality.png"), ("best.png", "steering-quality-best.png")):
+    for src, dst in (("quality.png", f"{args.name}.png"), ("best.png", f"{args.name}-best.png")):
         if (work / src).exists():
             shutil.copyfile(work / src, args.out_dir / dst)
             plots.append(f"`results/{dst}`")
@@ -103,13 +110,14 @@ def main() -> None:
         "",
         *markdown_tables(summary),
         "",
+        *interval_tables(intervals),
         f"Examples ({concepts[0].name}, first sample at each method's best scale):",
         "",
         *examples,
     ]
     data = {"summary": {k: v for k, v in summary.items() if k != "plots"}, "engine_start_s": t_engine,
-            "eval_s": t_eval, "requests": n_requests}
-    publish(TITLE, args.out_dir / "steering-quality.json", data, lines, machine=machine)
+            "eval_s": t_eval, "requests": n_requests, "intervals": intervals}
+    publish(args.title, args.out_dir / f"{args.name}.json", data, lines, machine=machine)
 
 
 def _examples(work: Path, summary: dict, concept: str) -> list[str]:

@@ -151,6 +151,18 @@ def test_run_eval_end_to_end_with_the_local_scorer_and_resume(eager_llm, scorer,
     assert calls == [] and len(load_records(tmp_path)) == 12
     assert again["best"] == summary["best"]
 
+    # `vsteer eval intervals` on the finished run: its point values are the protocol's best products
+    from tests.test_cli import run
+
+    res = json.loads(run("eval", "intervals", str(tmp_path), "--baseline", "caa", "--reps", "200", "--json").stdout)
+    assert set(res["max"]["minus_baseline"]) == {"actadd", "sara"}
+    best = {(b["concept"], b["method"]): b["product"] for b in summary["best"]}
+    for cell in res["max"]["cells"]:
+        assert cell["value"] == pytest.approx(best[(cell["concept"], cell["method"])])
+        assert 0 <= cell["interval"][0] <= cell["interval"][1] <= 1
+    bad = run("eval", "intervals", str(tmp_path), "--baseline", "nope", check=False)
+    assert bad.returncode != 0 and "--baseline" in bad.stderr
+
 
 def test_scores_are_monotone_in_the_obvious_cases(eager_llm, scorer, tmp_path):
     """Unsteered text scores near zero for an unrelated concept; a strong CAA vector raises it."""

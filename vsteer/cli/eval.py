@@ -160,3 +160,38 @@ def run_cmd(concepts: str, concepts_file: str | None, methods: str, scales: tupl
     click.echo(f"\nwrote {out_dir / 'results.jsonl'}, summary.json, results.md"
                + (f", {', '.join(summary['plots'])}" if summary["plots"] else " (no plots)") + f" in {out_dir}",
                err=True)
+
+
+@eval_group.command("intervals")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--baseline", default=None, help="Method the others are compared with (default: the first).")
+@click.option("--methods", default=None, help="Comma-separated methods, in table order (default: all in the run).")
+@click.option("--level", default=0.95, show_default=True, help="Interval coverage.")
+@click.option("--reps", default=2000, show_default=True, help="Bootstrap resamples.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of markdown.")
+def intervals_cmd(run_dir: Path, baseline: str | None, methods: str | None, level: float, reps: int, seed: int,
+                  as_json: bool) -> None:
+    """Bootstrap intervals of a finished run's metric, and of each method's difference from a baseline."""
+    import json
+
+    from vsteer._errors import SpecError
+    from vsteer.eval import load_records
+    from vsteer.eval.intervals import interval_tables, quality_intervals
+
+    records = load_records(run_dir)
+    if not records:
+        raise SpecError(f"no finished cells in {run_dir}", field="RUN_DIR")
+    names = _csv(methods) if methods else None
+    known = {r["method"] for r in records}
+    for name in [*(names or []), *([baseline] if baseline else [])]:
+        if name not in known:
+            raise SpecError(f"method {name!r} is not in this run (it has {', '.join(sorted(known))})",
+                            field="--baseline" if name == baseline else "--methods")
+    if not 0 < level < 1:
+        raise SpecError(f"must be in (0, 1), got {level}", field="--level")
+    try:
+        result = quality_intervals(records, methods=names, baseline=baseline, reps=reps, level=level, seed=seed)
+    except ValueError as exc:
+        raise SpecError(str(exc), field="RUN_DIR") from exc
+    click.echo(json.dumps(result, indent=2) if as_json else "\n".join(interval_tables(result)))

@@ -226,8 +226,13 @@ def run_effects_job(
     need_baseline = not (out / "baseline.safetensors").exists()
     job_json = job.model_dump_json()
 
+    items = ([("baseline", ("baseline", job_json))] if need_baseline else []) + [(i, ("chunk", *a)) for i, a in todo]
     pool = None
-    if workers > 0:
+    if not items:  # nothing left to measure: no engine, no pool
+
+        def run(items: list) -> Iterator[tuple[Any, dict]]:
+            return iter(())
+    elif workers > 0:
         from vsteer.jobs.pool import EnginePool
 
         pool = EnginePool(workers, engine_kwargs(job, out), cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
@@ -245,7 +250,6 @@ def run_effects_job(
             for key, args in items:
                 yield key, _dispatch(llm, *args)
 
-    items = ([("baseline", ("baseline", job_json))] if need_baseline else []) + [(i, ("chunk", *a)) for i, a in todo]
     per_item = {"baseline": job.rollout_config().baseline_rollouts, **{i: len(a[2]) * job.rollouts for i, a in todo}}
     bar = tqdm(total=len(bounds), initial=len(done), unit="chunk", disable=not progress, dynamic_ncols=True)
     started, rollouts = time.monotonic(), 0
