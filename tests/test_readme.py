@@ -62,6 +62,8 @@ SKIPPED_LINES = {
         "tens of minutes on CPU and needs the trained SAE; tests/eval run a small evaluation",
     "vsteer eval run ... --methods sae,sae-ts --approximator approx.safetensors   # SAE-TS needs a fitted approximator":
         "abbreviated (`...`)",
+    "vsteer eval intervals quality/ --baseline sae   # bootstrap intervals, and each method minus sae":
+        "needs the evaluation run above; tests/eval/test_eval_harness.py runs `eval intervals` on a small run",
     "vsteer eval run ... --scorer judge --judge-url http://127.0.0.1:8000/v1 --judge-model my-judge":
         "abbreviated (`...`) and needs a judge server",
 }

@@ -53,6 +53,8 @@ def test_pick_scales_interpolates_to_the_threshold():
     losses = torch.tensor([[2.0, 2.2, 2.8, 4.0], [2.0, 2.0, 2.1, 2.2], [3.0, 3.6, 3.7, 3.8]])
     got = pick_scales(losses, [0, 10, 20, 30], losses[:, 0] + 0.5)
     assert got.tolist() == pytest.approx([10 + 10 * (0.3 / 0.6), 30.0, 10 * (0.5 / 0.6)])
+    # the reference code's rule: one absolute loss for every row
+    assert pick_scales(losses, [0, 10, 20, 30], 2.5).tolist() == pytest.approx([10 + 10 * (0.3 / 0.6), 30.0, 0.0])
 
 
 def test_select_scales_on_the_engine(eager_llm, sae, directions):

@@ -107,7 +107,12 @@ def learning_curve(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Held-out R^2, centred cosine and top-10 overlap for every (first g groups, first n of a
-    seeded shuffle of the training vectors). Default: every g and n = 1/8, 1/4, 1/2, all."""
+    seeded shuffle of the training vectors). Default: every g and n = 1/8, 1/4, 1/2, all.
+
+    Each row also has ``offset_sq`` (squared distance between the fit's mean prediction and the
+    held-out mean effect) and the metrics with that offset removed: with rollouts that share seeds
+    across vectors, part of the noise is common to every vector, it lands in the fit's bias, and
+    only more rollouts (not more vectors) shrink it."""
     from tqdm import tqdm
 
     groups = list(groups or range(1, train.groups + 1))
@@ -121,9 +126,19 @@ def learning_curve(
             idx = order[:n]
             approx = fit_with_validation(train.X[idx], Y[idx], ridges, seed)
             m = approx.evaluate(heldout_X, heldout_Y)
+            # the same fit with its mean prediction moved onto the held-out mean: what it gets right
+            # besides the offset that noise shared by all training vectors puts into its bias
+            shift = approx.predict(_unit(heldout_X)).double().mean(0) - heldout_Y.double().mean(0)
+            moved = EffectApproximator(approx.M, approx.b - shift.float()).evaluate(heldout_X, heldout_Y)
             rows.append({"rollouts": g * train.rollouts // train.groups, "vectors": n, "ridge": approx.meta["fit"]["ridge"],
-                         "r2": m["r2"], "cosine_centered": m["cosine_centered"], "topk_overlap": m["topk_overlap"]})
+                         "r2": m["r2"], "cosine_centered": m["cosine_centered"], "topk_overlap": m["topk_overlap"],
+                         "offset_sq": float((shift ** 2).sum()), "r2_offset_removed": moved["r2"],
+                         "cosine_centered_offset_removed": moved["cosine_centered"]})
     return rows
+
+
+def _unit(X: torch.Tensor) -> torch.Tensor:
+    return X.float() / X.float().norm(dim=1, keepdim=True)
 
 
 def split_half(data: GroupedEffects) -> dict[str, float]:
@@ -146,8 +161,12 @@ def plot_learning_curve(rows: list[dict[str, Any]], path: str | os.PathLike, *, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "r2", "held-out R²"), (axes[1], "cosine_centered", "held-out centred cosine")):
+    panels = [("r2", "held-out R²"), ("cosine_centered", "held-out centred cosine")]
+    if all("r2_offset_removed" in r for r in rows):
+        panels += [("r2_offset_removed", "held-out R², offset removed"),
+                   ("cosine_centered_offset_removed", "centred cosine, offset removed")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, label) in zip(axes, panels):
         for n in sorted({r["vectors"] for r in rows}):
             pts = sorted((r["rollouts"], r[key]) for r in rows if r["vectors"] == n)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{n} vectors")
