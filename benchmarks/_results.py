@@ -25,10 +25,11 @@ def publish(title: str, json_path: Path, data: dict, body: list[str], *, machine
     (a ``## `` line), headed by the same command, machine and date, then ``body`` lines."""
     import datetime as dt
     import json
+    import shlex
     import sys
 
     caps = "".join(f"{cap} " for cap in isa_caps())
-    command = caps + "python benchmarks/" + Path(sys.argv[0]).name + "".join(f" {a}" for a in sys.argv[1:])
+    command = caps + "python benchmarks/" + Path(sys.argv[0]).name + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     date = dt.date.today().isoformat()
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"command": command, "machine": machine, "date": date, **data}, indent=2))
