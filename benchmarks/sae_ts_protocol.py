@@ -95,6 +95,8 @@ def main() -> None:
             engine["llm"] = LLM(**engine_kwargs(held_job), store=tempfile.mkdtemp(prefix="vsteer-sae-ts-store-"),
                                 kv_cache_memory_bytes=2 * 2**30)
             engine["seconds"] = time.time() - t0
+            (work / "engine-start.json").parent.mkdir(parents=True, exist_ok=True)
+            (work / "engine-start.json").write_text(json.dumps({"seconds": round(engine["seconds"], 1)}))
         return engine["llm"]
 
     held = run_effects_job(held_job, work / "heldout", llm=llm_for(work / "heldout"))
@@ -136,7 +138,8 @@ def main() -> None:
                                 meta={**fitted.meta, "effects": {"paths": [str(work / "train"), str(work / "heldout")],
                                                                  "n": len(grouped.X) + len(heldout.X)}})
     approx_path = approx.save(work / "approximator.safetensors")
-    t_engine = engine.get("seconds", 0.0)
+    started = work / "engine-start.json"  # the last run that started the engine
+    t_engine = json.loads(started.read_text())["seconds"] if started.exists() else float("nan")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_learning_curve(rows, args.out_dir / "sae-ts-learning-curve.png",
                                title=f"{args.sae}: held-out fit vs rollouts per vector ({len(heldout.X)} held-out vectors)")
@@ -189,7 +192,7 @@ def main() -> None:
         f"{args.train_rollouts} rollouts of {args.tokens} tokens in {args.groups} groups, paired baseline, fused. "
         f"Held out: rows {args.heldout_rows}, {args.heldout_rollouts} rollouts each. Fits: least squares, ridge chosen on a "
         "validation tenth of the training vectors; the training vectors are a seeded shuffle, each size the first n. "
-        f"Engine start {t_engine:.0f} s (this run); measuring {train['total']['seconds'] + held['total']['seconds']:.0f} s for "
+        f"Engine start {t_engine:.0f} s (the last run that needed the engine); measuring {train['total']['seconds'] + held['total']['seconds']:.0f} s for "
         f"{train['total']['rollouts'] + held['total']['rollouts']} rollouts (including the loss-rule scale sweeps), "
         f"summed over every run; fits {t_curve:.0f} s.",
         "",
