@@ -231,7 +231,7 @@ def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str
     try:
         job.rollout_config()
     except ValueError as exc:
-        raise SpecError(str(exc), field="--groups" if "groups" in str(exc) else "--baseline-rollouts") from exc
+        raise SpecError(str(exc), field=_rollout_field(str(exc))) from exc
     summary = run_effects_job(job, out_dir, workers=workers if use_ray else 0, cpus_per_worker=cpus_per_worker,
                               gpus_per_worker=gpus_per_worker, ray_address=ray_address, overwrite=overwrite)
     click.echo(json.dumps(summary))
@@ -243,6 +243,15 @@ def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str
             click.echo(f"heatmap: {path}", err=True)
         except ImportError as exc:
             click.echo(f"no heatmap: {exc}", err=True)
+
+
+def _rollout_field(message: str) -> str:
+    """The option a ``RolloutConfig`` error is about."""
+    for needle, option in (("groups", "--groups"), ("baseline_rollouts must equal", "--baseline-rollouts"),
+                           ("prompt", "--prompt")):
+        if needle in message:
+            return option
+    return "--rollouts"
 
 
 @effects.command("curve")

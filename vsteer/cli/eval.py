@@ -190,6 +190,8 @@ def intervals_cmd(run_dir: Path, baseline: str | None, methods: str | None, leve
                             field="--baseline" if name == baseline else "--methods")
     if not 0 < level < 1:
         raise SpecError(f"must be in (0, 1), got {level}", field="--level")
+    if reps < 1:
+        raise SpecError(f"must be >= 1, got {reps}", field="--reps")
     try:
         result = quality_intervals(records, methods=names, baseline=baseline, reps=reps, level=level, seed=seed)
     except ValueError as exc:
