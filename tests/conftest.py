@@ -39,6 +39,18 @@ def subprocess_env() -> dict:
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": _KV_GIB}
 
 
+def harness_env(*, v2: bool = False, faults: bool = False) -> dict[str, str]:
+    """Variables that put a child process under the test harnesses of tests/_site: Model Runner V2
+    through Triton's interpreter (``v2``) and the NaN fault of tests/_faults.py (``faults``)."""
+    site = str(_REPO / "tests" / "_site")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))}
+    if v2:
+        env["VSTEER_TEST_V2"] = "1"
+    if faults:
+        env["VSTEER_TEST_FAULTS"] = "1"
+    return env
+
+
 #: vLLM's own API-server entry, which `vllm serve` runs (vllm-cpu's `vllm` command cannot start:
 #: it looks up a distribution named "vllm")
 STOCK_SERVER = "vllm.entrypoints.launchers.api_server.entry"

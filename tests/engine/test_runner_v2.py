@@ -1,5 +1,5 @@
 """Steering on vLLM's Model Runner V2 (the only runner from vLLM 0.34 on) through its adapter
-(vsteer/engine/runner_v2.py), on this CPU through the Triton-interpreter harness of tests/_v2_site
+(vsteer/engine/runner_v2.py), on this CPU through the Triton-interpreter harness of tests/_site
 (in a child process: the harness must not reach this process's V1 engines).
 
 A mixed batch of plain, additive, ablating, scheduled, gated and SAS requests on V2, with chunked
@@ -14,7 +14,6 @@ server with vsteer's plugins, on V2, serves concurrent steered and plain request
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from vllm import SamplingParams
 
-from tests.conftest import subprocess_env
+from tests.conftest import harness_env, subprocess_env
 
 LOGPROB_TOL = 1e-4
 
@@ -30,12 +29,6 @@ LOGPROB_TOL = 1e-4
 def _unit(seed: int, norm: float) -> list[float]:
     v = torch.randn(576, generator=torch.Generator().manual_seed(seed))
     return (v / v.norm() * norm).tolist()
-
-
-def _v2_env() -> dict[str, str]:
-    """What puts a child process on V2 through the harness (tests/_v2_site)."""
-    site = Path(__file__).resolve().parents[1] / "_v2_site"
-    return {"VSTEER_TEST_V2": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
 def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager_llm, store_dir, sae_store_dir,
@@ -82,7 +75,7 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
         enable_prefix_caching=False)}
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in subprocess_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the engines set their own
-    env = {**env, **_v2_env(), "VSTEER_LOG": "info"}
+    env = {**env, **harness_env(v2=True), "VSTEER_LOG": "info"}
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("v2_child.py")), str(tmp_path / "job.json"),
                            str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -226,7 +219,7 @@ def test_stock_vllm_server_steers_on_model_runner_v2(eager_llm, model_path, dire
     want = [o.outputs[0].text for o in eager_llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0),
                                                             steering=specs)]
     proc, base = start_serve(model_path, tmp_path / "server.log", store=eager_llm.store.root, max_model_len=256,
-                             max_num_seqs=4, env=_v2_env(), stock={})
+                             max_num_seqs=4, env=harness_env(v2=True), stock={})
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0, timeout=300)
 
@@ -269,7 +262,7 @@ def test_vsteer_generate_runs_on_model_runner_v2(eager_llm, directions, tmp_path
     rows = [{**r, "max_tokens": 6, "temperature": 0.0} for r in rows]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = {**subprocess_env(), **_v2_env(), "VSTEER_VECTOR_STORE": str(eager_llm.store.root)}
+    env = {**subprocess_env(), **harness_env(v2=True), "VSTEER_VECTOR_STORE": str(eager_llm.store.root)}
     env.pop("VSTEER_LOG", None)  # quiet: the log goes to the file the command names
     proc = subprocess.run([sys.executable, "-m", "vsteer.cli", "generate", "--input", str(src), "--output", str(dst),
                            "--eager", "--dtype", "float32", "--max-slots", "4"], env=env, capture_output=True, text=True,

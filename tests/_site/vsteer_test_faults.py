@@ -1,4 +1,4 @@
-"""On this folder's PYTHONPATH with $VSTEER_TEST_FAULTS=1 (a test server's environment), every
+"""Imported by sitecustomize when $VSTEER_TEST_FAULTS=1 (a test server's environment), every
 steered runner gets the fault of tests/_faults.py once its model is loaded. The patch is applied
 when vsteer.engine.runner is first imported, so nothing is imported earlier than it would be."""
 
@@ -39,5 +39,4 @@ class _OnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get("VSTEER_TEST_FAULTS") == "1":
-    sys.meta_path.insert(0, _OnImport())
+sys.meta_path.insert(0, _OnImport())
