@@ -219,6 +219,24 @@ def directions(eager_llm):
     return {"love": love, "wedding": wedding}
 
 
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, model_path) -> Path:
+    """A tiny random LoRA adapter for the default model (tests/_reference/lora.py)."""
+    from tests._reference.lora import build_adapter
+
+    return build_adapter(model_path, tmp_path_factory.mktemp("lora-adapter"))
+
+
+@pytest.fixture(scope="session")
+def peft_model(model_path, adapter_dir):
+    """The default model in HF with that adapter (peft)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
 #: modules that build in-process engines of their own (besides the session's eager one), or the
 #: compiled engine, the few-slots engine or plain vLLM: under xdist they run on one worker, so those
 #: engines (which a process never frees) exist once per run

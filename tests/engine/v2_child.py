@@ -9,7 +9,9 @@ cache is too small for it. "runs" are further batches, in order, each with its o
 parameters (``sampling_params``: SamplingParams keywords, ``json_schema`` for structured output)
 and optional feature-effect keys (``effects``: extra_args[vsteer_effects] per prompt, sums taken
 after the batch). "fault" runs tests/_faults.py's non-finite fault on this engine: a poisoned
-steered request beside a plain one, then the plain prompts again and the poisoned prompt clean."""
+steered request beside a plain one, then the plain prompts again and the poisoned prompt clean.
+"lora" is one more run, on an engine with LoRA on (``adapter``: the adapter's folder,
+``with_adapter``: per prompt, whether it uses it)."""
 
 from __future__ import annotations
 
@@ -51,9 +53,15 @@ def main(job_path: str, result_path: str) -> None:
         preempted = {"tokens": [list(o.outputs[0].token_ids)
                                 for o in small.generate(tight["prompts"], sp, steering=tight["specs"])],
                      "preemptions": [m.value for m in small.engine.get_metrics() if m.name == "vllm:num_preemptions"]}
+    lora = job.get("lora")
+    lora_run = None
+    if lora:  # a third engine, with LoRA: steered and adapter requests in one batch
+        with_lora = LLM(job["model"], store=job["store"], enforce_eager=True, dtype="float32", max_model_len=256,
+                        max_num_seqs=8, kv_cache_memory_bytes=64 * 2**20, enable_lora=True, max_loras=2, max_lora_rank=8)
+        lora_run = run_batch(with_lora, lora)
     [runner] = llm.engine.collective_rpc(lambda worker: [f"{c.__module__}.{c.__name__}" for c in type(worker.model_runner).__mro__[1:4]])
     open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "captures": captures, "runner": runner,
-                                          "preempted": preempted, "runs": runs, "fault": fault}))
+                                          "preempted": preempted, "runs": runs, "fault": fault, "lora": lora_run}))
 
 
 def run_fault(llm, job: dict) -> dict:
@@ -94,7 +102,12 @@ def run_batch(llm, run: dict) -> dict:
     kw.setdefault("temperature", 0.0)
     params = [SamplingParams(logprobs=0, **kw,
                              extra_args={"vsteer_effects": e} if e else None) for e in effects]
-    outs = llm.generate(run["prompts"], params, steering=run["specs"])
+    adapters = None
+    if run.get("adapter"):
+        from vllm.lora.request import LoRARequest
+
+        adapters = [LoRARequest("adapter", 1, run["adapter"]) if a else None for a in run["with_adapter"]]
+    outs = llm.generate(run["prompts"], params, steering=run["specs"], lora_request=adapters)
     sums = llm.take_effects([e["key"] for e in effects if e])
     return {"outputs": [{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens,
                          "choices": [list(c.token_ids) for c in o.outputs],
