@@ -8,8 +8,9 @@ cache) and the same batch on the session's V1 engine (unchunked; the rest of the
 against HF float64 references), tokens and logprobs; V2's captures equal V1's; and a steered batch
 that a small KV cache makes vLLM preempt on V2, with more configs than slots, gives the tokens of a
 roomy V1 engine; a request that goes non-finite (tests/_faults.py) fails alone, as on V1; parallel sampling (n = 3, seeded) gives each choice of a single request with the
-child's seed. Stock vLLM's
-server with vsteer's plugins, on V2, serves concurrent steered and plain requests as V1 does."""
+child's seed; LoRA adapter and steered requests in one batch equal HF + peft + hooks; and the
+mixed batch equals HF steered by hooks in float64. ``vsteer serve`` on V2 serves concurrent
+steered and plain requests as V1 does (stock vLLM's server on V2: tests/server/tenant_server)."""
 
 from __future__ import annotations
 
@@ -232,10 +233,10 @@ def _check_feature_runs(eager_llm, runs: list[dict], got: list[dict]) -> None:
     assert turn2["outputs"][0]["cached"] > 0  # turn 2 read turn 1's KV
 
 
-def test_stock_vllm_server_steers_on_model_runner_v2(eager_llm, model_path, directions, tmp_path):
-    """Stock vLLM's server with vsteer's plugins, started the stock way on V2: concurrent steered
-    and plain completions from the OpenAI client (one engine batch) equal vsteer.LLM on V1, and
-    ``/metrics`` says the engine steers on V2."""
+def test_vsteer_serve_steers_on_model_runner_v2(eager_llm, model_path, directions, tmp_path):
+    """``vsteer serve`` on V2: concurrent steered and plain completions from the OpenAI client (one
+    engine batch) equal vsteer.LLM on V1, and ``/metrics`` says the engine steers on V2. (Stock
+    vLLM's server with vsteer's plugins runs on V2 for tests/server/tenant_server.)"""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -256,7 +257,7 @@ def test_stock_vllm_server_steers_on_model_runner_v2(eager_llm, model_path, dire
     want = [o.outputs[0].text for o in eager_llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0),
                                                             steering=specs)]
     proc, base = start_serve(model_path, tmp_path / "server.log", store=eager_llm.store.root, max_model_len=256,
-                             max_num_seqs=4, env=harness_env(v2=True), stock={})
+                             max_num_seqs=4, env=harness_env(v2=True))
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0, timeout=300)
 
@@ -276,7 +277,6 @@ def test_stock_vllm_server_steers_on_model_runner_v2(eager_llm, model_path, dire
         assert 'vsteer_runner_info{runner="v2"} 1.0' in metrics, [m for m in metrics.splitlines() if "vsteer" in m]
     finally:
         stop(proc)
-    # vsteer's own start-up lines reach stock vLLM's log
     assert "vsteer: steering vLLM's vllm.v1.worker.cpu.model_runner.CPUModelRunner (Model Runner V2)" in (
         tmp_path / "server.log").read_text()
 

@@ -31,13 +31,19 @@ def tenant_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="package")
-def tenant_server(model_path, tenant_store, tmp_path_factory):
+def tenant_server_log(tmp_path_factory) -> Path:
+    """Where the server writes its log."""
+    return tmp_path_factory.mktemp("tenant-server-run") / "server.log"
+
+
+@pytest.fixture(scope="package")
+def tenant_server(model_path, tenant_store, tenant_server_log):
     """The base URL of the server (the tenants of __init__.py, a condition layer, prompt-token details in usage),
-    started the stock way: vLLM's own server with vsteer's plugins (tests/server/shared_server runs
-    `vsteer serve`, the same path behind a CLI).
+    started the stock way: vLLM's own server with vsteer's plugins, on Model Runner V2 (the
+    Triton-interpreter harness of tests/_site; tests/server/shared_server runs on V1).
     Its engine carries the fault of tests/_faults.py: a request steered with scale FAULT_SCALE goes NaN."""
-    root = tmp_path_factory.mktemp("tenant-server-run")
+    root = tenant_server_log.parent
     (root / "tenants.json").write_text(json.dumps({"tenants": TENANTS}))
-    yield from serve_process(model_path, root / "server.log", vllm_args=["--enable-prompt-tokens-details"], store=tenant_store,
+    yield from serve_process(model_path, tenant_server_log, vllm_args=["--enable-prompt-tokens-details"], store=tenant_store,
                              served_model_name=MODEL, env=harness_env(v2=True, faults=True),
                              stock={"tenants": str(root / "tenants.json"), "condition_layers": [6]})
