@@ -39,13 +39,16 @@ def subprocess_env() -> dict:
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": _KV_GIB}
 
 
-def harness_env(*, v2: bool = False, faults: bool = False) -> dict[str, str]:
+def harness_env(*, v2: bool = False, faults: bool = False, async_scheduling: bool = False) -> dict[str, str]:
     """Variables that put a child process under the test harnesses of tests/_site: Model Runner V2
-    through Triton's interpreter (``v2``) and the NaN fault of tests/_faults.py (``faults``)."""
+    through Triton's interpreter (``v2``; with ``async_scheduling``, an engine that asks for async
+    scheduling gets it) and the NaN fault of tests/_faults.py (``faults``)."""
     site = str(_REPO / "tests" / "_site")
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))}
     if v2:
         env["VSTEER_TEST_V2"] = "1"
+    if async_scheduling:
+        env["VSTEER_TEST_ASYNC"] = "1"
     if faults:
         env["VSTEER_TEST_FAULTS"] = "1"
     return env

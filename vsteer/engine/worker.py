@@ -29,8 +29,9 @@ class _SteeredWorkerMixin:
             raise EngineError("vsteer does not support dual-batch overlap (enable_dbo); turn it off")
         base = type(runner)
         runner.__class__ = steered_runner_class(base)
-        logger.info("vsteer: steering vLLM's %s.%s (Model Runner %s)", base.__module__, base.__name__,
-                    runner.vsteer_runner.upper())
+        logger.info("vsteer: steering vLLM's %s.%s (Model Runner %s); scheduling: %s", base.__module__, base.__name__,
+                    runner.vsteer_runner.upper(),
+                    "async" if self.vllm_config.scheduler_config.async_scheduling else "synchronous")
         super().load_model(*args, **kwargs)
 
     def vsteer_stats(self) -> dict:

@@ -39,11 +39,13 @@ def tenant_server_log(tmp_path_factory) -> Path:
 @pytest.fixture(scope="package")
 def tenant_server(model_path, tenant_store, tenant_server_log):
     """The base URL of the server (the tenants of __init__.py, a condition layer, prompt-token details in usage),
-    started the stock way: vLLM's own server with vsteer's plugins, on Model Runner V2 (the
-    Triton-interpreter harness of tests/_site; tests/server/shared_server runs on V1).
+    started the stock way: vLLM's own server with vsteer's plugins, on Model Runner V2 with async
+    scheduling, as on a GPU (the Triton-interpreter harness of tests/_site; tests/server/shared_server
+    runs on V1, synchronously).
     Its engine carries the fault of tests/_faults.py: a request steered with scale FAULT_SCALE goes NaN."""
     root = tenant_server_log.parent
     (root / "tenants.json").write_text(json.dumps({"tenants": TENANTS}))
-    yield from serve_process(model_path, tenant_server_log, vllm_args=["--enable-prompt-tokens-details"], store=tenant_store,
-                             served_model_name=MODEL, env=harness_env(v2=True, faults=True),
+    yield from serve_process(model_path, tenant_server_log, vllm_args=["--enable-prompt-tokens-details", "--async-scheduling"],
+                             store=tenant_store, served_model_name=MODEL,
+                             env=harness_env(v2=True, async_scheduling=True, faults=True),
                              stock={"tenants": str(root / "tenants.json"), "condition_layers": [6]})

@@ -205,8 +205,8 @@ def test_served_engine_has_no_capture_buffers(http):
 
 def test_vsteer_start_up_lines_reach_stock_vllms_log(http, tenant_server_log):
     """In stock vLLM's server nothing configures Python logging; vsteer logs through vLLM's handlers."""
-    assert "vsteer: steering vLLM's vllm.v1.worker.cpu.model_runner.CPUModelRunner (Model Runner V2)" in (
-        tenant_server_log.read_text())
+    assert ("vsteer: steering vLLM's vllm.v1.worker.cpu.model_runner.CPUModelRunner (Model Runner V2); "
+            "scheduling: async") in tenant_server_log.read_text()
 
 
 def test_capture_layers_option():
