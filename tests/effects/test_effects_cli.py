@@ -51,3 +51,6 @@ def test_measure_fit_target_then_steer(tmp_path, eager_llm, sae_store_dir, monke
     bad = run("effects", "measure", "--sae", "test-relu", "--out", str(tmp_path / "bad"), "--scale", "6", "--rollouts", "3",
               "--groups", "2", check=False)
     assert bad.returncode != 0 and "--groups" in bad.stderr and not (tmp_path / "bad" / "job.json").exists()
+    bad = run("effects", "measure", "--sae", "test-relu", "--out", str(tmp_path / "bad"), "--scale", "6",
+              "--seeds", "per-vector", check=False)  # per-vector seeds need the independent baseline
+    assert bad.returncode != 0 and "--seeds" in bad.stderr and not (tmp_path / "bad" / "job.json").exists()

@@ -138,6 +138,57 @@ def test_paired_and_independent_baselines_are_unbiased_for_a_known_effect(eager_
     assert float(independent[0]) > 1.5 * float(paired[0]), (paired, independent)
 
 
+def test_per_vector_seeds_are_unbiased_and_their_noise_is_not_shared(eager_llm, sae, directions):
+    """Per-vector seeds: eight copies of one vector, 32 one-token rollouts each, against an
+    independent baseline. Each copy is an unbiased estimate of the exact effect (their mean lands
+    on it), and their sampling noise is independent: the copies differ from each other about as
+    much as their standard error says. With shared seeds the eight copies are one estimate eight
+    times: their common noise cannot average out over vectors."""
+    from vsteer.effects.measure import rollout_group_sums
+
+    k, rollouts, scale = 8, 32, 12.0
+    config = RolloutConfig(prompts=("I think",), rollouts=rollouts, tokens=1, top_k=3, top_p=1.0, seed=11,
+                           baseline="independent", baseline_rollouts=256, seeds="per_vector")
+    spec = {"interventions": [{"op": "add", "vector": directions[0].tolist(), "layers": [sae.layer], "scale": scale}]}
+    exact = _exact_one_token_effect(eager_llm, sae, spec, config)
+    sums, counts = rollout_group_sums(eager_llm, sae, [spec] * k, config, rollouts, groups=rollouts)
+    base_sums, base_counts = rollout_group_sums(eager_llm, sae, [None], config, 256, groups=256, baseline=True)
+    per_rollout = sums / counts[..., None]  # [k, R, d]: every rollout has the same number of positions
+    base = base_sums[0] / base_counts[0][:, None]
+    copies = per_rollout.mean(1) - base.mean(0)  # [k, d]: each copy's estimate
+    var_mean = per_rollout.reshape(k * rollouts, -1).var(0) / (k * rollouts) + base.var(0) / 256
+    top = exact.abs().topk(8).indices
+    z = (copies.mean(0)[top] - exact[top]) / var_mean[top].sqrt()
+    assert bool((z.abs() < 4.5).all()), (z, copies.mean(0)[top], exact[top])
+    moved = var_mean > 0
+    assert float(((copies.mean(0)[moved] - exact[moved]) ** 2 / var_mean[moved]).mean()) < 2.5  # ~1 when unbiased
+    # the copies' spread around their mean is their steered noise: on the features that move most,
+    # the sample variance over copies, against each copy's steered-side variance, is ~1 (chi-square, 7 df)
+    spread = copies[:, top].var(0) / (per_rollout[:, :, top].var(1).mean(0) / rollouts)
+    assert 0.3 < float(spread.mean()) < 2.5, spread
+    assert len({tuple(c.tolist()) for c in copies}) == k  # no two copies share their rollouts
+    shared = RolloutConfig(**{**config.__dict__, "seeds": "shared"})
+    same, _ = rollout_group_sums(eager_llm, sae, [spec] * 2, shared, 4)
+    assert torch.equal(same[0], same[1])  # shared seeds: the same rollouts for every vector
+
+
+def test_per_vector_seeds_do_not_depend_on_chunking(eager_llm, sae_store_dir, tmp_path, monkeypatch):
+    """A vector's seeds come from its place in the job, not in its chunk: other chunk sizes give
+    the same effects, and no two vectors got the same rollouts."""
+    from vsteer.effects.data import load_effects
+    from vsteer.effects.job import EffectsJob, run_effects_job
+
+    monkeypatch.setenv("VSTEER_SAE_STORE", str(sae_store_dir))
+    job = EffectsJob(sae="test-relu", features=[7, 7, 7, 40, 41, 42], scale=6.0, chunk_size=4, prompts=["I think"],
+                     rollouts=3, tokens=4, seed=2, top_p=1.0, baseline="independent", baseline_rollouts=4,
+                     seeds="per_vector")
+    run_effects_job(job, tmp_path / "four", llm=eager_llm, progress=False)
+    run_effects_job(job.model_copy(update={"chunk_size": 3}), tmp_path / "three", llm=eager_llm, progress=False)
+    four, three = load_effects(tmp_path / "four").Y, load_effects(tmp_path / "three").Y
+    torch.testing.assert_close(four, three, atol=1e-5, rtol=1e-5)  # float32 sums in other batch shapes
+    assert not torch.equal(four[0], four[1]) and not torch.equal(four[1], four[2])  # one vector, other seeds
+
+
 def test_rollout_groups_add_up_and_feed_the_learning_curve(eager_llm, sae, sae_store_dir, tmp_path, monkeypatch):
     from vsteer.effects.curve import learning_curve, load_grouped, split_half
     from vsteer.effects.data import load_effects
@@ -185,3 +236,10 @@ def test_rollout_config_refuses_settings_that_do_not_fit():
     independent = RolloutConfig(rollouts=6, baseline="independent", seed=3)
     assert independent.seed_of(2) == 5 and independent.seed_of(2, baseline=True) != 5
     assert RolloutConfig(rollouts=6, seed=3).seed_of(2, baseline=True) == 5
+    with pytest.raises(ValueError, match="per-vector seeds need baseline='independent'"):
+        RolloutConfig(rollouts=6, seeds="per_vector")
+    per_vector = RolloutConfig(rollouts=6, seed=3, baseline="independent", seeds="per_vector")
+    assert [per_vector.seed_of(2, vector=v) for v in range(3)] == [5, 11, 17]
+    assert per_vector.seed_of(2, baseline=True) == independent.seed_of(2, baseline=True)
+    with pytest.raises(ValueError, match="reach the baseline's seeds"):
+        per_vector.seed_of(0, vector=2**30)

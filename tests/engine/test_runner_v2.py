@@ -9,8 +9,9 @@ against HF float64 references), tokens and logprobs; V2's captures equal V1's; a
 that a small KV cache makes vLLM preempt on V2, with more configs than slots, gives the tokens of a
 roomy V1 engine; a request that goes non-finite (tests/_faults.py) fails alone, as on V1; parallel sampling (n = 3, seeded) gives each choice of a single request with the
 child's seed; LoRA adapter and steered requests in one batch equal HF + peft + hooks; and the
-mixed batch equals HF steered by hooks in float64; with async scheduling (vLLM's default on GPUs,
-which the harness lets a CPU engine keep) the mixed batch and the effect sums are unchanged. ``vsteer serve`` on V2 serves concurrent
+mixed batch equals HF steered by hooks in float64. The child's main and preempted engines run with
+async scheduling, vLLM's default for V2 on GPUs (the harness lets a CPU engine keep it); the
+other V2 engines here (``vsteer serve``, ``vsteer generate``, LoRA) schedule synchronously. ``vsteer serve`` on V2 serves concurrent
 steered and plain requests as V1 does (stock vLLM's server on V2: tests/server/tenant_server)."""
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
         {"interventions": [{"op": "sas", "vector": sas, "sae": "test-relu", "scale": 1.0}]},
     ]
     job = {"model": "smollm2", "store": str(store_dir), "prompts": prompts, "specs": specs, "max_tokens": 6,
-           "capture_layers": [3, 15], "engine": {"condition_layers": [6], "saes": ["test-relu"], "effect_saes": ["test-relu"],
+           "capture_layers": [3, 15], "engine": {"async_scheduling": True, "condition_layers": [6], "saes": ["test-relu"], "effect_saes": ["test-relu"],
                                                   "sae_store": str(sae_store_dir), "max_num_batched_tokens": 32}}
     job["runs"] = _feature_runs(eager_llm, directions["love"].sha256, long)
     job["fault"] = _fault_job(directions["love"].sha256)
@@ -85,11 +86,10 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
                    for s in (8.0, -8.0, 0, 12.0, 4.0, 0, -4.0, 16.0)]
     job["preemption"] = {"prompts": tight_prompts, "specs": tight_specs, "max_tokens": 60, "engine": dict(
         max_model_len=128, block_size=32, max_num_seqs=8, max_slots=5, kv_cache_memory_bytes=8 * 2**20,
-        enable_prefix_caching=False)}
+        enable_prefix_caching=False, async_scheduling=True)}
     job["lora"] = {"prompts": [LORA_PROMPT] * 4, "specs": [_love(love) if s else None for _, _, s in LORA_CASES],
                    "adapter": str(adapter_dir), "with_adapter": [a for _, a, _ in LORA_CASES],
                    "sampling_params": {"max_tokens": 10}}
-    job["async_scheduling"] = True
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in subprocess_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the engines set their own
     env = {**env, **harness_env(v2=True, async_scheduling=True), "VSTEER_LOG": "info"}
@@ -97,6 +97,7 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
                            str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads((tmp_path / "out.json").read_text())
+    assert got["async_scheduling"] is True  # as vLLM runs V2 on GPUs (the harness lets the CPU keep it)
     assert got["runner"] == ["vsteer.engine.runner_v2.V2RunnerAdapter", "vsteer.engine.runner.SteeringRunnerMixin",
                              "vllm.v1.worker.cpu.model_runner.CPUModelRunner"]
 
@@ -129,16 +130,6 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
                                steering=tight_specs)
     assert preempted["tokens"] == [list(o.outputs[0].token_ids) for o in roomy]
     _check_feature_runs(eager_llm, job["runs"], got["runs"])
-    # async scheduling (vLLM's default on GPUs): the same tokens, logprobs and effect sums
-    assert got["async"]["on"] is True
-    _assert_same_outputs(got["async"]["mixed"], got["mixed"])
-    (run_async,), run_sync = got["async"]["runs"], got["runs"][0]
-    _assert_same_outputs(run_async["outputs"], run_sync["outputs"])
-    for key, want in run_sync["effects"].items():
-        have = run_async["effects"][key]
-        assert not have["partial"] and have["count"] == want["count"] > 0, (key, have["count"], want["count"])
-        for layer, sums in want["sums"].items():
-            torch.testing.assert_close(torch.tensor(have["sums"][layer]), torch.tensor(sums), atol=1e-2, rtol=1e-3)
     lora_ids = eager_llm.get_tokenizer()(LORA_PROMPT)["input_ids"]
     check_lora_cases([(o["tokens"], o["logprobs"]) for o in got["lora"]["outputs"]], lora_ids, peft_model, hf_model,
                      [dict(op="add", direction=dict(directions["love"].layers), layers=[10], scale=8.0)], 10)

@@ -11,8 +11,7 @@ and optional feature-effect keys (``effects``: extra_args[vsteer_effects] per pr
 after the batch). "fault" runs tests/_faults.py's non-finite fault on this engine: a poisoned
 steered request beside a plain one, then the plain prompts again and the poisoned prompt clean.
 "lora" is one more run, on an engine with LoRA on (``adapter``: the adapter's folder,
-``with_adapter``: per prompt, whether it uses it). With "async_scheduling" the mixed batch and the
-first run are repeated on an engine with async scheduling (the harness lets it keep it)."""
+``with_adapter``: per prompt, whether it uses it)."""
 
 from __future__ import annotations
 
@@ -54,13 +53,6 @@ def main(job_path: str, result_path: str) -> None:
         preempted = {"tokens": [list(o.outputs[0].token_ids)
                                 for o in small.generate(tight["prompts"], sp, steering=tight["specs"])],
                      "preemptions": [m.value for m in small.engine.get_metrics() if m.name == "vllm:num_preemptions"]}
-    asynchronous = None
-    if job.get("async_scheduling"):  # the mixed batch and the first run again, with async scheduling
-        eager_async = LLM(job["model"], store=job["store"], enforce_eager=True, dtype="float32", max_model_len=256,
-                          max_num_seqs=8, kv_cache_memory_bytes=64 * 2**20, async_scheduling=True, **job.get("engine", {}))
-        asynchronous = {"mixed": record(eager_async.generate(job["prompts"], params, steering=job["specs"])),
-                        "runs": [run_batch(eager_async, job["runs"][0])],
-                        "on": eager_async.engine.llm_engine.vllm_config.scheduler_config.async_scheduling}
     lora = job.get("lora")
     lora_run = None
     if lora:  # a third engine, with LoRA: steered and adapter requests in one batch
@@ -70,7 +62,7 @@ def main(job_path: str, result_path: str) -> None:
     [runner] = llm.engine.collective_rpc(lambda worker: [f"{c.__module__}.{c.__name__}" for c in type(worker.model_runner).__mro__[1:4]])
     open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "captures": captures, "runner": runner,
                                           "preempted": preempted, "runs": runs, "fault": fault, "lora": lora_run,
-                                          "async": asynchronous}))
+                                          "async_scheduling": llm.engine.llm_engine.vllm_config.scheduler_config.async_scheduling}))
 
 
 def run_fault(llm, job: dict) -> dict:

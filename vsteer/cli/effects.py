@@ -196,6 +196,9 @@ def target(approx_path: Path, sae_ref: str | None, features: tuple[str, ...], la
               help="Unsteered rollouts (paired: must equal --rollouts, the default; independent: default 256; paper: 8,960).")
 @click.option("--groups", default=1, show_default=True,
               help="Keep this many groups of rollouts apart (for `vsteer effects curve`); must divide --rollouts.")
+@click.option("--seeds", type=click.Choice(["shared", "per-vector"]), default="shared", show_default=True,
+              help="shared: rollout r of every vector has seed + r; per-vector: no two vectors share a seed, so "
+                   "sampling noise averages out over vectors (needs --baseline independent).")
 @click.option("--tokens", default=32, show_default=True, help="Tokens per rollout.")
 @click.option("--top-k", default=50, show_default=True)
 @click.option("--top-p", default=0.3, show_default=True)
@@ -211,7 +214,7 @@ def target(approx_path: Path, sae_ref: str | None, features: tuple[str, ...], la
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run with other settings.")
 def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str | None, count: int | None,
             vectors_file: str | None, scale: float | None, auto_scale: bool, loss_rise: float, loss_target: float | None,
-            prompts: tuple[str, ...], rollouts: int, baseline: str, baseline_rollouts: int | None, groups: int, tokens: int, top_k: int, top_p: float, temperature: float, seed: int,
+            prompts: tuple[str, ...], rollouts: int, baseline: str, baseline_rollouts: int | None, groups: int, seeds: str, tokens: int, top_k: int, top_p: float, temperature: float, seed: int,
             method: str, chunk_size: int, eager: bool, dtype: str, max_num_seqs: int, use_ray: bool, workers: int,
             cpus_per_worker: float, gpus_per_worker: float, ray_address: str | None, overwrite: bool) -> None:
     """Measure the SAE feature effects of many steering vectors (SAE-TS eq. 2), checkpointed per chunk."""
@@ -226,7 +229,7 @@ def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str
                      vectors_file=vectors_file, scale=scale, auto_scale=auto_scale, loss_rise=loss_rise,
                      loss_target=loss_target, prompts=list(prompts) or ["I think"], rollouts=rollouts,
                      baseline=baseline, baseline_rollouts=baseline_rollouts, groups=groups,
-                     tokens=tokens, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, method=method,
+                     seeds=seeds.replace("-", "_"), tokens=tokens, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, method=method,
                      chunk_size=chunk_size, engine={"enforce_eager": eager, "dtype": dtype, "max_num_seqs": max_num_seqs})
     try:
         job.rollout_config()
@@ -248,7 +251,7 @@ def measure(sae_ref: str, out_dir: Path, model: str, vectors: str, features: str
 def _rollout_field(message: str) -> str:
     """The option a ``RolloutConfig`` error is about."""
     for needle, option in (("groups", "--groups"), ("baseline_rollouts must equal", "--baseline-rollouts"),
-                           ("prompt", "--prompt")):
+                           ("per-vector seeds", "--seeds"), ("prompt", "--prompt")):
         if needle in message:
             return option
     return "--rollouts"

@@ -61,6 +61,9 @@ class EffectsJob(BaseModel):
         default="paired", description="paired: unsteered rollouts on the vectors' seeds; independent: other seeds (paper).")
     baseline_rollouts: int | None = Field(default=None, description="Default: rollouts (paired), 256 (independent).")
     groups: int = Field(default=1, description="Rollout groups kept apart in the chunks (learning curves).")
+    seeds: Literal["shared", "per_vector"] = Field(
+        default="shared", description="shared: rollout r of every vector has seed + r; per_vector: vector i has "
+        "seed + i * rollouts + r (needs the independent baseline).")
     tokens: int = 32
     temperature: float = 1.0
     top_k: int = 50
@@ -74,11 +77,14 @@ class EffectsJob(BaseModel):
     def rollout_config(self) -> RolloutConfig:
         return RolloutConfig(prompts=tuple(self.prompts), rollouts=self.rollouts, baseline_rollouts=self.baseline_rollouts,
                              tokens=self.tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                             seed=self.seed, start=self.start, baseline=self.baseline, groups=self.groups)
+                             seed=self.seed, start=self.start, baseline=self.baseline, groups=self.groups,
+                             seeds=self.seeds)
 
     def manifest(self) -> dict:
         data = self.model_dump(mode="json")
         data.pop("engine")  # how the engine runs does not change what is measured
+        if data["seeds"] == "shared":
+            data.pop("seeds")  # jobs from before the setting resume
         return {"version": JOB_VERSION, **data}
 
 
@@ -144,7 +150,8 @@ def chunk_task(llm: Any, job_json: str, index: int, directions: torch.Tensor) ->
     from vsteer.effects.measure import probe_specs
 
     sums, counts = rollout_group_sums(llm, sae, probe_specs(llm, directions, scales, sae.layer), job.rollout_config(),
-                                      job.rollouts, groups=job.groups, method=job.method)
+                                      job.rollouts, groups=job.groups, method=job.method,
+                                      first_vector=index * job.chunk_size)
     return {"directions": directions, "scales": scales, **_means(sums, counts, job.groups)}
 
 

@@ -14,8 +14,13 @@ Two ways to get the means, on the same rollouts:
 - ``two_pass`` (the reference): generate T tokens, then read the finished texts' residuals with
   ``capture`` and encode them on the host. It also serves SAEs at another layer than the steering.
 
-Rollout r of every vector uses prompt ``r % len(prompts)`` and sampling seed ``seed + r``. Two
-baselines, both unbiased for the same effect E[steered] - E[unsteered]:
+Rollout r of every vector uses prompt ``r % len(prompts)`` and, by default (``seeds="shared"``),
+sampling seed ``seed + r``: every vector's rollout r shares its seed with every other vector's.
+That noise is then common to all vectors, so it does not average out over vectors: a fit with a
+bias term (the SAE-TS approximator) takes it into its bias. ``seeds="per_vector"`` gives vector i
+(its index in the job) the seeds ``seed + i * rollouts + r`` instead, so no two vectors share a
+seed; it needs the independent baseline. Two baselines, both unbiased for the same effect
+E[steered] - E[unsteered]:
 
 - ``paired`` (default): the unsteered rollouts 0..R-1 with the same prompts and seeds as every
   vector's rollouts (common random numbers), so a steered rollout and its baseline rollout differ
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
 
 Method = Literal["fused", "two_pass"]
 Baseline = Literal["paired", "independent"]
+Seeds = Literal["shared", "per_vector"]
 #: Independent baseline rollouts use seeds from ``seed + INDEPENDENT_SEED_OFFSET`` on.
 INDEPENDENT_SEED_OFFSET = 2**30
 
@@ -66,12 +72,18 @@ class RolloutConfig:
     start: int = 1  # first absolute position counted
     baseline: Baseline = "paired"
     groups: int = 1  # rollout groups kept apart (learning curves)
+    seeds: Seeds = "shared"  # per_vector: no two vectors share a seed (needs baseline="independent")
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not p for p in self.prompts):
             raise ValueError("rollouts need at least one non-empty prompt")
         if self.baseline not in ("paired", "independent"):
             raise ValueError(f"baseline must be 'paired' or 'independent', got {self.baseline!r}")
+        if self.seeds not in ("shared", "per_vector"):
+            raise ValueError(f"seeds must be 'shared' or 'per_vector', got {self.seeds!r}")
+        if self.seeds == "per_vector" and self.baseline == "paired":
+            raise ValueError("per-vector seeds need baseline='independent': a paired baseline shares its seeds "
+                             "with every vector's rollouts")
         if self.baseline_rollouts is None:
             object.__setattr__(self, "baseline_rollouts", self.rollouts if self.baseline == "paired" else 256)
         if self.rollouts < 1 or self.baseline_rollouts < 1 or self.tokens < 1:
@@ -85,10 +97,17 @@ class RolloutConfig:
         if self.start < 0:
             raise ValueError(f"start must be >= 0, got {self.start}")
 
-    def seed_of(self, r: int, *, baseline: bool = False) -> int:
-        """Sampling seed of rollout ``r`` (of a vector, or of the baseline)."""
-        offset = INDEPENDENT_SEED_OFFSET if baseline and self.baseline == "independent" else 0
-        return self.seed + offset + r
+    def seed_of(self, r: int, *, baseline: bool = False, vector: int = 0) -> int:
+        """Sampling seed of rollout ``r`` of the baseline, or of vector number ``vector`` (which
+        matters with per-vector seeds only)."""
+        if baseline:
+            return self.seed + (INDEPENDENT_SEED_OFFSET if self.baseline == "independent" else 0) + r
+        if self.seeds == "shared":
+            return self.seed + r
+        offset = vector * self.rollouts + r
+        if not 0 <= offset < INDEPENDENT_SEED_OFFSET:
+            raise ValueError(f"per-vector seeds of vector {vector} would reach the baseline's seeds")
+        return self.seed + offset
 
 
 @dataclass
@@ -152,9 +171,11 @@ def rollout_group_sums(
     method: Method = "fused",
     effect_layer: int | None = None,
     baseline: bool = False,
+    first_vector: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`rollout_sums`, per group of ``rollouts / groups`` consecutive rollouts:
-    ``[N, G, d_sae]`` and ``[N, G]`` (``groups=rollouts``: one row per rollout).
+    ``[N, G, d_sae]`` and ``[N, G]`` (``groups=rollouts``: one row per rollout). ``first_vector``:
+    the number of ``specs[0]`` among all the vectors measured (for per-vector seeds).
 
     All ``len(specs) x rollouts`` requests go into one ``generate`` call (the engine batches them;
     every request carries its own steering)."""
@@ -164,7 +185,8 @@ def rollout_group_sums(
     rs = [r for _ in specs for r in range(rollouts)]
     prompts = [config.prompts[r % len(config.prompts)] for r in rs]
     steering = [spec for spec in specs for _ in range(rollouts)]
-    seeds = [config.seed_of(r, baseline=baseline) for r in rs]
+    seeds = [config.seed_of(r, baseline=baseline, vector=first_vector + i) for i in range(len(specs))
+             for r in range(rollouts)]
     n = len(specs)
     sums = torch.zeros(n, groups, sae.d_sae, dtype=torch.float64)
     counts = torch.zeros(n, groups, dtype=torch.int64)
