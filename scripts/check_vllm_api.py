@@ -118,6 +118,7 @@ REQUIREMENTS: dict[str, list[tuple[str, str, str, str, tuple[str, ...]]]] = {
         ("vllm/engine/arg_utils.py", "EngineArgs", "worker_cls", "attr", ()),
         ("vllm/engine/arg_utils.py", "EngineArgs", "scheduler_cls", "attr", ()),
         ("vllm/config/scheduler.py", "SchedulerConfig", "scheduler_cls", "attr", ()),
+        ("vllm/config/scheduler.py", "SchedulerConfig", "async_scheduling", "attr", ()),
         ("vllm/config/parallel.py", "ParallelConfig", "worker_cls", "attr", ()),
         ("vllm/usage/usage_lib.py", "UsageContext", "OPENAI_API_SERVER", "attr", ()),
         ("vllm/plugins/endpoint_plugins/interface.py", "EndpointPlugin", "name", "attr", ()),
