@@ -230,9 +230,9 @@ def adapter_dir(tmp_path_factory, model_path) -> Path:
     return build_adapter(model_path, tmp_path_factory.mktemp("lora-adapter"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def peft_model(model_path, adapter_dir):
-    """The default model in HF with that adapter (peft)."""
+    """The default model in HF with that adapter (peft); per module, so a worker does not keep it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
