@@ -41,8 +41,8 @@ def subprocess_env() -> dict:
 
 def harness_env(*, v2: bool = False, faults: bool = False, async_scheduling: bool = False) -> dict[str, str]:
     """Variables that put a child process under the test harnesses of tests/_site: Model Runner V2
-    through Triton's interpreter (``v2``; with ``async_scheduling``, an engine that asks for async
-    scheduling gets it) and the NaN fault of tests/_faults.py (``faults``)."""
+    through Triton's interpreter (``v2``), async scheduling for an engine that asks for it, on
+    either runner (``async_scheduling``), and the NaN fault of tests/_faults.py (``faults``)."""
     site = str(_REPO / "tests" / "_site")
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))}
     if v2:

