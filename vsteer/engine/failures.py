@@ -1,9 +1,10 @@
 """How the engine fails one request, and tells the HTTP edge why.
 
 vLLM ends a request it cannot serve with finish reason ``"error"``, which its server turns into a
-bare 500. vsteer's scheduler ends two kinds of request that way: ones it refuses at admission (a
-vector deleted after the edge passed them), and ones whose forward pass went non-finite (the
-runner checks every step's final hidden states and logits, :func:`nonfinite_rows`). It writes the
+bare 500. vsteer's scheduler labels three kinds of request ended that way: ones it refuses at
+admission (a vector deleted after the edge passed them), ones whose forward pass went non-finite
+(the runner checks every step's final hidden states and logits, :func:`nonfinite_rows`), and ones
+whose structured output admits no token (:func:`grammar_dead_end`). It writes the
 reason into the request's ``stop_reason`` (the one field an error output carries back to the
 frontend) as ``vsteer-failure:<status>:<field>:<message>``; the edge (``vsteer serve``) raises it
 as the HTTP error it names (:func:`parse_failure`).
@@ -50,6 +51,14 @@ def nonfinite(steered: bool) -> Failure:
         return Failure(NONFINITE_STATUS, "steering", "the steered forward pass produced non-finite hidden states "
                        "or logits; lower the scale or the number of composed edits")
     return Failure(500, None, "the forward pass produced non-finite hidden states or logits")
+
+
+def grammar_dead_end() -> Failure:
+    """The failure of a request whose grammar or schema allows no next token (vLLM masks every
+    token, samples one anyway and ends the request when the grammar rejects it): a schema that only
+    refers to itself, a grammar rule that only expands to itself. The request's own input."""
+    return Failure(400, "structured_outputs", "the request's structured output (response_format or "
+                   "structured_outputs) allows no token at this point: its grammar or schema admits no text")
 
 
 def row_is_nonfinite(x: torch.Tensor) -> torch.Tensor:

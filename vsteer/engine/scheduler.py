@@ -38,7 +38,7 @@ from vsteer._errors import EngineError, SpecError, VectorFileError
 from vsteer.engine import edge_seal
 from vsteer.engine.compat import refuse_unsupported, warn_vllm_defects
 from vsteer.engine.config import SteeringEngineConfig
-from vsteer.engine.failures import Failure, nonfinite
+from vsteer.engine.failures import Failure, grammar_dead_end, nonfinite
 from vsteer.engine.plan import EXTRA_ARGS_KEY
 from vsteer.engine.request_args import TENANT_ARGS_KEY, EngineLimits, RequestArgs, cache_salt, parse_request_args
 from vsteer.vectors import VectorStore
@@ -111,6 +111,22 @@ class SteeringScheduler(Scheduler):
         self._vsteer_held_back = 0  # requests held back in the last step, for metrics
         self._vsteer_reasons: dict[str, str] = {}  # request -> why it fails, until its error output is sent
         self._vsteer_zero: list[int] = []  # KV blocks non-finite requests wrote, zeroed before the next step
+        self._vsteer_label_grammar_dead_ends()
+
+    def _vsteer_label_grammar_dead_ends(self) -> None:
+        """A request whose grammar rejects the token sampled for it ends with an error, which vLLM's
+        server answers with a bare 500; label it as the client's input (400 naming the field). A
+        token is rejected only when the grammar allowed none: vLLM masks every disallowed one."""
+        manager = self.structured_output_manager
+        accept = manager.accept_tokens
+
+        def accept_or_label(request: Any, new_token_ids: Any) -> bool:
+            accepted = accept(request, new_token_ids)
+            if not accepted:
+                self._vsteer_reasons[request.request_id] = grammar_dead_end().reason()
+            return accepted
+
+        manager.accept_tokens = accept_or_label
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._vsteer_running_keys: set[str] = set()

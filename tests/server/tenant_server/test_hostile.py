@@ -182,6 +182,22 @@ def test_a_request_whose_forward_pass_goes_nan_is_a_422_and_poisons_nobody(http,
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_grammar_that_admits_no_text_is_a_400_naming_structured_outputs(http, baseline, route):
+    """vLLM masks every token, samples one anyway and ends the request when its grammar rejects it,
+    which its server answers with a bare 500; vsteer's scheduler labels it the client's input. On
+    this server's V2 runner as on V1 (tests/server/shared_server/test_sampling_fuzz.py)."""
+    grammars = [{"structured_outputs": {"grammar": "root ::= root"}},
+                {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}}]
+    for grammar in grammars:
+        body = _body(steering=_add("pub", scale=6.0), **grammar)
+        if route == "/v1/chat/completions":
+            body = {**{k: v for k, v in body.items() if k not in ("prompt", "logprobs")},
+                    "messages": [{"role": "user", "content": body["prompt"]}]}
+        _refused(http.post(route, json=body, headers=auth("erin")), 400, "structured_outputs")
+    assert _answer(http.post("/v1/completions", json=_body(), headers=auth("frank"))) == baseline[0]
+
+
 def test_4_more_slots_than_the_engine_has_is_a_400(http, tenant_store):
     """A per-position vector with more rows than the engine has slots: the edge knows the engine's
     resolved max_slots even without --max-slots or --max-num-seqs."""
