@@ -91,7 +91,29 @@ def start_ray_serve(root: Path, env: dict, *, cpus: int = 2, kv_bytes: int = 256
 
 def replica_engines() -> list:
     """The vLLM engine-core processes of Ray Serve replicas on this machine (psutil processes)."""
+    return [p for p, parents in _engine_cores() if any("ServeReplica" in title for title in parents)]
+
+
+def wait_for_replica_engines(n: int, timeout: float = 60) -> list:
+    """:func:`replica_engines` once it finds ``n`` (a process title can be unreadable for a moment);
+    after ``timeout`` an AssertionError lists every engine-core process and its parents' titles."""
+    deadline = time.monotonic() + timeout
+    while len(engines := replica_engines()) != n and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(engines) == n, [(p.pid, parents) for p, parents in _engine_cores()]
+    return engines
+
+
+def _engine_cores() -> list:
+    """(process, its parents' command lines) of every vLLM engine-core process on this machine."""
     import psutil
 
-    return [p for p in psutil.process_iter(["cmdline"]) if "EngineCore" in " ".join(p.info["cmdline"] or [])
-            and any("ServeReplica" in " ".join(parent.cmdline()) for parent in p.parents())]
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if "EngineCore" not in " ".join(p.info["cmdline"] or []):
+            continue
+        try:
+            found.append((p, [" ".join(parent.cmdline()) for parent in p.parents()]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from tests._ray_serve import replica_engines, start_ray_serve
+from tests._ray_serve import start_ray_serve, wait_for_replica_engines
 from tests.conftest import subprocess_env
 from vsteer import SteeringVector, save_vector
 
@@ -155,8 +155,7 @@ def test_a_replica_whose_engine_dies_answers_503_and_is_replaced(cluster):
     replica unhealthy and starts a replacement, and the other replica serves every request
     meanwhile (benchmarks/serve_ray_fault.py records the replacement serving)."""
     serve = cluster[0]
-    engines = replica_engines()
-    assert len(engines) == 2, engines
+    engines = wait_for_replica_engines(2)
     codes: Counter = Counter()
     stop = threading.Event()
 

@@ -214,17 +214,17 @@ def test_seeded_sampling_under_chunked_prefill_and_preemption_equals_a_roomy_eng
     restores the generator's state instead: seeded sampled requests (plain, steered, n = 2), prefilled
     in 64-token steps and preempted, get the tokens of an engine with room to spare."""
     love = directions["love"].sha256
-    prompts = [f"Seeded story {i}. " + LONG if i % 4 == 0 else f"Seeded story {i}: I think that" for i in range(16)]
-    specs = [{"interventions": [_add(love, [10], 6.0)]} if i % 2 else None for i in range(16)]
-    params = [SamplingParams(max_tokens=32, temperature=1.0, seed=100 + i, n=2 if i == 4 else 1, ignore_eos=True)
-              for i in range(16)]
+    prompts = [f"Seeded story {i}. " + LONG if i % 3 == 0 else f"Seeded story {i}: I think that" for i in range(10)]
+    specs = [{"interventions": [_add(love, [10], 6.0)]} if i % 2 else None for i in range(10)]
+    params = [SamplingParams(max_tokens=24, temperature=1.0, seed=100 + i, n=2 if i == 3 else 1, ignore_eos=True)
+              for i in range(10)]
     before = _preemptions(chunky)
     got = chunky.generate(prompts, params, steering=specs)
     assert _preemptions(chunky) > before, "the KV cache was large enough: nothing was preempted"
     want = eager_llm.generate(prompts, params, steering=specs)
     for i, (g, w) in enumerate(zip(got, want)):
         assert [list(c.token_ids) for c in g.outputs] == [list(c.token_ids) for c in w.outputs], f"request {i}"
-    assert got[4].outputs[0].token_ids != got[4].outputs[1].token_ids
+    assert got[3].outputs[0].token_ids != got[3].outputs[1].token_ids
     steered = chunky.generate([prompts[0]], params[0], steering=[specs[1]])[0]
     assert steered.outputs[0].token_ids != got[0].outputs[0].token_ids, "steering made no difference"
 

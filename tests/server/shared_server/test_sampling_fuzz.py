@@ -20,7 +20,7 @@ from tests._fuzz import EDGE_NUMBERS, numbers
 
 MODEL = "smollm2"  # the shared server's --served-model-name (conftest.py)
 LONG = "Here is a long letter about the sea, the harbour and the boats that come and go. " * 16  # ~300 tokens
-EXAMPLES = 150
+EXAMPLES = 100
 # a parameter that multiplies the work (n, max_tokens, ...) gets small or invalid values only: a
 # valid n = 10,000 is a legitimate, slow request
 CHEAP_EDGES = [x for x in EDGE_NUMBERS if not (isinstance(x, (int, float)) and 4 < abs(x) < 1e5)]
