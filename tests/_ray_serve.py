@@ -95,7 +95,7 @@ def replica_engines() -> list:
 
 
 def wait_for_replica_engines(n: int, timeout: float = 60) -> list:
-    """:func:`replica_engines` once it finds ``n`` (a process title can be unreadable for a moment);
+    """:func:`replica_engines` once it finds ``n`` (a replica may still be starting its engine);
     after ``timeout`` an AssertionError lists every engine-core process and its parents' titles."""
     deadline = time.monotonic() + timeout
     while len(engines := replica_engines()) != n and time.monotonic() < deadline:
@@ -109,8 +109,10 @@ def _engine_cores() -> list:
     import psutil
 
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "EngineCore" not in " ".join(p.info["cmdline"] or []):
+    for p in psutil.process_iter(["name", "cmdline"]):
+        # vLLM sets the title with setproctitle where it can, else only the kernel's process name
+        # (seen here: one replica's engine kept its multiprocessing command line)
+        if "EngineCore" not in (p.info["name"] or "") + " ".join(p.info["cmdline"] or []):
             continue
         try:
             found.append((p, [" ".join(parent.cmdline()) for parent in p.parents()]))

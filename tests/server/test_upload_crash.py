@@ -1,5 +1,5 @@
 """A `vsteer serve` SIGKILLed while uploads (whole and chunked) and deletes are in flight leaves
-no partial vector in its store. Its own module, so that its server never runs beside
+no partial vector in its store, and no process it started: its orphaned engine core stops itself. Its own module, so that its server never runs beside
 tenant_server/test_edge.py's."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from vsteer import SteeringVector, save_vector
 def test_sigkill_during_uploads_leaves_no_partial_vector(model_path, tmp_path):
     store = tmp_path / "store"
     proc, base = _start(model_path, tmp_path / "server.log", store, max_model_len=256)
+    engine_procs: list = []
     try:
         payloads = []
         for i in range(8):
@@ -49,19 +50,23 @@ def test_sigkill_during_uploads_leaves_no_partial_vector(model_path, tmp_path):
         import psutil
 
         engine_procs = psutil.Process(proc.pid).children(recursive=True)
+        assert any("EngineCore" in p.name() for p in engine_procs), [p.name() for p in engine_procs]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        for child in engine_procs:  # the engine core outlives a SIGKILLed server; do not leak it
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+        # the engine core (vsteer.engine.lifetime) and, with it, its workers stop once orphaned
+        _, alive = psutil.wait_procs(engine_procs, timeout=45)
         for t in threads:
             t.join(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for child in engine_procs:  # never leak them, whatever failed
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
     assert proc.returncode == -signal.SIGKILL
+    assert not alive, f"processes the killed server started outlived it: {[(p.pid, p.name()) for p in alive]}"
     _check_store(store)
     assert len(list(store.glob("*.safetensors"))) >= 1 or (store / "names.json").exists()  # uploads did happen

@@ -39,6 +39,7 @@ from vsteer.engine import edge_seal
 from vsteer.engine.compat import refuse_unsupported, warn_vllm_defects
 from vsteer.engine.config import SteeringEngineConfig
 from vsteer.engine.failures import Failure, grammar_dead_end, nonfinite
+from vsteer.engine.lifetime import exit_with_parent
 from vsteer.engine.plan import EXTRA_ARGS_KEY
 from vsteer.engine.request_args import TENANT_ARGS_KEY, EngineLimits, RequestArgs, cache_salt, parse_request_args
 from vsteer.vectors import VectorStore
@@ -112,6 +113,7 @@ class SteeringScheduler(Scheduler):
         self._vsteer_reasons: dict[str, str] = {}  # request -> why it fails, until its error output is sent
         self._vsteer_zero: list[int] = []  # KV blocks non-finite requests wrote, zeroed before the next step
         self._vsteer_label_grammar_dead_ends()
+        exit_with_parent()  # no orphaned engine when the server or Ray replica that started it is killed
 
     def _vsteer_label_grammar_dead_ends(self) -> None:
         """A request whose grammar rejects the token sampled for it ends with an error, which vLLM's
