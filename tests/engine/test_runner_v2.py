@@ -27,6 +27,7 @@ from vllm import SamplingParams
 
 from tests._reference.agreement import LOGPROB_TOL as HF_LOGPROB_TOL  # float32 vLLM vs the HF reference
 from tests._reference.hf_steering import greedy
+from tests._reference import mixed_batch
 from tests._reference.lora import LORA_CASES, check_lora_cases
 from tests.conftest import harness_env, subprocess_env
 from vsteer import schedules
@@ -39,11 +40,6 @@ def _love(sha: str) -> dict:
     return {"interventions": [{"op": "add", "vector": sha, "layers": [10], "scale": 8.0}]}
 
 
-def _unit(seed: int, norm: float) -> list[float]:
-    v = torch.randn(576, generator=torch.Generator().manual_seed(seed))
-    return (v / v.norm() * norm).tolist()
-
-
 def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager_llm, store_dir, sae_store_dir,
                                                                             directions, tmp_path, adapter_dir,
                                                                             peft_model, hf_model):
@@ -51,28 +47,12 @@ def test_a_mixed_batch_on_model_runner_v2_equals_each_request_alone_and_v1(eager
 
     from vsteer import SteeringVector
 
-    v, w, c = _unit(0, 60.0), _unit(1, 1.0), _unit(2, 1.0)
     sae = eager_llm.saes["test-relu"]
     s = torch.zeros(sae.d_sae)
     s[[3, 40, 300]] = 6.0
     sas = eager_llm.store.put(SteeringVector({sae.layer: s}, hidden_size=sae.d_sae, method="sas"))
-    long = "The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships " * 9
-    prompts = ["I think that", "I think that", "Once upon a time", "My favourite food is", "The weather today is",
-               "The weather today is", long, "Tell me a story about"]
-    specs = [
-        None,
-        {"interventions": [{"op": "add", "vector": v, "layers": [10], "scale": 1.0}]},
-        {"interventions": [{"op": "add", "vector": v, "layers": [5, 15], "scale": 0.8,
-                            "schedule": {"kind": "linear", "from": 1.0, "to": 0.0, "over": 4}}]},
-        {"interventions": [{"op": "ablate", "vector": w, "layers": [8, 9, 10]},
-                           {"op": "add", "vector": v, "layers": [12], "scale": 0.5, "positions": "generated"}]},
-        {"interventions": [{"op": "add", "vector": v, "layers": [14], "scale": 1.0,
-                            "when": {"vector": c, "layer": 6, "threshold": -1.0, "compare": "above"}}]},
-        {"interventions": [{"op": "add", "vector": v, "layers": [14], "scale": 1.0,
-                            "when": {"vector": c, "layer": 6, "threshold": 1.0, "compare": "above"}}]},
-        {"interventions": [{"op": "add", "vector": v, "layers": [10], "scale": 0.7, "positions": "prompt"}]},
-        {"interventions": [{"op": "sas", "vector": sas, "sae": "test-relu", "scale": 1.0}]},
-    ]
+    long, prompts, specs = mixed_batch.LONG, mixed_batch.PROMPTS, mixed_batch.specs(sas)
+    v, w, c = mixed_batch.unit(0, 60.0), mixed_batch.unit(1, 1.0), mixed_batch.unit(2, 1.0)  # specs' vectors
     job = {"model": "smollm2", "store": str(store_dir), "prompts": prompts, "specs": specs, "max_tokens": 6,
            "capture_layers": [3, 15], "engine": {"async_scheduling": True, "condition_layers": [6], "saes": ["test-relu"], "effect_saes": ["test-relu"],
                                                   "sae_store": str(sae_store_dir), "max_num_batched_tokens": 32}}
